@@ -1,0 +1,3 @@
+"""whenthen: behavior-triggered marketing automation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""The ASGI application: tracking API, admin API, health, OpenAPI at /openapi.json."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+
+from whenthen import __version__
+from whenthen.api import errors, profiles, tracking, workspaces
+from whenthen.api.responses import JSONBody
+from whenthen.bootstrap import Container
+
+
+def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
+    """Build the app. With ``run_worker`` (default: the settings' ``embedded_worker``) the
+    pipeline worker runs in a thread of this process for the app's lifetime."""
+    embedded = c.settings.server.embedded_worker if run_worker is None else run_worker
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if embedded:
+            c.worker.start()
+        try:
+            yield
+        finally:
+            if embedded:
+                await run_in_threadpool(c.worker.stop)
+
+    app = FastAPI(
+        title="whenthen",
+        version=__version__,
+        description="Behavior-triggered marketing automation. Segment-compatible tracking API "
+        "under /v1, admin API under /api/v1 (Bearer admin key).",
+        lifespan=lifespan,
+        default_response_class=JSONBody,
+    )
+    app.state.container = c
+    # Browsers post tracking calls from other origins (analytics.js); the tracking API is
+    # authenticated by write key, not by cookies, so any origin may call it.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["POST", "GET", "DELETE", "OPTIONS"],
+        allow_headers=["*"],
+        max_age=86400,
+    )
+    errors.install(app)
+    app.include_router(tracking.router)
+    app.include_router(profiles.router)
+    app.include_router(workspaces.router)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> JSONBody:
+        return JSONBody({"status": "ok", "version": __version__})
+
+    return app

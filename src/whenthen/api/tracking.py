@@ -1,0 +1,141 @@
+"""The Segment HTTP Tracking API: /v1/identify, /v1/track, ... /v1/batch.
+
+Paths the Segment libraries use are all served: the long names, analytics.js's short
+ones (/v1/t, /v1/i, /v1/p, /v1/s, /v1/g, /v1/a), /v1/batch, /v1/b and /v1/import.
+Bodies are read whatever the Content-Type (analytics.js sends text/plain to avoid a CORS
+preflight) and may be gzip- or deflate-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from whenthen.api.auth import authenticate_write_key, basic_user, container
+from whenthen.api.errors import error_response
+from whenthen.api.responses import JSONBody
+from whenthen.bootstrap import Container
+from whenthen.kernel.errors import DomainError
+from whenthen.tracking import CallType, service
+from whenthen.tracking.parsing import decompress
+from whenthen.tracking.validation import Invalid, Limits
+
+router = APIRouter(tags=["tracking"])
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Invalid("payload_too_large", f"the body may be at most {limit} bytes", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Invalid("payload_too_large", f"the body may be at most {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _limits(c: Container) -> Limits:
+    from datetime import timedelta
+
+    s = c.settings.ingest
+    return Limits(
+        max_event_bytes=s.max_event_bytes,
+        max_nesting_depth=s.max_nesting_depth,
+        max_future=timedelta(seconds=s.max_future_seconds),
+        min_year=s.min_timestamp_year,
+    )
+
+
+async def _handle(request: Request, forced_type: CallType | None) -> Response:
+    c = container(request)
+    s = c.settings.ingest
+    limit = s.max_event_bytes if forced_type is not None else s.max_batch_bytes
+    try:
+        raw = await _read_body(request, limit)
+        body = decompress(raw, request.headers.get("content-encoding"), limit)
+        if not body.strip():
+            raise Invalid("invalid_json", "the body is empty")
+        value, exact = service.parse(body)
+        return await run_in_threadpool(_ingest, c, request, body, value, exact, forced_type)
+    except Invalid as exc:
+        return error_response(exc.status, exc.code, exc.message)
+
+
+def _ingest(
+    c: Container, request: Request, body: bytes, value: Any, exact: bool, forced_type: CallType | None
+) -> Response:
+    key = basic_user(request) or service.write_key_in_body(value)
+    principal = authenticate_write_key(c, key)
+    received_at = c.clock.now()
+    prepared = service.prepare(
+        body,
+        value,
+        exact,
+        forced_type=forced_type,
+        received_at=received_at,
+        limits=_limits(c),
+        max_batch_events=c.settings.ingest.max_batch_events,
+    )
+    cost = max(1, len(prepared.accepted))
+    decision = c.buckets.take(principal.workspace_id, cost, received_at)
+    if not decision.allowed:
+        return error_response(
+            429,
+            "rate_limited",
+            "too many events for this workspace; retry after the given delay",
+            {"Retry-After": str(decision.retry_after_seconds)},
+        )
+    stored = duplicates = 0
+    if prepared.accepted:
+        with c.db.write() as conn:
+            stored, duplicates = service.append(
+                conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
+            )
+        if stored:
+            c.worker.notify()
+    if forced_type is not None:
+        return JSONBody({"success": True})
+    rejected = [
+        {"index": r.index, "code": r.code, "message": r.message, "messageId": r.message_id}
+        for r in prepared.rejected
+    ]
+    if rejected and not prepared.accepted:
+        raise DomainError(
+            "invalid_batch",
+            "no call in the batch was accepted",
+            status=400,
+            details={"rejected": rejected},
+        )
+    return JSONBody({"success": True, "accepted": stored, "duplicates": duplicates, "rejected": rejected})
+
+
+def _route(paths: tuple[str, ...], forced_type: CallType | None) -> None:
+    async def endpoint(request: Request) -> Response:
+        return await _handle(request, forced_type)
+
+    name = forced_type.value if forced_type else "batch"
+    endpoint.__name__ = f"segment_{name}"
+    for i, path in enumerate(paths):
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            include_in_schema=i == 0,
+            summary=f"Segment {name} call",
+            name=f"segment_{name}_{i}",
+        )
+
+
+_route(("/v1/identify", "/v1/i"), CallType.IDENTIFY)
+_route(("/v1/track", "/v1/t"), CallType.TRACK)
+_route(("/v1/page", "/v1/p"), CallType.PAGE)
+_route(("/v1/screen", "/v1/s"), CallType.SCREEN)
+_route(("/v1/group", "/v1/g"), CallType.GROUP)
+_route(("/v1/alias", "/v1/a"), CallType.ALIAS)
+_route(("/v1/batch", "/v1/b", "/v1/import"), None)

@@ -1,0 +1,1 @@
+"""Tiny shared vocabulary: clock, ids, errors, keyed hashing."""

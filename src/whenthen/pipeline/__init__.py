@@ -1,0 +1,25 @@
+"""The pipeline behind ingestion: leased partitions of the event log, applied in order."""
+
+from whenthen.pipeline.service import (
+    BatchOutcome,
+    claim,
+    count_pending,
+    owns,
+    park,
+    pending_partitions,
+    process_events,
+    process_partition,
+    release,
+)
+
+__all__ = [
+    "BatchOutcome",
+    "claim",
+    "count_pending",
+    "owns",
+    "park",
+    "pending_partitions",
+    "process_events",
+    "process_partition",
+    "release",
+]

@@ -1,0 +1,130 @@
+"""Processing the event log behind the hot path, partition by partition.
+
+Every call is appended to ``events`` with a partition chosen from the person's routing
+key (userId, else anonymousId). A worker leases partitions; for each one it takes the
+pending events in ``seq`` order, applies them to profiles, and marks them processed, all
+in one transaction. One partition is handled by one worker at a time, so the calls of
+one person are applied in order. See docs/adr/0002-event-log-pipeline.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from whenthen import profiles, tracking
+from whenthen.pipeline.tables import pipeline_leases
+from whenthen.tracking import StoredEvent
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    partition: int
+    processed: int
+    suppressed: int
+    failed: int = 0
+
+
+def claim(
+    conn: Connection,
+    owner: str,
+    partitions: range,
+    *,
+    now: datetime,
+    lease: timedelta,
+    max_partitions: int | None = None,
+) -> list[int]:
+    """Take (or renew) leases on free or expired partitions; return those now owned.
+
+    A lease is a row per partition; a worker that stops renewing loses its partitions
+    after ``lease`` and another worker takes them over. Updates are guarded by the row's
+    previous owner and expiry, so two workers racing for one partition cannot both win.
+    """
+    rows = {
+        r.partition: r
+        for r in conn.execute(
+            select(pipeline_leases).where(pipeline_leases.c.partition.in_(list(partitions)))
+        )
+    }
+    owned: list[int] = []
+    expires = now + lease
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    for p in partitions:
+        if max_partitions is not None and len(owned) >= max_partitions:
+            break
+        row = rows.get(p)
+        if row is None:
+            result = conn.execute(
+                dialect.insert(pipeline_leases)
+                .values(partition=p, owner=owner, expires_at=expires)
+                .on_conflict_do_nothing(index_elements=["partition"])
+            )
+        elif row.owner == owner or row.expires_at <= now:
+            result = conn.execute(
+                update(pipeline_leases)
+                .where(
+                    pipeline_leases.c.partition == p,
+                    pipeline_leases.c.owner == row.owner,
+                    pipeline_leases.c.expires_at == row.expires_at,
+                )
+                .values(owner=owner, expires_at=expires)
+            )
+        else:
+            continue
+        if result.rowcount:
+            owned.append(p)
+    return owned
+
+
+def release(conn: Connection, owner: str) -> None:
+    conn.execute(delete(pipeline_leases).where(pipeline_leases.c.owner == owner))
+
+
+def owns(conn: Connection, owner: str, partition: int, now: datetime) -> bool:
+    row = conn.execute(
+        select(pipeline_leases.c.owner, pipeline_leases.c.expires_at).where(
+            pipeline_leases.c.partition == partition
+        )
+    ).first()
+    return row is not None and row.owner == owner and row.expires_at > now
+
+
+def process_partition(
+    conn: Connection, partition: int, *, limit: int, secret: bytes, now: datetime
+) -> BatchOutcome:
+    """Apply up to ``limit`` pending events of one partition, in log order."""
+    return process_events(
+        conn, partition, tracking.pending_events(conn, partition, limit), secret=secret, now=now
+    )
+
+
+def process_events(
+    conn: Connection, partition: int, events: list[StoredEvent], *, secret: bytes, now: datetime
+) -> BatchOutcome:
+    processed: dict[int, str | None] = {}
+    suppressed: list[int] = []
+    for event in events:
+        applied = profiles.apply_event(conn, event, secret=secret, now=now)
+        if applied.suppressed:
+            suppressed.append(event.seq)
+        else:
+            processed[event.seq] = applied.profile_id
+    tracking.finish_events(conn, processed, suppressed)
+    return BatchOutcome(partition=partition, processed=len(processed), suppressed=len(suppressed))
+
+
+def park(conn: Connection, partition: int, event: StoredEvent) -> BatchOutcome:
+    """Set aside an event that fails on its own, so it cannot block its partition."""
+    tracking.finish_events(conn, {}, (), [event.seq])
+    return BatchOutcome(partition=partition, processed=0, suppressed=0, failed=1)
+
+
+def pending_partitions(conn: Connection) -> list[int]:
+    return tracking.pending_partitions(conn)
+
+
+def count_pending(conn: Connection) -> int:
+    return tracking.count_pending(conn)

@@ -1,0 +1,352 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, or_, select, update
+
+from whenthen.kernel.ids import ProfileId, WorkspaceId
+from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
+from whenthen.profiles.tables import (
+    erasures,
+    group_members,
+    groups,
+    identities,
+    profile_merges,
+    profiles,
+)
+
+
+def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
+    return Profile(
+        id=ProfileId(row.id),
+        workspace_id=WorkspaceId(row.workspace_id),
+        traits=dict(row.traits or {}),
+        trait_times=dict(row.trait_times or {}),
+        email=row.email,
+        phone=row.phone,
+        timezone=row.timezone,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        event_count=int(row.event_count),
+        merged_into=ProfileId(row.merged_into) if row.merged_into else None,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        identities=tuple(ids),
+    )
+
+
+def get(conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False) -> Profile | None:
+    stmt = select(profiles).where(profiles.c.id == profile_id, profiles.c.workspace_id == workspace_id)
+    if lock and conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return _profile(row, identities_of(conn, workspace_id, profile_id))
+
+
+def identities_of(conn: Connection, workspace_id: str, profile_id: str) -> list[Identity]:
+    rows = conn.execute(
+        select(identities.c.kind, identities.c.value)
+        .where(identities.c.workspace_id == workspace_id, identities.c.profile_id == profile_id)
+        .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+    )
+    return [Identity(IdentityKind(r.kind), r.value) for r in rows]
+
+
+def owner_of(conn: Connection, workspace_id: str, kind: IdentityKind, value: str) -> ProfileId | None:
+    row = conn.execute(
+        select(identities.c.profile_id).where(
+            identities.c.workspace_id == workspace_id,
+            identities.c.kind == kind.value,
+            identities.c.value == value,
+        )
+    ).first()
+    return ProfileId(row[0]) if row else None
+
+
+def has_kind(conn: Connection, workspace_id: str, profile_id: str, kind: IdentityKind) -> bool:
+    row = conn.execute(
+        select(identities.c.value)
+        .where(
+            identities.c.workspace_id == workspace_id,
+            identities.c.profile_id == profile_id,
+            identities.c.kind == kind.value,
+        )
+        .limit(1)
+    ).first()
+    return row is not None
+
+
+def insert_profile(conn: Connection, workspace_id: str, profile_id: str, now: datetime) -> None:
+    conn.execute(
+        insert(profiles).values(
+            id=profile_id,
+            workspace_id=workspace_id,
+            traits={},
+            trait_times={},
+            email=None,
+            phone=None,
+            timezone=None,
+            first_seen=None,
+            last_seen=None,
+            event_count=0,
+            merged_into=None,
+            created_at=now,
+            updated_at=now,
+            version=1,
+        )
+    )
+
+
+def attach_identity(
+    conn: Connection, workspace_id: str, profile_id: str, identity: Identity, now: datetime
+) -> None:
+    conn.execute(
+        insert(identities).values(
+            workspace_id=workspace_id,
+            kind=identity.kind.value,
+            value=identity.value,
+            profile_id=profile_id,
+            created_at=now,
+        )
+    )
+
+
+def save_state(conn: Connection, profile: Profile, now: datetime) -> None:
+    conn.execute(
+        update(profiles)
+        .where(profiles.c.id == profile.id)
+        .values(
+            traits=profile.traits,
+            trait_times=profile.trait_times,
+            email=profile.email,
+            phone=profile.phone,
+            timezone=profile.timezone,
+            first_seen=profile.first_seen,
+            last_seen=profile.last_seen,
+            event_count=profile.event_count,
+            updated_at=now,
+            version=profiles.c.version + 1,
+        )
+    )
+
+
+def move_identities(conn: Connection, workspace_id: str, from_id: str, into_id: str) -> None:
+    conn.execute(
+        update(identities)
+        .where(identities.c.workspace_id == workspace_id, identities.c.profile_id == from_id)
+        .values(profile_id=into_id)
+    )
+
+
+def move_group_memberships(conn: Connection, workspace_id: str, from_id: str, into_id: str) -> None:
+    rows = conn.execute(
+        select(group_members.c.group_id, group_members.c.joined_at).where(
+            group_members.c.workspace_id == workspace_id, group_members.c.profile_id == from_id
+        )
+    ).all()
+    for r in rows:
+        join_group(conn, workspace_id, r.group_id, into_id, r.joined_at)
+    conn.execute(
+        delete(group_members).where(
+            group_members.c.workspace_id == workspace_id, group_members.c.profile_id == from_id
+        )
+    )
+
+
+def mark_merged(conn: Connection, from_id: str, into_id: str, now: datetime) -> None:
+    # The source keeps no data of its own: it only redirects to the survivor.
+    conn.execute(
+        update(profiles)
+        .where(profiles.c.id == from_id)
+        .values(
+            merged_into=into_id,
+            traits={},
+            trait_times={},
+            email=None,
+            phone=None,
+            event_count=0,
+            updated_at=now,
+        )
+    )
+    # Flatten chains: whatever pointed at the source now points at the survivor.
+    conn.execute(update(profiles).where(profiles.c.merged_into == from_id).values(merged_into=into_id))
+
+
+def record_merge(conn: Connection, workspace_id: str, merge: Merge) -> None:
+    conn.execute(
+        insert(profile_merges).values(
+            workspace_id=workspace_id,
+            from_profile_id=merge.from_profile_id,
+            into_profile_id=merge.into_profile_id,
+            reason=merge.reason,
+            message_id=merge.message_id,
+            merged_at=merge.merged_at,
+        )
+    )
+
+
+def merges_into(conn: Connection, workspace_id: str, profile_id: str) -> list[Merge]:
+    rows = conn.execute(
+        select(profile_merges)
+        .where(
+            profile_merges.c.workspace_id == workspace_id,
+            or_(
+                profile_merges.c.into_profile_id == profile_id,
+                profile_merges.c.from_profile_id.in_(merged_ids(conn, workspace_id, profile_id)),
+            ),
+        )
+        .order_by(profile_merges.c.merged_at, profile_merges.c.id)
+    )
+    return [
+        Merge(
+            from_profile_id=ProfileId(r.from_profile_id),
+            into_profile_id=ProfileId(r.into_profile_id),
+            reason=r.reason,
+            message_id=r.message_id,
+            merged_at=r.merged_at,
+        )
+        for r in rows
+    ]
+
+
+def merged_ids(conn: Connection, workspace_id: str, profile_id: str) -> list[str]:
+    """Ids of the tombstones that redirect to ``profile_id`` (chains are kept flat)."""
+    rows = conn.execute(
+        select(profiles.c.id).where(
+            profiles.c.workspace_id == workspace_id, profiles.c.merged_into == profile_id
+        )
+    )
+    return [r[0] for r in rows]
+
+
+def join_group(conn: Connection, workspace_id: str, group_id: str, profile_id: str, now: datetime) -> None:
+    exists = conn.execute(
+        select(group_members.c.group_id).where(
+            group_members.c.workspace_id == workspace_id,
+            group_members.c.group_id == group_id,
+            group_members.c.profile_id == profile_id,
+        )
+    ).first()
+    if exists is None:
+        conn.execute(
+            insert(group_members).values(
+                workspace_id=workspace_id, group_id=group_id, profile_id=profile_id, joined_at=now
+            )
+        )
+
+
+def upsert_group(
+    conn: Connection, workspace_id: str, group_id: str, traits: dict[str, Any], now: datetime
+) -> None:
+    row = conn.execute(
+        select(groups.c.traits).where(groups.c.workspace_id == workspace_id, groups.c.group_id == group_id)
+    ).first()
+    if row is None:
+        conn.execute(
+            insert(groups).values(workspace_id=workspace_id, group_id=group_id, traits=traits, updated_at=now)
+        )
+    else:
+        conn.execute(
+            update(groups)
+            .where(groups.c.workspace_id == workspace_id, groups.c.group_id == group_id)
+            .values(traits={**(row.traits or {}), **traits}, updated_at=now)
+        )
+
+
+def groups_of(conn: Connection, workspace_id: str, profile_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(groups.c.group_id, groups.c.traits, group_members.c.joined_at)
+        .join(
+            groups,
+            (groups.c.workspace_id == group_members.c.workspace_id)
+            & (groups.c.group_id == group_members.c.group_id),
+        )
+        .where(group_members.c.workspace_id == workspace_id, group_members.c.profile_id == profile_id)
+        .order_by(group_members.c.joined_at)
+    )
+    return [{"group_id": r.group_id, "traits": r.traits, "joined_at": r.joined_at} for r in rows]
+
+
+def find_by_email(conn: Connection, workspace_id: str, email: str) -> Profile | None:
+    row = conn.execute(
+        select(profiles)
+        .where(
+            profiles.c.workspace_id == workspace_id,
+            profiles.c.email == email,
+            profiles.c.merged_into.is_(None),
+        )
+        .order_by(profiles.c.last_seen.desc().nulls_last(), profiles.c.id)
+        .limit(1)
+    ).first()
+    return get(conn, workspace_id, row.id) if row else None
+
+
+def search(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    email: str | None,
+    trait_equals: dict[str, str],
+    after_id: str | None,
+    limit: int,
+) -> list[Profile]:
+    stmt = select(profiles).where(profiles.c.workspace_id == workspace_id, profiles.c.merged_into.is_(None))
+    if email is not None:
+        stmt = stmt.where(profiles.c.email == email)
+    for key, value in trait_equals.items():
+        stmt = stmt.where(profiles.c.traits[key].as_string() == value)
+    if after_id is not None:
+        stmt = stmt.where(profiles.c.id > after_id)
+    stmt = stmt.order_by(profiles.c.id).limit(limit)
+    return [_profile(r, identities_of(conn, workspace_id, r.id)) for r in conn.execute(stmt)]
+
+
+def is_erased(conn: Connection, workspace_id: str, hashes: Sequence[str]) -> bool:
+    if not hashes:
+        return False
+    row = conn.execute(
+        select(erasures.c.identity_hash)
+        .where(erasures.c.workspace_id == workspace_id, erasures.c.identity_hash.in_(list(hashes)))
+        .limit(1)
+    ).first()
+    return row is not None
+
+
+def record_erasure(conn: Connection, workspace_id: str, hashes: Sequence[str], now: datetime) -> None:
+    existing = {
+        r[0]
+        for r in conn.execute(
+            select(erasures.c.identity_hash).where(
+                erasures.c.workspace_id == workspace_id, erasures.c.identity_hash.in_(list(hashes))
+            )
+        )
+    }
+    fresh = [h for h in dict.fromkeys(hashes) if h not in existing]
+    if fresh:
+        conn.execute(
+            insert(erasures),
+            [{"workspace_id": workspace_id, "identity_hash": h, "erased_at": now} for h in fresh],
+        )
+
+
+def delete_person(conn: Connection, workspace_id: str, profile_ids: Sequence[str]) -> None:
+    ids = list(profile_ids)
+    conn.execute(
+        delete(identities).where(identities.c.workspace_id == workspace_id, identities.c.profile_id.in_(ids))
+    )
+    conn.execute(
+        delete(group_members).where(
+            group_members.c.workspace_id == workspace_id, group_members.c.profile_id.in_(ids)
+        )
+    )
+    conn.execute(
+        delete(profile_merges).where(
+            profile_merges.c.workspace_id == workspace_id,
+            or_(profile_merges.c.from_profile_id.in_(ids), profile_merges.c.into_profile_id.in_(ids)),
+        )
+    )
+    conn.execute(delete(profiles).where(profiles.c.workspace_id == workspace_id, profiles.c.id.in_(ids)))

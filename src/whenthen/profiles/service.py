@@ -1,0 +1,345 @@
+"""Identity resolution, traits, merges and erasure. Never commits.
+
+Resolution rules (docs/design/profiles.md):
+
+* A call's ``userId`` and ``anonymousId`` are looked up. Unknown ids create a profile.
+* A call that carries both merges the anonymous profile into the known one, unless the
+  anonymous profile already belongs to another ``userId`` (a shared device): then the
+  call goes to the known profile and nothing is merged.
+* ``alias`` merges the profile of ``previousId`` (as a userId or an anonymousId) into the
+  profile of ``userId``, even when both are known: that is what alias is for.
+* A merge moves identities, events and group memberships to the survivor, merges traits
+  (latest timestamp wins, per top-level trait), and leaves the source as a tombstone
+  that redirects; it is recorded with its reason, message id and time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from whenthen import tracking
+from whenthen.kernel.errors import NotFound
+from whenthen.kernel.ids import ProfileId, new_profile_id
+from whenthen.kernel.keyed_hash import keyed_hash
+from whenthen.profiles import repository as repo
+from whenthen.profiles.model import (
+    Identity,
+    IdentityKind,
+    Merge,
+    Profile,
+    apply_traits,
+    earliest,
+    latest,
+    merge_traits,
+)
+from whenthen.profiles.normalization import normalise_email, normalise_traits, reachability
+from whenthen.tracking import CallType, StoredEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying one event did: the profile it now belongs to, or suppression."""
+
+    profile_id: ProfileId | None
+    suppressed: bool
+    merged_from: ProfileId | None = None
+
+
+def erasure_hashes(secret: bytes, workspace_id: str, values: list[tuple[str, str]]) -> list[str]:
+    return [keyed_hash(secret, f"{workspace_id}\x1f{kind}\x1f{value}") for kind, value in values]
+
+
+def _event_identity_values(event: StoredEvent) -> list[tuple[str, str]]:
+    values: list[tuple[str, str]] = []
+    if event.user_id:
+        values.append(("user_id", event.user_id))
+    if event.anonymous_id:
+        values.append(("anonymous_id", event.anonymous_id))
+    previous = event.payload.get("previousId")
+    if event.type is CallType.ALIAS and previous is not None:
+        values.append(("user_id", str(previous)))
+        values.append(("anonymous_id", str(previous)))
+    traits = event.payload.get("traits")
+    if isinstance(traits, dict):
+        email = normalise_email(traits.get("email"))
+        if email:
+            values.append(("email", email))
+    return values
+
+
+def apply_event(conn: Connection, event: StoredEvent, *, secret: bytes, now: datetime) -> Applied:
+    """Attribute one logged event to a profile and apply what it says about the person."""
+    ws = event.workspace_id
+    if repo.is_erased(conn, ws, erasure_hashes(secret, ws, _event_identity_values(event))):
+        return Applied(profile_id=None, suppressed=True)
+
+    merged_from: ProfileId | None = None
+    if event.type is CallType.ALIAS:
+        profile_id, merged_from = _resolve_alias(conn, event, now)
+    else:
+        profile_id, merged_from = _resolve(conn, event, now)
+
+    profile = repo.get(conn, ws, profile_id, lock=True)
+    assert profile is not None
+    traits, times = profile.traits, profile.trait_times
+    if event.type is CallType.IDENTIFY:
+        incoming = event.payload.get("traits") or {}
+        if incoming:
+            traits, times = apply_traits(traits, times, normalise_traits(incoming), event.timestamp)
+    elif event.type is CallType.GROUP:
+        group_id = str(event.payload["groupId"])
+        repo.upsert_group(conn, ws, group_id, event.payload.get("traits") or {}, now)
+        repo.join_group(conn, ws, group_id, profile_id, event.timestamp)
+    context = event.payload.get("context") or {}
+    reach = reachability(traits, context.get("timezone"))
+    updated = replace(
+        profile,
+        traits=traits,
+        trait_times=times,
+        email=reach.email,
+        phone=reach.phone,
+        timezone=reach.timezone or profile.timezone,
+        first_seen=earliest(profile.first_seen, event.timestamp),
+        last_seen=latest(profile.last_seen, event.timestamp),
+        event_count=profile.event_count + 1,
+    )
+    repo.save_state(conn, updated, now)
+    return Applied(profile_id=profile_id, suppressed=False, merged_from=merged_from)
+
+
+def _create(conn: Connection, ws: str, ids: list[Identity], now: datetime) -> ProfileId:
+    pid = new_profile_id()
+    repo.insert_profile(conn, ws, pid, now)
+    for identity in ids:
+        repo.attach_identity(conn, ws, pid, identity, now)
+    return pid
+
+
+def _resolve(conn: Connection, event: StoredEvent, now: datetime) -> tuple[ProfileId, ProfileId | None]:
+    ws = event.workspace_id
+    uid = Identity(IdentityKind.USER_ID, event.user_id) if event.user_id else None
+    aid = Identity(IdentityKind.ANONYMOUS_ID, event.anonymous_id) if event.anonymous_id else None
+    p_user = repo.owner_of(conn, ws, uid.kind, uid.value) if uid else None
+    p_anon = repo.owner_of(conn, ws, aid.kind, aid.value) if aid else None
+
+    if p_user is None and p_anon is None:
+        return _create(conn, ws, [i for i in (uid, aid) if i], now), None
+    if p_user is not None and (p_anon is None or p_anon == p_user):
+        if aid is not None and p_anon is None:
+            repo.attach_identity(conn, ws, p_user, aid, now)
+        return p_user, None
+    if p_user is None:
+        assert p_anon is not None
+        if uid is None:
+            return p_anon, None
+        if repo.has_kind(conn, ws, p_anon, IdentityKind.USER_ID):
+            # The device belongs to someone else already: a new known person.
+            return _create(conn, ws, [uid], now), None
+        repo.attach_identity(conn, ws, p_anon, uid, now)
+        return p_anon, None
+    assert p_user is not None
+    assert p_anon is not None
+    if repo.has_kind(conn, ws, p_anon, IdentityKind.USER_ID):
+        return p_user, None
+    merge(conn, ws, p_anon, p_user, reason=event.type.value, message_id=event.message_id, now=now)
+    return p_user, p_anon
+
+
+def _resolve_alias(conn: Connection, event: StoredEvent, now: datetime) -> tuple[ProfileId, ProfileId | None]:
+    ws = event.workspace_id
+    assert event.user_id is not None
+    previous = str(event.payload["previousId"])
+    uid = Identity(IdentityKind.USER_ID, event.user_id)
+    target = repo.owner_of(conn, ws, IdentityKind.USER_ID, event.user_id)
+    source = repo.owner_of(conn, ws, IdentityKind.USER_ID, previous) or repo.owner_of(
+        conn, ws, IdentityKind.ANONYMOUS_ID, previous
+    )
+    if target is None and source is None:
+        # Neither is known yet: remember previousId as an anonymous id of the new person.
+        return _create(conn, ws, [uid, Identity(IdentityKind.ANONYMOUS_ID, previous)], now), None
+    if target is None:
+        assert source is not None
+        repo.attach_identity(conn, ws, source, uid, now)
+        return source, None
+    if source is None:
+        repo.attach_identity(conn, ws, target, Identity(IdentityKind.ANONYMOUS_ID, previous), now)
+        return target, None
+    if source == target:
+        return target, None
+    merge(conn, ws, source, target, reason="alias", message_id=event.message_id, now=now)
+    return target, source
+
+
+def merge(
+    conn: Connection,
+    ws: str,
+    from_id: ProfileId,
+    into_id: ProfileId,
+    *,
+    reason: str,
+    message_id: str | None,
+    now: datetime,
+) -> None:
+    """Fold ``from_id`` into ``into_id``; see the module docstring for what moves."""
+    # Lock in a fixed order so two concurrent merges cannot deadlock.
+    first, second = sorted((from_id, into_id))
+    a = repo.get(conn, ws, first, lock=True)
+    b = repo.get(conn, ws, second, lock=True)
+    assert a is not None
+    assert b is not None
+    source, target = (a, b) if a.id == from_id else (b, a)
+    traits, times = merge_traits((target.traits, target.trait_times), (source.traits, source.trait_times))
+    reach = reachability(traits)
+    survivor = replace(
+        target,
+        traits=traits,
+        trait_times=times,
+        email=reach.email,
+        phone=reach.phone,
+        timezone=target.timezone or source.timezone,
+        first_seen=earliest(target.first_seen, source.first_seen),
+        last_seen=latest(target.last_seen, source.last_seen),
+        event_count=target.event_count + source.event_count,
+    )
+    repo.move_identities(conn, ws, from_id, into_id)
+    repo.move_group_memberships(conn, ws, from_id, into_id)
+    tracking.reassign_events(conn, from_id, into_id)
+    repo.save_state(conn, survivor, now)
+    repo.mark_merged(conn, from_id, into_id, now)
+    repo.record_merge(
+        conn,
+        ws,
+        Merge(
+            from_profile_id=from_id,
+            into_profile_id=into_id,
+            reason=reason,
+            message_id=message_id,
+            merged_at=now,
+        ),
+    )
+
+
+# ---- reads ---------------------------------------------------------------------------
+
+
+def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> Profile:
+    """The profile, following a merge redirect to the survivor."""
+    profile = repo.get(conn, workspace_id, profile_id)
+    if profile is None:
+        raise NotFound("profile")
+    if profile.merged_into is not None:
+        survivor = repo.get(conn, workspace_id, profile.merged_into)
+        if survivor is None:
+            raise NotFound("profile")
+        return survivor
+    return profile
+
+
+def lookup(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = None,
+    email: str | None = None,
+) -> Profile:
+    pid: str | None = None
+    if user_id is not None:
+        pid = repo.owner_of(conn, workspace_id, IdentityKind.USER_ID, user_id)
+    elif anonymous_id is not None:
+        pid = repo.owner_of(conn, workspace_id, IdentityKind.ANONYMOUS_ID, anonymous_id)
+    elif email is not None:
+        normalised = normalise_email(email) or email.strip().lower()
+        found = repo.find_by_email(conn, workspace_id, normalised)
+        if found is None:
+            raise NotFound("profile")
+        return found
+    if pid is None:
+        raise NotFound("profile")
+    return get_profile(conn, workspace_id, pid)
+
+
+def events_of(
+    conn: Connection,
+    workspace_id: str,
+    profile_id: str,
+    *,
+    after: tuple[datetime, int] | None,
+    limit: int,
+) -> tuple[Profile, list[StoredEvent]]:
+    profile = get_profile(conn, workspace_id, profile_id)
+    return profile, tracking.events_for_profile(conn, [profile.id], after=after, limit=limit)
+
+
+def search(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    email: str | None,
+    trait_equals: dict[str, str],
+    after_id: str | None,
+    limit: int,
+) -> list[Profile]:
+    if email is not None:
+        email = normalise_email(email) or email.strip().lower()
+    return repo.search(
+        conn, workspace_id, email=email, trait_equals=trait_equals, after_id=after_id, limit=limit
+    )
+
+
+def export(conn: Connection, workspace_id: str, profile_id: str) -> dict[str, Any]:
+    """Everything kept about a person, for a data-access request."""
+    profile = get_profile(conn, workspace_id, profile_id)
+    events: list[StoredEvent] = []
+    after: tuple[datetime, int] | None = None
+    while True:
+        page = tracking.events_for_profile(conn, [profile.id], after=after, limit=1000)
+        events.extend(page)
+        if len(page) < 1000:
+            break
+        after = (page[-1].timestamp, page[-1].seq)
+    return {
+        "profile": profile,
+        "merges": repo.merges_into(conn, workspace_id, profile.id),
+        "groups": repo.groups_of(conn, workspace_id, profile.id),
+        "events": events,
+    }
+
+
+def merges_of(conn: Connection, workspace_id: str, profile_id: str) -> list[Merge]:
+    return repo.merges_into(conn, workspace_id, profile_id)
+
+
+def groups_of(conn: Connection, workspace_id: str, profile_id: str) -> list[dict[str, Any]]:
+    return repo.groups_of(conn, workspace_id, profile_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    profile_id: ProfileId
+    profiles_deleted: int
+    events_deleted: int
+
+
+def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes, now: datetime) -> Erasure:
+    """Delete a person: profile, tombstones, identities, events (even ones still pending
+    in the log), group memberships and merge records. Keep only keyed hashes of the
+    identities so that a later re-import of the same person is suppressed."""
+    profile = get_profile(conn, workspace_id, profile_id)
+    ids = [profile.id, *repo.merged_ids(conn, workspace_id, profile.id)]
+    values: list[tuple[str, str]] = []
+    for pid in ids:
+        for ident in repo.identities_of(conn, workspace_id, pid):
+            values.append((ident.kind.value, ident.value))
+    if profile.email:
+        values.append(("email", profile.email))
+    repo.record_erasure(conn, workspace_id, erasure_hashes(secret, workspace_id, values), now)
+    user_ids = [v for k, v in values if k == IdentityKind.USER_ID.value]
+    anonymous_ids = [v for k, v in values if k == IdentityKind.ANONYMOUS_ID.value]
+    deleted = tracking.delete_events_of_person(conn, workspace_id, ids, user_ids, anonymous_ids)
+    repo.delete_person(conn, workspace_id, ids)
+    return Erasure(profile_id=profile.id, profiles_deleted=len(ids), events_deleted=deleted)

@@ -1,0 +1,87 @@
+"""One Settings object, built once at the entrypoint and passed down.
+
+Environment variables use the prefix ``WHENTHEN_`` and ``__`` for nesting, e.g.
+``WHENTHEN_INGEST__MAX_BATCH_EVENTS=1000``. Nothing here reads the environment at
+import time: call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IngestSettings(BaseModel):
+    max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_batch_events: int = 2500
+    max_nesting_depth: int = 32
+    #: How far in the future a (skew-corrected) timestamp may lie before it is refused.
+    max_future_seconds: int = 24 * 3600
+    #: The oldest timestamp accepted (historical imports go back this far).
+    min_timestamp_year: int = 2000
+    #: Token bucket per workspace: sustained events per second and burst size.
+    rate_limit_events_per_second: float = 20_000.0
+    rate_limit_burst: int = 40_000
+
+
+class PipelineSettings(BaseModel):
+    #: Number of virtual partitions the event log is split into; fixed once data exists.
+    partitions: int = 64
+    #: How many pending events one claim takes from a partition.
+    batch_size: int = 500
+    #: How long a partition lease lasts before another worker may take it over.
+    lease_seconds: float = 30.0
+    #: Idle poll interval of the background worker.
+    poll_interval_seconds: float = 0.2
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Run the pipeline worker inside the API process (the embedded default).
+    embedded_worker: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WHENTHEN_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    database_url: str = "sqlite:///whenthen.db"
+    #: SQLite's fsync policy. FULL makes a 200 from the tracking API survive power loss;
+    #: NORMAL survives a crash of the process only (faster, see docs/benchmarks.md).
+    sqlite_synchronous: str = "FULL"
+    #: Secret for keyed hashes (erasure tombstones) and signatures. Change it in production.
+    secret_key: SecretStr = SecretStr("dev-insecure-change-me")
+    #: Create a demo workspace on ``serve`` when none exists.
+    demo_workspace: bool = True
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, with explicit overrides winning."""
+    return Settings(**overrides)
+
+
+REDACTED = "*" * 10
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with secrets hidden, for ``whenthen config show``."""
+    data = settings.model_dump(mode="json")
+    data["secret_key"] = REDACTED
+    url = settings.database_url
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            user = creds.split(":", 1)[0]
+            data["database_url"] = f"{scheme}://{user}:****@{host}"
+    return data

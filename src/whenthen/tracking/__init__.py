@@ -1,0 +1,74 @@
+"""Segment-compatible tracking: validation, the durable event log, and reads of it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from whenthen.tracking import repository as _repo
+from whenthen.tracking.model import AcceptedEvent, CallType, IngestResult, Rejection, StoredEvent
+
+
+def events_for_profile(
+    conn: Connection, profile_ids: Sequence[str], *, after: tuple[datetime, int] | None, limit: int
+) -> list[StoredEvent]:
+    """A person's events in time order (ties by arrival), from ``after`` on."""
+    return [_repo.to_stored(r) for r in _repo.for_profile(conn, profile_ids, after=after, limit=limit)]
+
+
+def pending_events(conn: Connection, partition: int, limit: int) -> list[StoredEvent]:
+    """The oldest pending events of a partition, in log order (locked on PostgreSQL)."""
+    return [_repo.to_stored(r) for r in _repo.pending(conn, partition, limit)]
+
+
+def finish_events(
+    conn: Connection,
+    processed: dict[int, str | None],
+    suppressed: Sequence[int] = (),
+    failed: Sequence[int] = (),
+) -> None:
+    """Mark events processed (with the profile they belong to), drop suppressed ones
+    (an erased person's events are not kept), and park failed ones."""
+    _repo.mark(conn, processed, _repo.PROCESSED)
+    _repo.delete_seqs(conn, suppressed)
+    _repo.mark(conn, dict.fromkeys(failed), _repo.FAILED)
+
+
+def pending_partitions(conn: Connection) -> list[int]:
+    return _repo.pending_partitions(conn)
+
+
+def count_pending(conn: Connection) -> int:
+    return _repo.count_pending(conn)
+
+
+def reassign_events(conn: Connection, from_profile: str, into_profile: str) -> int:
+    return _repo.reassign_profile(conn, from_profile, into_profile)
+
+
+def delete_events_of_person(
+    conn: Connection,
+    workspace_id: str,
+    profile_ids: Sequence[str],
+    user_ids: Sequence[str],
+    anonymous_ids: Sequence[str],
+) -> int:
+    return _repo.delete_for_person(conn, workspace_id, profile_ids, user_ids, anonymous_ids)
+
+
+__all__ = [
+    "AcceptedEvent",
+    "CallType",
+    "IngestResult",
+    "Rejection",
+    "StoredEvent",
+    "count_pending",
+    "delete_events_of_person",
+    "events_for_profile",
+    "finish_events",
+    "pending_events",
+    "pending_partitions",
+    "reassign_events",
+]

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from whenthen.tracking.model import CallType, StoredEvent
+from whenthen.tracking.tables import events
+
+PENDING, PROCESSED, FAILED = 0, 1, 3
+
+
+def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert rows, skipping (workspace, messageId) pairs already stored.
+
+    Returns the message ids actually inserted.
+    """
+    if not rows:
+        return set()
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = (
+        dialect.insert(events)
+        .on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
+        .returning(events.c.message_id)
+    )
+    result = conn.execute(stmt, list(rows))
+    return {r[0] for r in result}
+
+
+def pending(conn: Connection, partition: int, limit: int) -> list[Any]:
+    stmt = (
+        select(events)
+        .where(events.c.partition == partition, events.c.state == PENDING)
+        .order_by(events.c.seq)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(conn.execute(stmt))
+
+
+def pending_partitions(conn: Connection) -> list[int]:
+    rows = conn.execute(
+        select(events.c.partition).where(events.c.state == PENDING).group_by(events.c.partition)
+    )
+    return [r[0] for r in rows]
+
+
+def count_pending(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).where(events.c.state == PENDING)).scalar_one())
+
+
+def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) -> None:
+    """Set the state (and the profile the event now belongs to) of processed events."""
+    if not seq_to_profile:
+        return
+    stmt = (
+        update(events)
+        .where(events.c.seq == bindparam("b_seq"))
+        .values(state=state, profile_id=bindparam("b_profile_id"))
+    )
+    conn.execute(stmt, [{"b_seq": s, "b_profile_id": p} for s, p in seq_to_profile.items()])
+
+
+def delete_seqs(conn: Connection, seqs: Sequence[int]) -> None:
+    if seqs:
+        conn.execute(delete(events).where(events.c.seq.in_(list(seqs))))
+
+
+def reassign_profile(conn: Connection, from_profile: str, into_profile: str) -> int:
+    result = conn.execute(
+        update(events).where(events.c.profile_id == from_profile).values(profile_id=into_profile)
+    )
+    return result.rowcount
+
+
+def for_profile(
+    conn: Connection,
+    profile_ids: Sequence[str],
+    *,
+    after: tuple[datetime, int] | None,
+    limit: int,
+) -> list[Any]:
+    stmt = select(events).where(events.c.profile_id.in_(list(profile_ids)))
+    if after is not None:
+        ts, seq = after
+        stmt = stmt.where(or_(events.c.timestamp > ts, (events.c.timestamp == ts) & (events.c.seq > seq)))
+    stmt = stmt.order_by(events.c.timestamp, events.c.seq).limit(limit)
+    return list(conn.execute(stmt))
+
+
+def delete_for_person(
+    conn: Connection,
+    workspace_id: str,
+    profile_ids: Sequence[str],
+    user_ids: Sequence[str],
+    anonymous_ids: Sequence[str],
+) -> int:
+    """Delete every event of a person: attributed ones and still-pending ones by identity."""
+    conds = [events.c.profile_id.in_(list(profile_ids))]
+    if user_ids:
+        conds.append(events.c.user_id.in_(list(user_ids)))
+    if anonymous_ids:
+        conds.append(events.c.anonymous_id.in_(list(anonymous_ids)))
+    result = conn.execute(delete(events).where(events.c.workspace_id == workspace_id, or_(*conds)))
+    return result.rowcount
+
+
+def to_stored(row: Any) -> StoredEvent:
+    return StoredEvent(
+        seq=int(row.seq),
+        workspace_id=row.workspace_id,
+        message_id=row.message_id,
+        type=CallType(row.type),
+        event=row.event,
+        user_id=row.user_id,
+        anonymous_id=row.anonymous_id,
+        timestamp=row.timestamp,
+        received_at=row.received_at,
+        payload=dict(row.payload),
+        profile_id=row.profile_id,
+    )

@@ -1,0 +1,208 @@
+"""Ingestion: validate calls and append them to the durable log. Never commits.
+
+The hot path does nothing else: profiles, merges and triggers happen behind it, in the
+pipeline, from the log (docs/adr/0002-event-log-pipeline.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from whenthen.kernel.bucketing import partition_for
+from whenthen.tracking import repository
+from whenthen.tracking.model import AcceptedEvent, CallType, IngestResult, Rejection
+from whenthen.tracking.parsing import loads, loads_exact
+from whenthen.tracking.validation import (
+    AmbiguousNumber,
+    Invalid,
+    Limits,
+    parse_timestamp,
+    reject,
+    validate_call,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    accepted: list[AcceptedEvent]
+    rejected: list[Rejection]
+
+
+def write_key_in_body(value: Any) -> str | None:
+    if isinstance(value, dict):
+        key = value.get("writeKey")
+        if isinstance(key, str) and key:
+            return key
+        batch = value.get("batch")
+        if isinstance(batch, list) and batch and isinstance(batch[0], dict):
+            inner = batch[0].get("writeKey")
+            if isinstance(inner, str) and inner:
+                return inner
+    return None
+
+
+def prepare(
+    body: bytes,
+    value: Any,
+    exact: bool,
+    *,
+    forced_type: CallType | None,
+    received_at: datetime,
+    limits: Limits,
+    max_batch_events: int,
+) -> Prepared:
+    """Validate a parsed request: one call (``forced_type`` set) or a batch.
+
+    Raises ``Invalid`` when the request as a whole is unusable; otherwise each call is
+    accepted or rejected on its own, so one bad call never costs the good ones.
+    """
+    try:
+        return _prepare(
+            body,
+            value,
+            exact,
+            forced_type=forced_type,
+            received_at=received_at,
+            limits=limits,
+            max_batch_events=max_batch_events,
+        )
+    except AmbiguousNumber:
+        return _prepare(
+            body,
+            loads_exact(body),
+            True,
+            forced_type=forced_type,
+            received_at=received_at,
+            limits=limits,
+            max_batch_events=max_batch_events,
+        )
+
+
+def _prepare(
+    body: bytes,
+    value: Any,
+    exact: bool,
+    *,
+    forced_type: CallType | None,
+    received_at: datetime,
+    limits: Limits,
+    max_batch_events: int,
+) -> Prepared:
+    if forced_type is not None:
+        event = validate_call(
+            value,
+            forced_type=forced_type,
+            received_at=received_at,
+            batch_sent_at=None,
+            limits=limits,
+            encoded_size=len(body),
+            exact_numbers=exact,
+        )
+        return Prepared([event], [])
+
+    if not isinstance(value, dict):
+        raise Invalid("invalid_type", "a batch must be a JSON object with a 'batch' array")
+    calls = value.get("batch")
+    if not isinstance(calls, list):
+        raise Invalid("missing_field", "batch must be an array of calls")
+    if len(calls) > max_batch_events:
+        raise Invalid(
+            "too_many_events",
+            f"a batch may hold at most {max_batch_events} calls; this one has {len(calls)}",
+            413,
+        )
+    batch_sent_at = parse_timestamp(value.get("sentAt"), "sentAt")
+    shared_context = value.get("context")
+    shared_integrations = value.get("integrations")
+    accepted: list[AcceptedEvent] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(calls):
+        try:
+            if isinstance(raw, dict):
+                raw = _with_envelope(raw, shared_context, shared_integrations)
+            size = len(_encoded(raw))
+            event = validate_call(
+                raw,
+                forced_type=None,
+                received_at=received_at,
+                batch_sent_at=batch_sent_at,
+                limits=limits,
+                encoded_size=size,
+                exact_numbers=exact,
+            )
+        except Invalid as error:
+            rejected.append(reject(index, error, raw))
+            continue
+        if event.message_id in seen:
+            continue  # a duplicate inside the batch is a duplicate, not an error
+        seen.add(event.message_id)
+        accepted.append(event)
+    return Prepared(accepted, rejected)
+
+
+def _encoded(raw: Any) -> bytes:
+    try:
+        return orjson.dumps(raw)
+    except (TypeError, orjson.JSONEncodeError):
+        # Values orjson cannot write (lone surrogates, NaN markers, huge ints) are refused
+        # by the checks in ``validate_call``; measure them by a rough stand-in.
+        return repr(raw).encode("utf-8", "surrogatepass")
+
+
+def _with_envelope(raw: dict[str, Any], context: Any, integrations: Any) -> dict[str, Any]:
+    if isinstance(context, dict) and context:
+        own = raw.get("context")
+        raw = {**raw, "context": {**context, **own} if isinstance(own, dict) else own or context}
+    if isinstance(integrations, dict) and integrations and "integrations" not in raw:
+        raw = {**raw, "integrations": integrations}
+    return raw
+
+
+def parse(body: bytes) -> tuple[Any, bool]:
+    return loads(body)
+
+
+def append(
+    conn: Connection,
+    workspace_id: str,
+    accepted: list[AcceptedEvent],
+    *,
+    partitions: int,
+) -> tuple[int, int]:
+    """Append accepted calls to the log; returns (newly stored, duplicates)."""
+    rows = [
+        {
+            "workspace_id": workspace_id,
+            "message_id": ev.message_id,
+            "type": ev.type.value,
+            "event": ev.event,
+            "user_id": ev.user_id,
+            "anonymous_id": ev.anonymous_id,
+            "timestamp": ev.timestamp,
+            "received_at": ev.received_at,
+            "payload": ev.payload,
+            "partition": partition_for(workspace_id, _routing_key(ev), partitions),
+            "state": repository.PENDING,
+            "profile_id": None,
+        }
+        for ev in accepted
+    ]
+    inserted = repository.append(conn, rows)
+    return len(inserted), len(rows) - len(inserted)
+
+
+def _routing_key(ev: AcceptedEvent) -> str:
+    # userId first: every call of a known person lands in one partition, in order.
+    key = ev.user_id or ev.anonymous_id
+    assert key is not None  # validate_call guarantees one of them
+    return key
+
+
+def result(stored: int, duplicates: int, rejected: list[Rejection]) -> IngestResult:
+    return IngestResult(accepted=stored, duplicates=duplicates, rejected=tuple(rejected))

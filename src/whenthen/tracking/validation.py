@@ -1,0 +1,289 @@
+"""Validation and normalisation of Segment HTTP Tracking API calls. Pure: no I/O, no clock.
+
+Decisions (see docs/design/tracking.md):
+
+* Unknown top-level fields are kept in the stored payload, as Segment passes them on.
+* A call needs ``userId`` or ``anonymousId`` (``alias`` needs ``userId`` and ``previousId``).
+  Numbers are accepted as ids and turned into strings, as the SDKs do.
+* Every value is walked: nesting deeper than the limit, NUL characters, lone surrogates,
+  non-finite numbers and integers outside the signed 64-bit range are refused, because
+  PostgreSQL cannot store some of them and downstream code cannot compare the others.
+* ``timestamp`` is corrected for client clock skew as Segment does:
+  ``timestamp = receivedAt - (sentAt - timestamp)`` when ``sentAt`` is known.
+  A corrected timestamp more than ``max_future`` ahead of ``receivedAt``, or before
+  ``min_year``, is refused.
+* A call without ``messageId`` gets a deterministic one (a hash of its content), so an
+  identical retry is still deduplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from whenthen.tracking.model import AcceptedEvent, CallType, Rejection
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_ID_LENGTH = 255
+MAX_NAME_LENGTH = 255
+
+OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_event_bytes: int = 32 * 1024
+    max_nesting_depth: int = 32
+    max_future: timedelta = timedelta(hours=24)
+    min_year: int = 2000
+
+
+class Invalid(Exception):
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class NotRepresentable:
+    """Marks a JSON constant (NaN, Infinity) or an out-of-range number found by the slow parser."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class AmbiguousNumber(Exception):
+    """orjson gave a float where the text may have held a big integer: parse again exactly."""
+
+
+def check_value(value: Any, depth: int, limit: int, path: str, *, exact: bool = True) -> None:
+    """Walk a JSON value; raise ``Invalid`` for anything the store cannot keep faithfully.
+
+    With ``exact=False`` (values from orjson) an integral float past 2**63 raises
+    ``AmbiguousNumber``: orjson turns integer literals past 64 bits into floats.
+    """
+    if depth > limit:
+        raise Invalid("nesting_too_deep", f"{path} nests deeper than {limit} levels")
+    if isinstance(value, str):
+        _check_string(value, path)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise Invalid("number_out_of_range", f"{path} is an integer outside the 64-bit range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise Invalid("number_out_of_range", f"{path} is not a finite number")
+        if not exact and abs(value) >= 2.0**63 and value.is_integer():
+            raise AmbiguousNumber(path)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_string(key, f"{path} key")
+            check_value(item, depth + 1, limit, f"{path}.{key}", exact=exact)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_value(item, depth + 1, limit, f"{path}[{i}]", exact=exact)
+    elif isinstance(value, NotRepresentable):
+        raise Invalid("number_out_of_range", f"{path} is {value.text}, which JSON cannot carry")
+    else:  # pragma: no cover - parsers produce no other types
+        raise Invalid("invalid_value", f"{path} has an unsupported type")
+
+
+def _check_string(value: str, path: str) -> None:
+    if "\x00" in value:
+        raise Invalid("invalid_string", f"{path} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid("invalid_string", f"{path} contains a lone surrogate") from None
+
+
+def parse_timestamp(value: Any, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise Invalid("invalid_timestamp", f"{field} must be an ISO 8601 string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise Invalid("invalid_timestamp", f"{field} is not an ISO 8601 date-time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise Invalid("timestamp_out_of_range", f"{field} is out of range") from None
+
+
+def _identifier(raw: dict[str, Any], field: str) -> str | None:
+    value = raw.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise Invalid("invalid_type", f"{field} must be a string")
+    text = value if isinstance(value, str) else _number_id(value)
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > MAX_ID_LENGTH:
+        raise Invalid("invalid_value", f"{field} is longer than {MAX_ID_LENGTH} characters")
+    return text
+
+
+def _number_id(value: int | float) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _name(raw: dict[str, Any], field: str, *, required: bool) -> str | None:
+    value = raw.get(field)
+    if value is None or value == "":
+        if required:
+            raise Invalid("missing_field", f"{field} is required")
+        return None
+    if not isinstance(value, str):
+        raise Invalid("invalid_type", f"{field} must be a string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise Invalid("invalid_value", f"{field} is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _skew_corrected(timestamp: datetime | None, sent_at: datetime | None, received_at: datetime) -> datetime:
+    if timestamp is None:
+        return received_at
+    if sent_at is None:
+        return timestamp
+    return received_at - (sent_at - timestamp)
+
+
+def derived_message_id(raw: dict[str, Any]) -> str:
+    digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"wt-{digest[:40]}"
+
+
+def validate_call(
+    raw: Any,
+    *,
+    forced_type: CallType | None,
+    received_at: datetime,
+    batch_sent_at: datetime | None,
+    limits: Limits,
+    encoded_size: int,
+    exact_numbers: bool = True,
+) -> AcceptedEvent:
+    """Turn one raw call into an ``AcceptedEvent`` or raise ``Invalid``.
+
+    ``encoded_size`` is the call's size in bytes as JSON, measured by the caller.
+    """
+    if not isinstance(raw, dict):
+        raise Invalid("invalid_type", "each call must be a JSON object")
+    if encoded_size > limits.max_event_bytes:
+        raise Invalid(
+            "event_too_large",
+            f"a call may be at most {limits.max_event_bytes} bytes; this one is {encoded_size}",
+            status=413,
+        )
+    raw = {k: v for k, v in raw.items() if k != "writeKey"}
+    check_value(raw, 0, limits.max_nesting_depth, "$", exact=exact_numbers)
+
+    type_value = raw.get("type")
+    if forced_type is not None:
+        call_type = forced_type
+    else:
+        if not isinstance(type_value, str):
+            raise Invalid("missing_field", "type is required in a batch")
+        try:
+            call_type = CallType(type_value.lower())
+        except ValueError:
+            raise Invalid("invalid_value", f"unknown call type {type_value!r}") from None
+
+    for field in OBJECT_FIELDS:
+        value = raw.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise Invalid("invalid_type", f"{field} must be an object")
+
+    message_id = raw.get("messageId")
+    if message_id is not None and (not isinstance(message_id, str) or not message_id.strip()):
+        raise Invalid("invalid_type", "messageId must be a non-empty string")
+    if isinstance(message_id, str) and len(message_id) > MAX_ID_LENGTH:
+        raise Invalid("invalid_value", f"messageId is longer than {MAX_ID_LENGTH} characters")
+
+    user_id = _identifier(raw, "userId")
+    anonymous_id = _identifier(raw, "anonymousId")
+    if call_type is CallType.ALIAS:
+        previous_id = _identifier(raw, "previousId")
+        if user_id is None or previous_id is None:
+            raise Invalid("missing_identity", "alias needs userId and previousId")
+    elif user_id is None and anonymous_id is None:
+        raise Invalid("missing_identity", "userId or anonymousId is required")
+
+    event_name: str | None = None
+    if call_type is CallType.TRACK:
+        event_name = _name(raw, "event", required=True)
+    elif call_type in (CallType.PAGE, CallType.SCREEN):
+        event_name = _name(raw, "name", required=False)
+    elif call_type is CallType.GROUP and _identifier(raw, "groupId") is None:
+        raise Invalid("missing_field", "groupId is required")
+
+    context = raw.get("context") or {}
+    if context.get("timezone") is not None and not isinstance(context["timezone"], str):
+        raise Invalid("invalid_type", "context.timezone must be a string")
+
+    original = parse_timestamp(raw.get("timestamp"), "timestamp")
+    sent_at = parse_timestamp(raw.get("sentAt"), "sentAt") or batch_sent_at
+    timestamp = _skew_corrected(original, sent_at, received_at)
+    if timestamp > received_at + limits.max_future:
+        raise Invalid("timestamp_out_of_range", "timestamp is too far in the future")
+    if timestamp.year < limits.min_year:
+        raise Invalid("timestamp_out_of_range", f"timestamp is before {limits.min_year}")
+
+    final_message_id = message_id.strip() if isinstance(message_id, str) else derived_message_id(raw)
+    payload = dict(raw)
+    payload["type"] = call_type.value
+    payload["messageId"] = final_message_id
+    if user_id is not None:
+        payload["userId"] = user_id
+    if anonymous_id is not None:
+        payload["anonymousId"] = anonymous_id
+    payload["timestamp"] = _iso(timestamp)
+    payload["originalTimestamp"] = _iso(original) if original else None
+    payload["sentAt"] = _iso(sent_at) if sent_at else None
+    payload["receivedAt"] = _iso(received_at)
+    return AcceptedEvent(
+        message_id=final_message_id,
+        type=call_type,
+        event=event_name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        timestamp=timestamp,
+        received_at=received_at,
+        payload=payload,
+    )
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def reject(index: int, error: Invalid, raw: Any) -> Rejection:
+    message_id = raw.get("messageId") if isinstance(raw, dict) else None
+    return Rejection(
+        index=index,
+        code=error.code,
+        message=error.message,
+        status=error.status,
+        message_id=message_id if isinstance(message_id, str) else None,
+    )

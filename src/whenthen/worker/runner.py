@@ -1,0 +1,153 @@
+"""The pipeline worker: leases partitions and applies pending events, until stopped.
+
+Each partition batch is one unit of work (one transaction). A batch that fails is
+retried event by event, each in its own transaction; an event that still fails is
+parked (state ``failed``) with the error logged, so one bad event cannot block the
+person's partition forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from whenthen import pipeline, tracking
+from whenthen.kernel.clock import Clock
+from whenthen.kernel.ids import new_secret
+from whenthen.settings import PipelineSettings
+from whenthen.storage import Database
+
+log = logging.getLogger("whenthen.worker")
+
+TRANSIENT = (OperationalError, IntegrityError)
+
+
+@dataclass
+class Stats:
+    processed: int = 0
+    suppressed: int = 0
+    failed: int = 0
+    retried_batches: int = 0
+
+
+@dataclass
+class PipelineWorker:
+    db: Database
+    clock: Clock
+    settings: PipelineSettings
+    secret: bytes
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{new_secret(4)}")
+    stats: Stats = field(default_factory=Stats)
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.settings.lease_seconds)
+
+    def notify(self) -> None:
+        """Wake the loop now (called after an ingest commits), instead of at the next poll."""
+        self._wake.set()
+
+    def run_once(self) -> int:
+        """One pass: renew leases, then take one batch from each owned partition that has
+        pending events. Returns how many events were handled."""
+        with self.db.write() as conn:
+            owned = set(
+                pipeline.claim(
+                    conn, self.owner, range(self.settings.partitions), now=self.clock.now(), lease=self.lease
+                )
+            )
+        with self.db.read() as conn:
+            busy = [p for p in pipeline.pending_partitions(conn) if p in owned]
+        handled = 0
+        for partition in busy:
+            handled += self._process(partition)
+        return handled
+
+    def _process(self, partition: int) -> int:
+        try:
+            with self.db.write() as conn:
+                if not pipeline.owns(conn, self.owner, partition, self.clock.now()):
+                    return 0
+                outcome = pipeline.process_partition(
+                    conn, partition, limit=self.settings.batch_size, secret=self.secret, now=self.clock.now()
+                )
+        except DBAPIError as exc:
+            log.warning("partition %s batch failed (%s); retrying event by event", partition, exc)
+            self.stats.retried_batches += 1
+            return self._process_one_by_one(partition)
+        self._count(outcome)
+        return outcome.processed + outcome.suppressed
+
+    def _process_one_by_one(self, partition: int) -> int:
+        with self.db.read() as conn:
+            events = tracking.pending_events(conn, partition, self.settings.batch_size)
+        handled = 0
+        for event in events:
+            try:
+                with self.db.write() as conn:
+                    outcome = pipeline.process_events(
+                        conn, partition, [event], secret=self.secret, now=self.clock.now()
+                    )
+            except TRANSIENT as exc:
+                # A race with another worker (merge, identity claimed): next pass retries.
+                log.info("event %s deferred: %s", event.seq, exc)
+                return handled
+            except Exception:
+                log.exception("event %s parked after failing on its own", event.seq)
+                with self.db.write() as conn:
+                    outcome = pipeline.park(conn, partition, event)
+            self._count(outcome)
+            handled += 1
+        return handled
+
+    def _count(self, outcome: pipeline.BatchOutcome) -> None:
+        self.stats.processed += outcome.processed
+        self.stats.suppressed += outcome.suppressed
+        self.stats.failed += outcome.failed
+
+    def drain(self, max_passes: int = 10_000) -> int:
+        """Process until nothing is pending (for tests, the CLI and benches)."""
+        total = 0
+        for _ in range(max_passes):
+            handled = self.run_once()
+            total += handled
+            if handled == 0:
+                with self.db.read() as conn:
+                    if pipeline.count_pending(conn) == 0:
+                        break
+        return total
+
+    def loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except Exception:
+                log.exception("pipeline pass failed")
+                handled = 0
+            if handled == 0:
+                self._wake.wait(self.settings.poll_interval_seconds)
+                self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.loop, name="whenthen-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            with self.db.write() as conn:
+                pipeline.release(conn, self.owner)
+        except DBAPIError:
+            log.warning("could not release leases of %s; they expire on their own", self.owner)
