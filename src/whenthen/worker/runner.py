@@ -80,8 +80,8 @@ class PipelineWorker:
                 outcome = pipeline.process_partition(
                     conn, partition, limit=self.settings.batch_size, secret=self.secret, now=self.clock.now()
                 )
-        except DBAPIError as exc:
-            log.warning("partition %s batch failed (%s); retrying event by event", partition, exc)
+        except Exception as exc:
+            log.warning("partition %s batch failed (%r); retrying event by event", partition, exc)
             self.stats.retried_batches += 1
             return self._process_one_by_one(partition)
         self._count(outcome)

@@ -1,0 +1,132 @@
+"""The pipeline behind ingestion: leases, per-partition order, parking poison events."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import insert, select
+
+from tests.support.ingest import send
+from tests.support.workspace import make_workspace
+from whenthen import pipeline, profiles
+from whenthen.bootstrap import Container
+from whenthen.kernel.bucketing import partition_for
+from whenthen.kernel.clock import ManualClock
+from whenthen.settings import PipelineSettings
+from whenthen.tracking.tables import events
+from whenthen.worker.runner import PipelineWorker
+
+
+def test_two_workers_split_partitions_and_take_over_expired_leases(
+    container: Container, clock: ManualClock
+) -> None:
+    lease = timedelta(seconds=30)
+    with container.db.write() as conn:
+        first = pipeline.claim(conn, "w1", range(8), now=clock.now(), lease=lease, max_partitions=4)
+        second = pipeline.claim(conn, "w2", range(8), now=clock.now(), lease=lease)
+    assert first == [0, 1, 2, 3]
+    assert second == [4, 5, 6, 7]
+    clock.advance(timedelta(seconds=10))
+    with container.db.write() as conn:
+        # w1 renews; nothing is free for w2.
+        assert pipeline.claim(conn, "w1", range(8), now=clock.now(), lease=lease, max_partitions=4) == [0, 1, 2, 3]
+        assert pipeline.claim(conn, "w2", range(8), now=clock.now(), lease=lease) == [4, 5, 6, 7]
+    clock.advance(timedelta(seconds=31))
+    with container.db.write() as conn:
+        # w1 stopped renewing: its partitions expired and w2 takes them over.
+        assert pipeline.claim(conn, "w2", range(8), now=clock.now(), lease=lease) == list(range(8))
+        assert not pipeline.owns(conn, "w1", 0, clock.now())
+        assert pipeline.owns(conn, "w2", 0, clock.now())
+        pipeline.release(conn, "w2")
+        assert not pipeline.owns(conn, "w2", 0, clock.now())
+
+
+def test_a_worker_only_processes_partitions_it_owns(container: Container, clock: ManualClock) -> None:
+    ws = make_workspace(container)
+    parts = container.settings.pipeline.partitions
+    send(container, ws.id, *({"type": "track", "userId": f"u{i}", "event": "E", "messageId": str(i)} for i in range(40)), drain=False)
+    other = PipelineWorker(
+        db=container.db,
+        clock=clock,
+        settings=PipelineSettings(partitions=parts, lease_seconds=60),
+        secret=container.secret,
+        owner="other",
+    )
+    with container.db.write() as conn:
+        taken = set(pipeline.claim(conn, "other", range(parts), now=clock.now(), lease=timedelta(seconds=60), max_partitions=parts // 2))
+    # The container's worker cannot take the other worker's partitions while its lease holds.
+    container.worker.run_once()
+    with container.db.read() as conn:
+        rows = conn.execute(select(events.c.partition, events.c.state)).all()
+    for part, state in rows:
+        assert state == (0 if part in taken else 1)
+    waiting = sum(1 for part, _ in rows if part in taken)
+    assert 0 < waiting < 40
+    assert other.drain() == waiting
+    with container.db.read() as conn:
+        assert pipeline.count_pending(conn) == 0
+
+
+def test_events_of_one_person_are_applied_in_log_order(container: Container) -> None:
+    ws = make_workspace(container)
+    # Same timestamp for all: the log order decides which trait value is the latest.
+    calls = [
+        {"type": "identify", "userId": "u", "traits": {"n": i}, "messageId": str(i), "timestamp": "2026-11-25T11:00:00Z"}
+        for i in range(30)
+    ]
+    send(container, ws.id, *calls)
+    with container.db.read() as conn:
+        p = profiles.lookup(conn, ws.id, user_id="u")
+    assert p.traits == {"n": 29}
+    assert p.event_count == 30
+
+
+def test_a_poison_event_is_parked_and_does_not_block_its_partition(container: Container, clock: ManualClock) -> None:
+    ws = make_workspace(container)
+    part = partition_for(ws.id, "u", container.settings.pipeline.partitions)
+    with container.db.write() as conn:
+        # A row no ingestion would write (a group call without groupId), straight into the log.
+        conn.execute(
+            insert(events).values(
+                workspace_id=ws.id,
+                message_id="poison",
+                type="group",
+                event=None,
+                user_id="u",
+                anonymous_id=None,
+                timestamp=clock.now(),
+                received_at=clock.now(),
+                payload={"type": "group", "userId": "u"},
+                partition=part,
+                state=0,
+            )
+        )
+    send(container, ws.id, {"type": "track", "userId": "u", "event": "After", "messageId": "ok"})
+    with container.db.read() as conn:
+        states = dict(conn.execute(select(events.c.message_id, events.c.state)).all())
+        p = profiles.lookup(conn, ws.id, user_id="u")
+    assert states == {"poison": 3, "ok": 1}
+    assert p.event_count == 1
+    assert container.worker.stats.failed == 1
+    assert container.worker.stats.retried_batches == 1
+
+
+def test_background_worker_processes_after_notify(container: Container) -> None:
+    ws = make_workspace(container)
+    send(container, ws.id, {"type": "track", "userId": "u", "event": "E", "messageId": "1"}, drain=False)
+    container.worker.start()
+    try:
+        container.worker.notify()
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with container.db.read() as conn:
+                if pipeline.count_pending(conn) == 0:
+                    break
+            time.sleep(0.02)
+    finally:
+        container.worker.stop()
+    with container.db.read() as conn:
+        assert pipeline.count_pending(conn) == 0
+        assert profiles.lookup(conn, ws.id, user_id="u").event_count == 1
