@@ -6,6 +6,8 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -29,8 +31,13 @@ app.add_typer(keys_app, name="keys")
 console = Console()
 
 
-def _container(migrate: bool = True) -> Container:
-    return build(load_settings(), migrate=migrate)
+@contextmanager
+def _container(migrate: bool = True) -> Iterator[Container]:
+    c = build(load_settings(), migrate=migrate)
+    try:
+        yield c
+    finally:
+        c.db.dispose()
 
 
 def _create_workspace(c: Container, name: str) -> dict[str, Any]:
@@ -49,12 +56,16 @@ def serve(
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Run the API only.")] = False,
 ) -> None:
     """Run the API (and, by default, the pipeline worker) in this process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _container() as c:
+        _serve(c, host, port, no_worker)
+
+
+def _serve(c: Container, host: str | None, port: int | None, no_worker: bool) -> None:
     import uvicorn
 
     from whenthen.api.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    c = _container()
     if c.settings.demo_workspace:
         with c.db.read() as conn:
             empty = not workspaces.list_workspaces(conn)
@@ -74,7 +85,11 @@ def serve(
 def worker() -> None:
     """Run the pipeline worker alone (for API and worker processes on PostgreSQL)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    c = _container()
+    with _container() as c:
+        _work(c)
+
+
+def _work(c: Container) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -87,17 +102,17 @@ def worker() -> None:
 @app.command()
 def drain() -> None:
     """Process every pending event now, then exit."""
-    c = _container()
-    handled = c.worker.drain()
+    with _container() as c:
+        handled = c.worker.drain()
     console.print(f"processed {handled} events")
 
 
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema."""
-    c = _container(migrate=False)
-    upgrade(c.db)
-    console.print(f"database at revision {current_revision(c.db)} (head {head_revision(c.db)})")
+    with _container(migrate=False) as c:
+        upgrade(c.db)
+        console.print(f"database at revision {current_revision(c.db)} (head {head_revision(c.db)})")
 
 
 @config_app.command("show")
@@ -112,7 +127,8 @@ def workspace_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a workspace with a write key and an admin key (shown once)."""
-    data = _create_workspace(_container(), name)
+    with _container() as c:
+        data = _create_workspace(c, name)
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -122,8 +138,7 @@ def workspace_create(
 
 @workspace_app.command("list")
 def workspace_list() -> None:
-    c = _container()
-    with c.db.read() as conn:
+    with _container() as c, c.db.read() as conn:
         rows = workspaces.list_workspaces(conn)
     table = Table("id", "name", "created")
     for ws in rows:
@@ -136,9 +151,7 @@ def keys_list(
     workspace: Annotated[str, typer.Option("--workspace", "-w", help="Workspace id.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    c = _container()
-    with c.db.read() as conn:
-        workspaces.get_workspace(conn, workspace)
+    with _container() as c, c.db.read() as conn:
         keys = workspaces.list_keys(conn, workspaces.get_workspace(conn, workspace).id)
     if as_json:
         typer.echo(
@@ -177,8 +190,7 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Issue a key; its plaintext is printed once and never stored."""
-    c = _container()
-    with c.db.write() as conn:
+    with _container() as c, c.db.write() as conn:
         ws = workspaces.get_workspace(conn, workspace)
         issued = workspaces.issue_key(conn, ws.id, kind, name=name, now=c.clock.now())
     if as_json:
@@ -192,8 +204,7 @@ def keys_revoke(
     key_id: str,
     workspace: Annotated[str, typer.Option("--workspace", "-w", help="Workspace id.")],
 ) -> None:
-    c = _container()
-    with c.db.write() as conn:
+    with _container() as c, c.db.write() as conn:
         ws = workspaces.get_workspace(conn, workspace)
         key = workspaces.revoke(conn, ws.id, key_id, now=c.clock.now())
     console.print(f"revoked {key.id}")
