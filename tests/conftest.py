@@ -62,9 +62,7 @@ def sqlite_template_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db_url(
-    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template_path: Path
-) -> Iterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template_path: Path) -> Iterator[str]:
     """A migrated, empty database of each kind, private to the test."""
     if request.param == "sqlite":
         path = tmp_path / "test.db"

@@ -23,11 +23,26 @@ def two(container: Container, clock: ManualClock) -> tuple[TestWorkspace, TestWo
         send(
             container,
             a.id,
-            {"type": "track", "userId": "ann", "event": f"E{i}", "messageId": f"a{i}", "properties": {"i": i}},
+            {
+                "type": "track",
+                "userId": "ann",
+                "event": f"E{i}",
+                "messageId": f"a{i}",
+                "properties": {"i": i},
+            },
             drain=False,
         )
         clock.advance(timedelta(seconds=1))
-    send(container, a.id, {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": "ann@a.com"}, "messageId": "ai"})
+    send(
+        container,
+        a.id,
+        {
+            "type": "identify",
+            "userId": "ann",
+            "traits": {"plan": "pro", "email": "ann@a.com"},
+            "messageId": "ai",
+        },
+    )
     send(container, b.id, {"type": "identify", "userId": "bob", "traits": {"plan": "pro"}, "messageId": "bi"})
     ra = _get(container, a, "/api/v1/profiles/lookup", params={"user_id": "ann"})
     rb = _get(container, b, "/api/v1/profiles/lookup", params={"user_id": "bob"})
@@ -101,7 +116,9 @@ def test_erase_over_http(client: TestClient, two: tuple[TestWorkspace, TestWorks
     assert r.json()["error"]["code"] == "not_found"
 
 
-def test_bad_queries_are_clear_errors(client: TestClient, two: tuple[TestWorkspace, TestWorkspace, str, str]) -> None:
+def test_bad_queries_are_clear_errors(
+    client: TestClient, two: tuple[TestWorkspace, TestWorkspace, str, str]
+) -> None:
     a, _, pa, _ = two
     h = a.admin_headers
     r = client.get("/api/v1/profiles/lookup", headers=h)
@@ -193,11 +210,16 @@ def test_workspace_b_cannot_touch_workspace_a(
     assert all(k["active"] for k in client.get("/api/v1/keys", headers=a.admin_headers).json()["data"])
 
 
-def test_workspace_b_sees_only_its_own(client: TestClient, two: tuple[TestWorkspace, TestWorkspace, str, str]) -> None:
+def test_workspace_b_sees_only_its_own(
+    client: TestClient, two: tuple[TestWorkspace, TestWorkspace, str, str]
+) -> None:
     a, b, pa, pb = two
     hb = b.admin_headers
     assert [p["id"] for p in client.get("/api/v1/profiles", headers=hb).json()["data"]] == [pb]
-    assert [p["id"] for p in client.get("/api/v1/profiles", params={"trait.plan": "pro"}, headers=hb).json()["data"]] == [pb]
+    assert [
+        p["id"]
+        for p in client.get("/api/v1/profiles", params={"trait.plan": "pro"}, headers=hb).json()["data"]
+    ] == [pb]
     for params in ({"user_id": "ann"}, {"email": "ann@a.com"}):
         assert client.get("/api/v1/profiles/lookup", params=params, headers=hb).status_code == 404
     assert client.get("/api/v1/workspace", headers=hb).json()["id"] == b.id
@@ -214,12 +236,24 @@ def test_write_key_of_b_writes_into_b(client: TestClient, container: Container) 
     r = client.post("/v1/track", auth=b.write_auth, json={"userId": "zed", "event": "E"})
     assert r.status_code == 200
     container.worker.drain()
-    assert client.get("/api/v1/profiles/lookup", params={"user_id": "zed"}, headers=a.admin_headers).status_code == 404
-    assert client.get("/api/v1/profiles/lookup", params={"user_id": "zed"}, headers=b.admin_headers).status_code == 200
+    assert (
+        client.get("/api/v1/profiles/lookup", params={"user_id": "zed"}, headers=a.admin_headers).status_code
+        == 404
+    )
+    assert (
+        client.get("/api/v1/profiles/lookup", params={"user_id": "zed"}, headers=b.admin_headers).status_code
+        == 200
+    )
 
 
 def test_openapi_document(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
-    for path in ("/v1/track", "/v1/batch", "/v1/identify", "/api/v1/profiles/lookup", "/api/v1/profiles/{profile_id}/events"):
+    for path in (
+        "/v1/track",
+        "/v1/batch",
+        "/v1/identify",
+        "/api/v1/profiles/lookup",
+        "/api/v1/profiles/{profile_id}/events",
+    ):
         assert path in doc["paths"], path
     assert client.get("/health").json()["status"] == "ok"

@@ -48,7 +48,9 @@ def test_identify_merges_anonymous_profile_into_existing_known_profile(
     container: Container, clock: ManualClock
 ) -> None:
     ws = make_workspace(container)
-    send(container, ws.id, {"type": "identify", "userId": "u-1", "traits": {"plan": "pro"}, "messageId": "k1"})
+    send(
+        container, ws.id, {"type": "identify", "userId": "u-1", "traits": {"plan": "pro"}, "messageId": "k1"}
+    )
     clock.advance(timedelta(minutes=1))
     send(
         container,
@@ -60,7 +62,11 @@ def test_identify_merges_anonymous_profile_into_existing_known_profile(
     known_id = lookup(container, ws.id, user_id="u-1").id
     assert anon_id != known_id
     clock.advance(timedelta(minutes=1))
-    send(container, ws.id, {"type": "track", "userId": "u-1", "anonymousId": "phone-7", "event": "Login", "messageId": "j"})
+    send(
+        container,
+        ws.id,
+        {"type": "track", "userId": "u-1", "anonymousId": "phone-7", "event": "Login", "messageId": "j"},
+    )
 
     merged = lookup(container, ws.id, anonymous_id="phone-7")
     assert merged.id == known_id
@@ -131,7 +137,9 @@ def test_merge_chains_stay_flat(container: Container) -> None:
     send(container, ws.id, {"type": "track", "userId": "b", "event": "E", "messageId": "2"})
     send(container, ws.id, {"type": "track", "userId": "c", "event": "E", "messageId": "3"})
     a = lookup(container, ws.id, anonymous_id="a").id
-    send(container, ws.id, {"type": "track", "userId": "b", "anonymousId": "a", "event": "E", "messageId": "4"})
+    send(
+        container, ws.id, {"type": "track", "userId": "b", "anonymousId": "a", "event": "E", "messageId": "4"}
+    )
     b = lookup(container, ws.id, user_id="b").id
     send(container, ws.id, {"type": "alias", "userId": "c", "previousId": "b", "messageId": "5"})
     c = lookup(container, ws.id, user_id="c").id
@@ -151,7 +159,13 @@ def test_traits_latest_timestamp_wins_even_out_of_order(container: Container) ->
     send(
         container,
         ws.id,
-        {"type": "identify", "userId": "u", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "pro"}, "messageId": "new"},
+        {
+            "type": "identify",
+            "userId": "u",
+            "timestamp": "2026-11-20T10:00:00Z",
+            "traits": {"plan": "pro"},
+            "messageId": "new",
+        },
     )
     # An older identify that arrives later must not overwrite the newer value...
     send(
@@ -179,10 +193,32 @@ def test_merge_keeps_the_most_recently_set_trait(container: Container) -> None:
     send(
         container,
         ws.id,
-        {"type": "identify", "userId": "u", "timestamp": "2026-11-01T00:00:00Z", "traits": {"plan": "free", "a": 1}, "messageId": "1"},
-        {"type": "identify", "anonymousId": "x", "timestamp": "2026-11-10T00:00:00Z", "traits": {"plan": "pro", "b": 2}, "messageId": "2"},
+        {
+            "type": "identify",
+            "userId": "u",
+            "timestamp": "2026-11-01T00:00:00Z",
+            "traits": {"plan": "free", "a": 1},
+            "messageId": "1",
+        },
+        {
+            "type": "identify",
+            "anonymousId": "x",
+            "timestamp": "2026-11-10T00:00:00Z",
+            "traits": {"plan": "pro", "b": 2},
+            "messageId": "2",
+        },
     )
-    send(container, ws.id, {"type": "identify", "userId": "u", "anonymousId": "x", "timestamp": "2026-11-02T00:00:00Z", "messageId": "3"})
+    send(
+        container,
+        ws.id,
+        {
+            "type": "identify",
+            "userId": "u",
+            "anonymousId": "x",
+            "timestamp": "2026-11-02T00:00:00Z",
+            "messageId": "3",
+        },
+    )
     assert lookup(container, ws.id, user_id="u").traits == {"plan": "pro", "a": 1, "b": 2}
 
 
@@ -194,7 +230,12 @@ def test_traits_are_normalised(container: Container) -> None:
         {
             "type": "identify",
             "userId": "u",
-            "traits": {"email": "  Zoé@Example.FR ", "phone": "06 12 34 56 78", "address": {"country": "FR"}, "timezone": "Europe/Paris"},
+            "traits": {
+                "email": "  Zoé@Example.FR ",
+                "phone": "06 12 34 56 78",
+                "address": {"country": "FR"},
+                "timezone": "Europe/Paris",
+            },
             "messageId": "1",
         },
         {
@@ -224,7 +265,13 @@ def test_group_call_records_membership_and_group_traits(container: Container) ->
     send(
         container,
         ws.id,
-        {"type": "group", "userId": "u", "groupId": "acme", "traits": {"industry": "retail"}, "messageId": "1"},
+        {
+            "type": "group",
+            "userId": "u",
+            "groupId": "acme",
+            "traits": {"industry": "retail"},
+            "messageId": "1",
+        },
         {"type": "group", "userId": "u", "groupId": "acme", "traits": {"size": 50}, "messageId": "2"},
     )
     p = lookup(container, ws.id, user_id="u")
@@ -239,12 +286,20 @@ def test_erasure_deletes_everything_and_suppresses_reimport(container: Container
         container,
         ws.id,
         {"type": "track", "anonymousId": "anon", "event": "E", "messageId": "1"},
-        {"type": "identify", "userId": "gone", "anonymousId": "anon", "traits": {"email": "gone@example.com"}, "messageId": "2"},
+        {
+            "type": "identify",
+            "userId": "gone",
+            "anonymousId": "anon",
+            "traits": {"email": "gone@example.com"},
+            "messageId": "2",
+        },
     )
     send(container, ws.id, {"type": "track", "userId": "other", "event": "E", "messageId": "3"})
     p = lookup(container, ws.id, user_id="gone")
     # An event of the person still pending in the log is erased too.
-    send(container, ws.id, {"type": "track", "userId": "gone", "event": "Late", "messageId": "4"}, drain=False)
+    send(
+        container, ws.id, {"type": "track", "userId": "gone", "event": "Late", "messageId": "4"}, drain=False
+    )
     with container.db.write() as conn:
         done = profiles.erase(conn, ws.id, p.id, secret=container.secret, now=container.clock.now())
     assert done.events_deleted == 3

@@ -29,7 +29,12 @@ def test_two_workers_split_partitions_and_take_over_expired_leases(
     clock.advance(timedelta(seconds=10))
     with container.db.write() as conn:
         # w1 renews; nothing is free for w2.
-        assert pipeline.claim(conn, "w1", range(8), now=clock.now(), lease=lease, max_partitions=4) == [0, 1, 2, 3]
+        assert pipeline.claim(conn, "w1", range(8), now=clock.now(), lease=lease, max_partitions=4) == [
+            0,
+            1,
+            2,
+            3,
+        ]
         assert pipeline.claim(conn, "w2", range(8), now=clock.now(), lease=lease) == [4, 5, 6, 7]
     clock.advance(timedelta(seconds=31))
     with container.db.write() as conn:
@@ -44,7 +49,12 @@ def test_two_workers_split_partitions_and_take_over_expired_leases(
 def test_a_worker_only_processes_partitions_it_owns(container: Container, clock: ManualClock) -> None:
     ws = make_workspace(container)
     parts = container.settings.pipeline.partitions
-    send(container, ws.id, *({"type": "track", "userId": f"u{i}", "event": "E", "messageId": str(i)} for i in range(40)), drain=False)
+    send(
+        container,
+        ws.id,
+        *({"type": "track", "userId": f"u{i}", "event": "E", "messageId": str(i)} for i in range(40)),
+        drain=False,
+    )
     other = PipelineWorker(
         db=container.db,
         clock=clock,
@@ -53,7 +63,16 @@ def test_a_worker_only_processes_partitions_it_owns(container: Container, clock:
         owner="other",
     )
     with container.db.write() as conn:
-        taken = set(pipeline.claim(conn, "other", range(parts), now=clock.now(), lease=timedelta(seconds=60), max_partitions=parts // 2))
+        taken = set(
+            pipeline.claim(
+                conn,
+                "other",
+                range(parts),
+                now=clock.now(),
+                lease=timedelta(seconds=60),
+                max_partitions=parts // 2,
+            )
+        )
     # The container's worker cannot take the other worker's partitions while its lease holds.
     container.worker.run_once()
     with container.db.read() as conn:
@@ -71,7 +90,13 @@ def test_events_of_one_person_are_applied_in_log_order(container: Container) -> 
     ws = make_workspace(container)
     # Same timestamp for all: the log order decides which trait value is the latest.
     calls = [
-        {"type": "identify", "userId": "u", "traits": {"n": i}, "messageId": str(i), "timestamp": "2026-11-25T11:00:00Z"}
+        {
+            "type": "identify",
+            "userId": "u",
+            "traits": {"n": i},
+            "messageId": str(i),
+            "timestamp": "2026-11-25T11:00:00Z",
+        }
         for i in range(30)
     ]
     send(container, ws.id, *calls)
@@ -81,7 +106,9 @@ def test_events_of_one_person_are_applied_in_log_order(container: Container) -> 
     assert p.event_count == 30
 
 
-def test_a_poison_event_is_parked_and_does_not_block_its_partition(container: Container, clock: ManualClock) -> None:
+def test_a_poison_event_is_parked_and_does_not_block_its_partition(
+    container: Container, clock: ManualClock
+) -> None:
     ws = make_workspace(container)
     part = partition_for(ws.id, "u", container.settings.pipeline.partitions)
     with container.db.write() as conn:

@@ -51,7 +51,9 @@ class PostgresServer:
     def create_database(self) -> str:
         name = f"{self.prefix}_{secrets.token_hex(4)}"
         self._admin(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self.template))
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self.template)
+            )
         )
         self.created.append(name)
         return self._url_for(name)

@@ -26,7 +26,9 @@ def send(c: Container, workspace_id: str, *calls: dict[str, Any], drain: bool = 
     )
     assert not prepared.rejected, prepared.rejected
     with c.db.write() as conn:
-        result = service.append(conn, workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions)
+        result = service.append(
+            conn, workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
+        )
     if drain:
         c.worker.drain()
     return result
