@@ -87,7 +87,7 @@ def clock() -> ManualClock:
 def make_settings(db_url: str, **overrides: Any) -> Settings:
     return Settings(
         database_url=db_url,
-        secret_key="test-secret",  # type: ignore[arg-type]
+        secret_key="test-secret",
         sqlite_synchronous="NORMAL",
         demo_workspace=False,
         **overrides,

@@ -157,3 +157,105 @@ def test_background_worker_processes_after_notify(container: Container) -> None:
     with container.db.read() as conn:
         assert pipeline.count_pending(conn) == 0
         assert profiles.lookup(conn, ws.id, user_id="u").event_count == 1
+
+
+def test_two_concurrent_workers_give_the_same_profiles_as_one(
+    container: Container, clock: ManualClock
+) -> None:
+    """Several workers sharing one database split the partitions without changing the result,
+    even when merges cross partitions (anonymous profile in one, known profile in another)."""
+    import threading
+
+    ws = make_workspace(container)
+    people = 30
+    calls: list[dict[str, object]] = []
+    for i in range(people):
+        calls += [
+            {"type": "track", "anonymousId": f"anon-{i}", "event": "Viewed", "messageId": f"{i}-1"},
+            {"type": "identify", "userId": f"user-{i}", "traits": {"n": i}, "messageId": f"{i}-0"},
+            {"type": "identify", "userId": f"user-{i}", "anonymousId": f"anon-{i}", "messageId": f"{i}-2"},
+            {
+                "type": "track",
+                "userId": f"user-{i}",
+                "anonymousId": f"anon-{i}",
+                "event": "Bought",
+                "messageId": f"{i}-3",
+            },
+        ]
+    send(container, ws.id, *calls, drain=False)
+    parts = container.settings.pipeline.partitions
+    workers = [
+        PipelineWorker(
+            db=container.db,
+            clock=clock,
+            settings=PipelineSettings(partitions=parts, batch_size=7, lease_seconds=60),
+            secret=container.secret,
+            owner=f"w{k}",
+        )
+        for k in range(2)
+    ]
+    with container.db.write() as conn:
+        for w in workers:
+            pipeline.claim(
+                conn,
+                w.owner,
+                range(parts),
+                now=clock.now(),
+                lease=timedelta(seconds=60),
+                max_partitions=parts // 2,
+            )
+    errors: list[BaseException] = []
+
+    def run(w: PipelineWorker) -> None:
+        try:
+            w.drain(max_passes=500)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert all(w.stats.processed > 0 for w in workers)
+    assert sum(w.stats.failed for w in workers) == 0
+    with container.db.read() as conn:
+        assert pipeline.count_pending(conn) == 0
+        for i in range(people):
+            p = profiles.lookup(conn, ws.id, user_id=f"user-{i}")
+            assert p.anonymous_ids == [f"anon-{i}"], i
+            assert p.traits == {"n": i}
+            assert p.event_count == 4
+            _, evs = profiles.events_of(conn, ws.id, p.id, after=None, limit=10)
+            assert sorted(e.message_id for e in evs) == sorted(f"{i}-{k}" for k in range(4))
+
+
+def test_merge_inside_one_batch_redirects_events_applied_before_it(db_url: str, clock: ManualClock) -> None:
+    """With one partition every call shares a batch: the anonymous event is applied to the
+    anonymous profile, which a later call of the same batch merges away."""
+    from tests.conftest import make_settings
+    from whenthen.bootstrap import build
+
+    c = build(make_settings(db_url, pipeline=PipelineSettings(partitions=1)), clock=clock)
+    try:
+        ws = make_workspace(c)
+        send(
+            c,
+            ws.id,
+            {"type": "identify", "userId": "u", "messageId": "0"},
+            {"type": "track", "anonymousId": "a", "event": "Viewed", "messageId": "1"},
+            {"type": "track", "userId": "u", "anonymousId": "a", "event": "Bought", "messageId": "2"},
+        )
+        assert c.worker.stats.processed == 3
+        with c.db.read() as conn:
+            p = profiles.lookup(conn, ws.id, anonymous_id="a")
+            _, evs = profiles.events_of(conn, ws.id, p.id, after=None, limit=10)
+            [merge] = profiles.merges_of(conn, ws.id, p.id)
+            merged_rows = conn.execute(
+                select(events.c.profile_id).where(events.c.profile_id == merge.from_profile_id)
+            ).all()
+        assert [e.message_id for e in evs] == ["0", "1", "2"]
+        assert merged_rows == []
+    finally:
+        c.db.dispose()

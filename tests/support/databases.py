@@ -40,7 +40,7 @@ class PostgresServer:
         upgrade(db)
         db.dispose()
 
-    def _admin(self, statement: sql.Composable) -> None:
+    def _admin(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(statement)
 

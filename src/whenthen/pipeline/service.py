@@ -106,14 +106,29 @@ def process_events(
 ) -> BatchOutcome:
     processed: dict[int, str | None] = {}
     suppressed: list[int] = []
+    # Events are marked with their profile at the end of the batch; a merge later in the
+    # same batch must redirect the ones applied before it.
+    redirects: dict[str, str] = {}
     for event in events:
         applied = profiles.apply_event(conn, event, secret=secret, now=now)
         if applied.suppressed:
             suppressed.append(event.seq)
-        else:
-            processed[event.seq] = applied.profile_id
+            continue
+        processed[event.seq] = applied.profile_id
+        if applied.merged_from is not None and applied.profile_id is not None:
+            redirects[applied.merged_from] = applied.profile_id
+    if redirects:
+        processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
     return BatchOutcome(partition=partition, processed=len(processed), suppressed=len(suppressed))
+
+
+def _follow(redirects: dict[str, str], profile_id: str | None) -> str | None:
+    seen: set[str] = set()
+    while profile_id is not None and profile_id in redirects and profile_id not in seen:
+        seen.add(profile_id)
+        profile_id = redirects[profile_id]
+    return profile_id
 
 
 def park(conn: Connection, partition: int, event: StoredEvent) -> BatchOutcome:

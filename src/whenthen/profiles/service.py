@@ -85,6 +85,11 @@ def apply_event(conn: Connection, event: StoredEvent, *, secret: bytes, now: dat
 
     profile = repo.get(conn, ws, profile_id, lock=True)
     assert profile is not None
+    if profile.merged_into is not None:
+        # Another worker merged it away between our look-up and our lock: follow it.
+        profile_id = profile.merged_into
+        profile = repo.get(conn, ws, profile_id, lock=True)
+        assert profile is not None
     traits, times = profile.traits, profile.trait_times
     if event.type is CallType.IDENTIFY:
         incoming = event.payload.get("traits") or {}
