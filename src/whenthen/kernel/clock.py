@@ -10,7 +10,6 @@ from typing import Protocol
 class Clock(Protocol):
     def now(self) -> datetime:
         """Return an aware UTC datetime."""
-        ...
 
 
 class SystemClock:

@@ -1,0 +1,85 @@
+"""`whenthen serve` as a user runs it: a real process, a real port, the embedded worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "WHENTHEN_DATABASE_URL": db_url,
+        "WHENTHEN_SECRET_KEY": "serve-test",
+        "WHENTHEN_SERVER__PORT": str(port),
+        "COLUMNS": "200",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "whenthen.cli.main", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = ""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while "listening on" not in output and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output += line
+        write_key = re.search(r"write key\s*:\s*(\S+)", output)
+        admin_key = re.search(r"admin key\s*:\s*(\S+)", output)
+        assert write_key, output
+        assert admin_key, output
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=5) as http:
+            while time.monotonic() < deadline:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            r = http.post(
+                "/v1/identify",
+                auth=(write_key.group(1), ""),
+                json={"userId": "first-user", "traits": {"email": "First@Example.com"}},
+            )
+            assert r.status_code == 200, r.text
+            headers = {"Authorization": f"Bearer {admin_key.group(1)}"}
+            # The embedded worker applies the call behind the 200: poll briefly for it.
+            while time.monotonic() < deadline:
+                r = http.get("/api/v1/profiles/lookup", params={"user_id": "first-user"}, headers=headers)
+                if r.status_code == 200:
+                    break
+                time.sleep(0.05)
+            assert r.status_code == 200, r.text
+            assert r.json()["email"] == "first@example.com"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode is not None
