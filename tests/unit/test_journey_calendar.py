@@ -10,8 +10,8 @@ from whenthen.journeys.calendar import next_anniversary, next_local_time, trait_
 from whenthen.journeys.durations import parse_duration
 
 
-def utc(*a: int) -> datetime:
-    return datetime(*a, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -106,5 +106,5 @@ def test_durations(text: str, expected: timedelta) -> None:
 
 @pytest.mark.parametrize("text", ["", "soon", "P", "PT", "10y", "99999d", "1.5h"])
 def test_bad_durations(text: str) -> None:
-    with pytest.raises(ValueError, match="duration|ten years"):
+    with pytest.raises(ValueError, match=r"duration|ten years"):
         parse_duration(text)

@@ -224,7 +224,7 @@ def test_condition_split_on_traits_events_and_engagement() -> None:
 
     def route(facts: MemoryFacts) -> Any:
         t = start(d, "e", trigger=None, now=T0, facts=facts)
-        return [j.detail.get("branch") for j in t.journal if j.kind == "branched"][0]
+        return next(j.detail.get("branch") for j in t.journal if j.kind == "branched")
 
     logins = [ev("Login", T0 - timedelta(days=1)), ev("Login", T0 - timedelta(days=2))]
     assert route(MemoryFacts({"plan": "pro", "city": "Lyon"}, events=logins)) == 1
