@@ -45,6 +45,27 @@ class ServerSettings(BaseModel):
     embedded_worker: bool = True
 
 
+class EmailSettings(BaseModel):
+    #: With no SMTP host, email is captured in the local mailbox (``whenthen mailbox``)
+    #: and marked as not delivered.
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    #: none, starttls or tls (implicit TLS, usually port 465)
+    smtp_security: str = "none"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_timeout_seconds: float = 10.0
+    from_address: str = "whenthen <noreply@localhost>"
+    max_attempts: int = 5
+
+
+class WebhookSettings(BaseModel):
+    #: Allow webhooks to private, loopback and link-local addresses (off: SSRF guard).
+    allow_private_addresses: bool = False
+    timeout_seconds: float = 10.0
+    max_attempts: int = 5
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WHENTHEN_",
@@ -60,7 +81,11 @@ class Settings(BaseSettings):
     secret_key: SecretStr = SecretStr("dev-insecure-change-me")
     #: Create a demo workspace on ``serve`` when none exists.
     demo_workspace: bool = True
+    #: The address people's mail clients reach this server at (tracking links, unsubscribe).
+    public_url: str = "http://127.0.0.1:8000"
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    email: EmailSettings = Field(default_factory=EmailSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
 
@@ -77,6 +102,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
     """The effective configuration with secrets hidden, for ``whenthen config show``."""
     data = settings.model_dump(mode="json")
     data["secret_key"] = REDACTED
+    if settings.email.smtp_password is not None:
+        data["email"]["smtp_password"] = REDACTED
     url = settings.database_url
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

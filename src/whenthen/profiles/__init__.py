@@ -1,5 +1,14 @@
 """Profiles: identity resolution, traits, merges, erasure."""
 
+from whenthen.profiles.consent import (
+    add_tags,
+    consent_status,
+    consents_of,
+    remove_tags,
+    set_consent,
+    tags_of,
+    update_traits,
+)
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
 from whenthen.profiles.service import (
     Applied,
@@ -22,7 +31,10 @@ __all__ = [
     "IdentityKind",
     "Merge",
     "Profile",
+    "add_tags",
     "apply_event",
+    "consent_status",
+    "consents_of",
     "erase",
     "events_of",
     "export",
@@ -30,5 +42,9 @@ __all__ = [
     "groups_of",
     "lookup",
     "merges_of",
+    "remove_tags",
     "search",
+    "set_consent",
+    "tags_of",
+    "update_traits",
 ]

@@ -21,10 +21,11 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from whenthen import tracking
+from whenthen import lists, tracking
 from whenthen.kernel.errors import NotFound
 from whenthen.kernel.ids import ProfileId, new_profile_id
 from whenthen.kernel.keyed_hash import keyed_hash
+from whenthen.profiles import consent
 from whenthen.profiles import repository as repo
 from whenthen.profiles.model import (
     Identity,
@@ -212,6 +213,8 @@ def merge(
     )
     repo.move_identities(conn, ws, from_id, into_id)
     repo.move_group_memberships(conn, ws, from_id, into_id)
+    consent.move_to(conn, ws, from_id, into_id, now)
+    lists.move_members(conn, ws, from_id, into_id, now)
     tracking.reassign_events(conn, from_id, into_id)
     repo.save_state(conn, survivor, now)
     repo.mark_merged(conn, from_id, into_id, now)
@@ -328,6 +331,7 @@ class Erasure:
     profile_id: ProfileId
     profiles_deleted: int
     events_deleted: int
+    profile_ids: tuple[str, ...] = ()
 
 
 def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes, now: datetime) -> Erasure:
@@ -346,5 +350,9 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
     user_ids = [v for k, v in values if k == IdentityKind.USER_ID.value]
     anonymous_ids = [v for k, v in values if k == IdentityKind.ANONYMOUS_ID.value]
     deleted = tracking.delete_events_of_person(conn, workspace_id, ids, user_ids, anonymous_ids)
+    consent.delete_for(conn, workspace_id, ids)
+    lists.delete_for(conn, workspace_id, ids)
     repo.delete_person(conn, workspace_id, ids)
-    return Erasure(profile_id=profile.id, profiles_deleted=len(ids), events_deleted=deleted)
+    return Erasure(
+        profile_id=profile.id, profiles_deleted=len(ids), events_deleted=deleted, profile_ids=tuple(ids)
+    )

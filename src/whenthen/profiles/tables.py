@@ -80,3 +80,26 @@ group_members = Table(
     Column("joined_at", UTCDateTime(), nullable=False),
     Index("ix_group_members_profile", "profile_id"),
 )
+
+profile_tags = Table(
+    "profile_tags",
+    metadata,
+    Column("workspace_id", String(40), primary_key=True),
+    Column("profile_id", String(40), primary_key=True),
+    Column("tag", String(100), primary_key=True),
+    Column("added_at", UTCDateTime(), nullable=False),
+    Index("ix_profile_tags_tag", "workspace_id", "tag"),
+)
+
+#: Consent per channel: the latest change wins. No row means no decision recorded.
+consents = Table(
+    "consents",
+    metadata,
+    Column("workspace_id", String(40), primary_key=True),
+    Column("profile_id", String(40), primary_key=True),
+    Column("channel", String(16), primary_key=True),
+    # subscribed / unsubscribed
+    Column("status", String(16), nullable=False),
+    Column("source", String(200), nullable=False),
+    Column("changed_at", UTCDateTime(), nullable=False),
+)

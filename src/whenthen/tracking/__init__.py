@@ -18,6 +18,13 @@ def events_for_profile(
     return [_repo.to_stored(r) for r in _repo.for_profile(conn, profile_ids, after=after, limit=limit)]
 
 
+def named_events(
+    conn: Connection, profile_id: str, names: Sequence[str], *, since: datetime | None, limit: int = 10_000
+) -> list[StoredEvent]:
+    """A person's events with one of ``names``, newest first (processed ones only carry a profile)."""
+    return [_repo.to_stored(r) for r in _repo.named_for_profile(conn, profile_id, names, since, limit)]
+
+
 def pending_events(conn: Connection, partition: int, limit: int) -> list[StoredEvent]:
     """The oldest pending events of a partition, in log order (locked on PostgreSQL)."""
     return [_repo.to_stored(r) for r in _repo.pending(conn, partition, limit)]
@@ -68,6 +75,7 @@ __all__ = [
     "delete_events_of_person",
     "events_for_profile",
     "finish_events",
+    "named_events",
     "pending_events",
     "pending_partitions",
     "reassign_events",

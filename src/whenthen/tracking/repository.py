@@ -123,3 +123,12 @@ def to_stored(row: Any) -> StoredEvent:
         payload=dict(row.payload),
         profile_id=row.profile_id,
     )
+
+
+def named_for_profile(
+    conn: Connection, profile_id: str, names: Sequence[str], since: datetime | None, limit: int
+) -> list[Any]:
+    stmt = select(events).where(events.c.profile_id == profile_id, events.c.event.in_(list(names)))
+    if since is not None:
+        stmt = stmt.where(events.c.timestamp >= since)
+    return list(conn.execute(stmt.order_by(events.c.timestamp.desc(), events.c.seq.desc()).limit(limit)))

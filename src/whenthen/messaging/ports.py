@@ -1,0 +1,48 @@
+"""What the dispatcher needs from the outside world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The provider's answer: accepted (with its id) or refused (with the reason)."""
+
+    accepted: bool
+    detail: str
+    permanent: bool = False
+
+
+class EmailSender(Protocol):
+    def send(self, message: EmailMessage) -> Delivery:
+        """Hand one message to the provider."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResult:
+    status: int | None
+    body: Any
+    error: str | None
+    permanent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status is not None and 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        if self.permanent:
+            return False
+        return (
+            self.error is not None or self.status is None or self.status >= 500 or self.status in (408, 429)
+        )
+
+
+class WebhookCaller(Protocol):
+    def call(self, url: str, body: bytes, headers: dict[str, str]) -> WebhookResult:
+        """POST ``body`` to ``url``."""
+        raise NotImplementedError

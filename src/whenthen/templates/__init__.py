@@ -1,0 +1,5 @@
+"""Liquid templates with resource limits."""
+
+from whenthen.templates.rendering import TemplateError, check, render
+
+__all__ = ["TemplateError", "check", "render"]
