@@ -98,7 +98,7 @@ def make_settings(db_url: str, **overrides: Any) -> Settings:
 def container(db_url: str, clock: ManualClock) -> Iterator[Container]:
     c = build(make_settings(db_url), clock=clock)
     yield c
-    c.db.dispose()
+    c.close()
 
 
 @pytest.fixture

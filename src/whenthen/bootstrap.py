@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers
 from whenthen.kernel.clock import Clock, SystemClock
+from whenthen.messaging.adapters.smtp import SmtpSender
+from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
+from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
+from whenthen.messaging.ports import EmailSender, WebhookCaller
 from whenthen.settings import Settings
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
@@ -21,23 +27,68 @@ class Container:
     db: Database
     buckets: TokenBuckets
     worker: PipelineWorker
+    dispatcher: Dispatcher
     extras: dict[str, object] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Release connections, event loops and clients; the container is unusable after."""
+        for closer in reversed(self.closers):
+            closer()
+        self.db.dispose()
 
     @property
     def secret(self) -> bytes:
         return self.settings.secret_key.get_secret_value().encode("utf-8")
 
 
-def build(settings: Settings, *, clock: Clock | None = None, migrate: bool = True) -> Container:
+def build(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    migrate: bool = True,
+    email_sender: EmailSender | None = None,
+    webhook_caller: WebhookCaller | None = None,
+) -> Container:
+    """Wire everything. ``email_sender`` and ``webhook_caller`` override the adapters the
+    settings choose (tests and demos use this, never patching)."""
     clock = clock or SystemClock()
     db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     if migrate:
         upgrade(db)
     secret = settings.secret_key.get_secret_value().encode("utf-8")
+    closers: list[Callable[[], None]] = []
+    if email_sender is None and settings.email.smtp_host:
+        smtp = SmtpSender(settings.email)
+        closers.append(smtp.close)
+        email_sender = smtp
+    if webhook_caller is None:
+        http = HttpxWebhookCaller(
+            timeout=settings.webhooks.timeout_seconds,
+            allow_private=settings.webhooks.allow_private_addresses,
+        )
+        closers.append(http.close)
+        webhook_caller = http
+    dispatcher = Dispatcher(
+        db,
+        clock,
+        {
+            "email": EmailJob(
+                db, clock, settings.email, public_url=settings.public_url, secret=secret, sender=email_sender
+            ),
+            "webhook": WebhookJob(db, clock, settings.webhooks, secret=secret, caller=webhook_caller),
+            "signal": SignalJob(db, clock),
+            "backfill_dates": BackfillDatesJob(db, clock),
+        },
+    )
+    worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
+    worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.run_once])
     return Container(
         settings=settings,
         clock=clock,
         db=db,
         buckets=TokenBuckets(settings.ingest.rate_limit_events_per_second, settings.ingest.rate_limit_burst),
-        worker=PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret),
+        worker=worker,
+        dispatcher=dispatcher,
+        closers=closers,
     )

@@ -258,4 +258,4 @@ def test_merge_inside_one_batch_redirects_events_applied_before_it(db_url: str, 
         assert [e.message_id for e in evs] == ["0", "1", "2"]
         assert merged_rows == []
     finally:
-        c.db.dispose()
+        c.close()

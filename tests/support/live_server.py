@@ -156,4 +156,4 @@ def live_server(db_url: str) -> Iterator[LiveServer]:
     try:
         yield from _serve(container)
     finally:
-        container.db.dispose()
+        container.close()

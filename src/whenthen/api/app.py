@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from whenthen import __version__
-from whenthen.api import errors, profiles, tracking, workspaces
+from whenthen.api import errors, journeys, links, profiles, tracking, workspaces
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 
@@ -52,6 +52,8 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
     app.include_router(tracking.router)
     app.include_router(profiles.router)
     app.include_router(workspaces.router)
+    app.include_router(journeys.router)
+    app.include_router(links.router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> JSONBody:

@@ -18,7 +18,7 @@ from whenthen.api.auth import authenticate_write_key, basic_user, container
 from whenthen.api.errors import error_response
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
-from whenthen.kernel.errors import DomainError
+from whenthen.kernel.errors import DomainError, Unauthorized
 from whenthen.tracking import CallType, service
 from whenthen.tracking.parsing import decompress
 from whenthen.tracking.validation import Invalid, Limits
@@ -67,11 +67,25 @@ async def _handle(request: Request, forced_type: CallType | None) -> Response:
         return error_response(exc.status, exc.code, exc.message)
 
 
+def _write_key(request: Request, value: Any) -> str | None:
+    """The write key: HTTP Basic user name first, else ``writeKey`` in the body."""
+    try:
+        key = basic_user(request) or service.write_key_in_body(value)
+    except ValueError:
+        # base64 refuses a header holding non-ASCII characters with a plain ValueError.
+        raise Unauthorized("malformed Basic authorization header") from None
+    if key is not None:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in the body's writeKey
+            raise Unauthorized("missing, invalid or revoked key") from None
+    return key
+
+
 def _ingest(
     c: Container, request: Request, body: bytes, value: Any, exact: bool, forced_type: CallType | None
 ) -> Response:
-    key = basic_user(request) or service.write_key_in_body(value)
-    principal = authenticate_write_key(c, key)
+    principal = authenticate_write_key(c, _write_key(request, value))
     received_at = c.clock.now()
     prepared = service.prepare(
         body,
@@ -91,12 +105,13 @@ def _ingest(
             "too many events for this workspace; retry after the given delay",
             {"Retry-After": str(decision.retry_after_seconds)},
         )
-    stored = duplicates = 0
+    stored, duplicates = 0, prepared.duplicates
     if prepared.accepted:
         with c.db.write() as conn:
-            stored, duplicates = service.append(
+            stored, known = service.append(
                 conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
             )
+        duplicates += known
         if stored:
             c.worker.notify()
     if forced_type is not None:

@@ -37,7 +37,7 @@ def _container(migrate: bool = True) -> Iterator[Container]:
     try:
         yield c
     finally:
-        c.db.dispose()
+        c.close()
 
 
 def _create_workspace(c: Container, name: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from whenthen import profiles, tracking
+from whenthen import journeys, profiles, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.tracking import StoredEvent
 
@@ -115,8 +115,18 @@ def process_events(
             suppressed.append(event.seq)
             continue
         processed[event.seq] = applied.profile_id
-        if applied.merged_from is not None and applied.profile_id is not None:
+        assert applied.profile_id is not None
+        if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
+            journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
+        journeys.on_event(
+            conn,
+            event,
+            applied.profile_id,
+            traits_before=applied.traits_before,
+            traits_after=applied.traits_after,
+            now=now,
+        )
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)

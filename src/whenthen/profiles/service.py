@@ -15,7 +15,8 @@ Resolution rules (docs/design/profiles.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +49,8 @@ class Applied:
     profile_id: ProfileId | None
     suppressed: bool
     merged_from: ProfileId | None = None
+    traits_before: Mapping[str, Any] = field(default_factory=dict)
+    traits_after: Mapping[str, Any] = field(default_factory=dict)
 
 
 def erasure_hashes(secret: bytes, workspace_id: str, values: list[tuple[str, str]]) -> list[str]:
@@ -114,7 +117,13 @@ def apply_event(conn: Connection, event: StoredEvent, *, secret: bytes, now: dat
         event_count=profile.event_count + 1,
     )
     repo.save_state(conn, updated, now)
-    return Applied(profile_id=profile_id, suppressed=False, merged_from=merged_from)
+    return Applied(
+        profile_id=profile_id,
+        suppressed=False,
+        merged_from=merged_from,
+        traits_before=profile.traits,
+        traits_after=traits,
+    )
 
 
 def _create(conn: Connection, ws: str, ids: list[Identity], now: datetime) -> ProfileId:

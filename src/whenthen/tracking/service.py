@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection
 
 from whenthen.kernel.bucketing import partition_for
@@ -31,6 +30,8 @@ from whenthen.tracking.validation import (
 class Prepared:
     accepted: list[AcceptedEvent]
     rejected: list[Rejection]
+    #: Calls dropped because an earlier call of the same batch had their messageId.
+    duplicates: int = 0
 
 
 def write_key_in_body(value: Any) -> str | None:
@@ -122,37 +123,31 @@ def _prepare(
     accepted: list[AcceptedEvent] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
+    duplicates = 0
     for index, raw in enumerate(calls):
         try:
             if isinstance(raw, dict):
                 raw = _with_envelope(raw, shared_context, shared_integrations)
-            size = len(_encoded(raw))
+            # validate_call measures the call itself, once its values are known to be
+            # storable: measuring first would have to encode lone surrogates, NaN markers
+            # and deep nesting, which JSON encoders refuse.
             event = validate_call(
                 raw,
                 forced_type=None,
                 received_at=received_at,
                 batch_sent_at=batch_sent_at,
                 limits=limits,
-                encoded_size=size,
                 exact_numbers=exact,
             )
         except Invalid as error:
             rejected.append(reject(index, error, raw))
             continue
         if event.message_id in seen:
-            continue  # a duplicate inside the batch is a duplicate, not an error
+            duplicates += 1  # a duplicate inside the batch is a duplicate, not an error
+            continue
         seen.add(event.message_id)
         accepted.append(event)
-    return Prepared(accepted, rejected)
-
-
-def _encoded(raw: Any) -> bytes:
-    try:
-        return orjson.dumps(raw)
-    except (TypeError, orjson.JSONEncodeError):
-        # Values orjson cannot write (lone surrogates, NaN markers, huge ints) are refused
-        # by the checks in ``validate_call``; measure them by a rough stand-in.
-        return repr(raw).encode("utf-8", "surrogatepass")
+    return Prepared(accepted, rejected, duplicates)
 
 
 def _with_envelope(raw: dict[str, Any], context: Any, integrations: Any) -> dict[str, Any]:

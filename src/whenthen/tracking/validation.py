@@ -11,9 +11,9 @@ Decisions (see docs/design/tracking.md):
 * ``timestamp`` is corrected for client clock skew as Segment does:
   ``timestamp = receivedAt - (sentAt - timestamp)`` when ``sentAt`` is known.
   A corrected timestamp more than ``max_future`` ahead of ``receivedAt``, or before
-  ``min_year``, is refused.
-* A call without ``messageId`` gets a deterministic one (a hash of its content), so an
-  identical retry is still deduplicated.
+  ``min_year``, or outside what a date-time can hold, is refused.
+* A call without ``messageId`` gets a deterministic one (a hash of its type and content,
+  ``sentAt`` left out), so an identical retry is still deduplicated.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Invalid(Exception):
 
 
 class NotRepresentable:
-    """Marks a JSON constant (NaN, Infinity) or an out-of-range number found by the slow parser."""
+    """Marks a JSON constant (NaN, Infinity) or an out-of-range number found by the slow
+    parser; ``text`` describes it for the error message."""
 
     __slots__ = ("text",)
 
@@ -93,7 +94,7 @@ def check_value(value: Any, depth: int, limit: int, path: str, *, exact: bool = 
         for i, item in enumerate(value):
             check_value(item, depth + 1, limit, f"{path}[{i}]", exact=exact)
     elif isinstance(value, NotRepresentable):
-        raise Invalid("number_out_of_range", f"{path} is {value.text}, which JSON cannot carry")
+        raise Invalid("number_out_of_range", f"{path} is {value.text}, which cannot be stored")
     else:  # pragma: no cover - parsers produce no other types
         raise Invalid("invalid_value", f"{path} has an unsupported type")
 
@@ -166,11 +167,25 @@ def _skew_corrected(timestamp: datetime | None, sent_at: datetime | None, receiv
         return received_at
     if sent_at is None:
         return timestamp
-    return received_at - (sent_at - timestamp)
+    try:
+        return received_at - (sent_at - timestamp)
+    except OverflowError:  # e.g. timestamp in year 1 and sentAt in year 9999
+        raise Invalid(
+            "timestamp_out_of_range", "timestamp is out of range once corrected for clock skew"
+        ) from None
 
 
-def derived_message_id(raw: dict[str, Any]) -> str:
-    digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+#: Fields left out of a derived message id: ``sentAt`` changes on every retry of the same
+#: call; ``messageId`` is absent or null when the id is derived.
+_NOT_HASHED = frozenset({"messageId", "sentAt", "writeKey"})
+
+
+def derived_message_id(raw: dict[str, Any], call_type: CallType) -> str:
+    """A stable id for a call sent without ``messageId``: the same call (same type and
+    content, whatever its key order or ``sentAt``) always gets the same id."""
+    content = {k: v for k, v in raw.items() if k not in _NOT_HASHED}
+    content["type"] = call_type.value
+    digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"wt-{digest[:40]}"
 
 
@@ -181,23 +196,26 @@ def validate_call(
     received_at: datetime,
     batch_sent_at: datetime | None,
     limits: Limits,
-    encoded_size: int,
+    encoded_size: int | None = None,
     exact_numbers: bool = True,
 ) -> AcceptedEvent:
     """Turn one raw call into an ``AcceptedEvent`` or raise ``Invalid``.
 
-    ``encoded_size`` is the call's size in bytes as JSON, measured by the caller.
+    ``encoded_size`` is the call's size in bytes as JSON when the caller knows it (the
+    body of a single call); otherwise the call is measured here, once its values are
+    known to be storable (and so writable as JSON).
     """
     if not isinstance(raw, dict):
         raise Invalid("invalid_type", "each call must be a JSON object")
-    if encoded_size > limits.max_event_bytes:
-        raise Invalid(
-            "event_too_large",
-            f"a call may be at most {limits.max_event_bytes} bytes; this one is {encoded_size}",
-            status=413,
-        )
     raw = {k: v for k, v in raw.items() if k != "writeKey"}
     check_value(raw, 0, limits.max_nesting_depth, "$", exact=exact_numbers)
+    size = len(orjson.dumps(raw)) if encoded_size is None else encoded_size
+    if size > limits.max_event_bytes:
+        raise Invalid(
+            "event_too_large",
+            f"a call may be at most {limits.max_event_bytes} bytes; this one is {size}",
+            status=413,
+        )
 
     type_value = raw.get("type")
     if forced_type is not None:
@@ -223,10 +241,13 @@ def validate_call(
 
     user_id = _identifier(raw, "userId")
     anonymous_id = _identifier(raw, "anonymousId")
+    # Other ids, normalised like userId: stored so, as the pipeline reads them from the payload.
+    other_ids: dict[str, str] = {}
     if call_type is CallType.ALIAS:
         previous_id = _identifier(raw, "previousId")
         if user_id is None or previous_id is None:
             raise Invalid("missing_identity", "alias needs userId and previousId")
+        other_ids["previousId"] = previous_id
     elif user_id is None and anonymous_id is None:
         raise Invalid("missing_identity", "userId or anonymousId is required")
 
@@ -235,8 +256,11 @@ def validate_call(
         event_name = _name(raw, "event", required=True)
     elif call_type in (CallType.PAGE, CallType.SCREEN):
         event_name = _name(raw, "name", required=False)
-    elif call_type is CallType.GROUP and _identifier(raw, "groupId") is None:
-        raise Invalid("missing_field", "groupId is required")
+    elif call_type is CallType.GROUP:
+        group_id = _identifier(raw, "groupId")
+        if group_id is None:
+            raise Invalid("missing_field", "groupId is required")
+        other_ids["groupId"] = group_id
 
     context = raw.get("context") or {}
     if context.get("timezone") is not None and not isinstance(context["timezone"], str):
@@ -250,7 +274,10 @@ def validate_call(
     if timestamp.year < limits.min_year:
         raise Invalid("timestamp_out_of_range", f"timestamp is before {limits.min_year}")
 
-    final_message_id = message_id.strip() if isinstance(message_id, str) else derived_message_id(raw)
+    if isinstance(message_id, str):
+        final_message_id = message_id.strip()
+    else:
+        final_message_id = derived_message_id(raw, call_type)
     payload = dict(raw)
     payload["type"] = call_type.value
     payload["messageId"] = final_message_id
@@ -258,6 +285,7 @@ def validate_call(
         payload["userId"] = user_id
     if anonymous_id is not None:
         payload["anonymousId"] = anonymous_id
+    payload.update(other_ids)
     payload["timestamp"] = _iso(timestamp)
     payload["originalTimestamp"] = _iso(original) if original else None
     payload["sentAt"] = _iso(sent_at) if sent_at else None
@@ -279,11 +307,21 @@ def _iso(value: datetime) -> str:
 
 
 def reject(index: int, error: Invalid, raw: Any) -> Rejection:
+    """The rejection of call ``index``; its ``messageId`` is echoed when it is a string
+    that can be written back as JSON (a lone surrogate cannot)."""
     message_id = raw.get("messageId") if isinstance(raw, dict) else None
     return Rejection(
         index=index,
         code=error.code,
         message=error.message,
         status=error.status,
-        message_id=message_id if isinstance(message_id, str) else None,
+        message_id=message_id if isinstance(message_id, str) and _encodable(message_id) else None,
     )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -44,6 +45,9 @@ class PipelineWorker:
     secret: bytes
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{new_secret(4)}")
     stats: Stats = field(default_factory=Stats)
+    #: Further work done on every pass after the pipeline (timers, the outbox dispatcher);
+    #: each returns how much it did.
+    steps: list[Callable[[], int]] = field(default_factory=list)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -70,6 +74,8 @@ class PipelineWorker:
         handled = 0
         for partition in busy:
             handled += self._process(partition)
+        for step in self.steps:
+            handled += step()
         return handled
 
     def _process(self, partition: int) -> int:
@@ -115,7 +121,8 @@ class PipelineWorker:
         self.stats.failed += outcome.failed
 
     def drain(self, max_passes: int = 10_000) -> int:
-        """Process until nothing is pending (for tests, the CLI and benches)."""
+        """Process until nothing is pending and no step has work left (for tests, the CLI
+        and benches). Timers that are not due yet stay waiting."""
         total = 0
         for _ in range(max_passes):
             handled = self.run_once()

@@ -1,0 +1,586 @@
+"""Running journeys: entries from events, signals, dates and the API; timers; effects.
+
+Everything here runs inside the caller's transaction (the pipeline's partition batch, a
+timer batch, an API request) and never commits. Effects that leave the database (email,
+webhooks) are queued in the outbox in the same transaction; effects inside the database
+(traits, tags, lists, entering another journey) are applied at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection
+
+from whenthen import lists, messaging, profiles, tracking
+from whenthen.journeys import repository as repo
+from whenthen.journeys.calendar import next_anniversary, trait_instant
+from whenthen.journeys.definition import (
+    DateTrigger,
+    EventTrigger,
+    Filter,
+    Frequency,
+    JourneyDefinition,
+    SignalTrigger,
+    TraitChangeTrigger,
+)
+from whenthen.journeys.durations import parse_duration
+from whenthen.journeys.engine import advance, message_id_for, start
+from whenthen.journeys.management import definition_of
+from whenthen.journeys.matching import _MISSING, event_matches, holds, lookup_path, trait_holds
+from whenthen.journeys.model import (
+    CallWebhook,
+    ChangeList,
+    EnrollElsewhere,
+    EventFacts,
+    EventSeen,
+    SendEmail,
+    Stimulus,
+    Transition,
+    UpdateProfile,
+    Wake,
+)
+from whenthen.kernel.ids import new_secret
+from whenthen.tracking import StoredEvent
+
+log = logging.getLogger("whenthen.journeys")
+ENGAGEMENT_EVENTS = {"opened": "Email Opened", "clicked": "Email Link Clicked"}
+MAX_FAILURES = 5
+
+
+class NoFacts:
+    """Facts for stimuli that need none (cancellation)."""
+
+    def traits(self) -> Mapping[str, Any]:
+        return {}
+
+    def timezone(self) -> str | None:
+        return None
+
+    def count_events(self, name: str, where: tuple[Filter, ...], since: datetime | None) -> int:
+        return 0
+
+    def engaged(self, kind: str, message_ids: tuple[str, ...], link: str | None) -> bool:
+        return False
+
+
+class DbFacts:
+    """What the engine may know about a person, read from the database on demand."""
+
+    def __init__(self, conn: Connection, ws: str, profile_id: str) -> None:
+        self.conn = conn
+        self.ws = ws
+        self.profile_id = profile_id
+        self._profile: profiles.Profile | None = None
+
+    def _get(self) -> profiles.Profile:
+        if self._profile is None:
+            self._profile = profiles.get_profile(self.conn, self.ws, self.profile_id)
+        return self._profile
+
+    def traits(self) -> Mapping[str, Any]:
+        return self._get().traits
+
+    def timezone(self) -> str | None:
+        return self._get().timezone
+
+    def count_events(self, name: str, where: tuple[Filter, ...], since: datetime | None) -> int:
+        found = tracking.named_events(self.conn, self._get().id, [name], since=since)
+        return sum(1 for e in found if event_matches(facts_of(e), name, where))
+
+    def engaged(self, kind: str, message_ids: tuple[str, ...], link: str | None) -> bool:
+        name = ENGAGEMENT_EVENTS[kind]
+        for e in tracking.named_events(self.conn, self._get().id, [name], since=None):
+            props = e.payload.get("properties") or {}
+            if props.get("message_id") in message_ids and (link is None or link in str(props.get("url", ""))):
+                return True
+        return False
+
+
+def facts_of(event: StoredEvent) -> EventFacts:
+    return EventFacts(
+        name=event.event or event.type.value,
+        properties=event.payload.get("properties") or event.payload.get("traits") or {},
+        timestamp=event.timestamp,
+        message_id=event.message_id,
+        context=event.payload.get("context") or {},
+    )
+
+
+def _new_enrollment_id() -> str:
+    return "enr_" + new_secret(12).replace("-", "a").replace("_", "b")
+
+
+# ---- persisting transitions -----------------------------------------------------------
+
+
+def _persist(
+    conn: Connection,
+    *,
+    ws: str,
+    journey: Any,
+    version: int,
+    profile_id: str,
+    transition: Transition,
+    now: datetime,
+    new: bool,
+    entry_key: str | None = None,
+    depth: int = 0,
+) -> None:
+    state = transition.state
+    if new:
+        repo.insert_enrollment(
+            conn,
+            ws=ws,
+            journey_id=journey.id,
+            version=version,
+            profile_id=profile_id,
+            state=state,
+            entry_key=entry_key,
+            now=now,
+        )
+    else:
+        repo.save_state(conn, state, now)
+    repo.write_journal(
+        conn,
+        ws=ws,
+        journey_id=journey.id,
+        enrollment_id=state.enrollment_id,
+        profile_id=profile_id,
+        entries=transition.journal,
+    )
+    render_context = {
+        "event": (state.context.get("trigger") or {}),
+        "payload": state.context.get("payload") or {},
+        "journey": {"key": journey.key, "name": journey.name},
+    }
+    for effect in transition.effects:
+        if isinstance(effect, SendEmail):
+            messaging.enqueue(
+                conn,
+                ws=ws,
+                channel="email",
+                message_id=message_id_for(effect.idempotency_key),
+                idempotency_key=effect.idempotency_key,
+                profile_id=profile_id,
+                journey_id=journey.id,
+                enrollment_id=state.enrollment_id,
+                node=effect.node,
+                payload={
+                    "email": effect.email.model_dump(mode="json", by_alias=True),
+                    "marketing": effect.marketing,
+                    "context": render_context,
+                },
+                now=now,
+            )
+        elif isinstance(effect, CallWebhook):
+            messaging.enqueue(
+                conn,
+                ws=ws,
+                channel="webhook",
+                message_id=message_id_for(effect.idempotency_key),
+                idempotency_key=effect.idempotency_key,
+                profile_id=profile_id,
+                journey_id=journey.id,
+                enrollment_id=state.enrollment_id,
+                node=effect.node,
+                payload={
+                    "url": effect.url,
+                    "body": dict(effect.body) if effect.body is not None else None,
+                    "headers": dict(effect.headers),
+                    "map_response": dict(effect.map_response),
+                    "context": render_context,
+                },
+                now=now,
+            )
+        elif isinstance(effect, UpdateProfile):
+            if effect.set or effect.unset:
+                profiles.update_traits(conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now)
+            if effect.add_tags:
+                profiles.add_tags(conn, ws, profile_id, effect.add_tags, now)
+            if effect.remove_tags:
+                profiles.remove_tags(conn, ws, profile_id, effect.remove_tags)
+        elif isinstance(effect, ChangeList):
+            if effect.add:
+                lists.add_member(
+                    conn, ws, effect.list_key, profile_id, source=f"journey:{journey.key}", now=now
+                )
+            else:
+                lists.remove_member(conn, ws, effect.list_key, profile_id)
+        elif isinstance(effect, EnrollElsewhere) and depth < 5:
+            enroll(
+                conn,
+                ws,
+                effect.journey_key,
+                profile_id,
+                payload=state.context.get("payload"),
+                now=now,
+                depth=depth + 1,
+            )
+
+
+# ---- entering -------------------------------------------------------------------------
+
+
+def _entry_key(
+    definition: JourneyDefinition, trigger: EventFacts | None, payload: Mapping[str, Any] | None
+) -> Any:
+    key = definition.entry.key
+    if not key:
+        return None
+    if trigger is not None:
+        value = lookup_path({"properties": trigger.properties, "context": trigger.context}, key)
+        if value is _MISSING:
+            value = lookup_path(trigger.properties, key)
+    else:
+        value = lookup_path(dict(payload or {}), key.removeprefix("payload."))
+    return None if value is _MISSING else value
+
+
+def _may_enter(
+    conn: Connection,
+    journey: Any,
+    definition: JourneyDefinition,
+    profile_id: str,
+    entry_key: Any,
+    now: datetime,
+) -> str | None:
+    """Why the person may not enter now, or ``None`` when they may."""
+    entry = definition.entry
+    previous = repo.previous_entries(conn, journey.id, profile_id)
+    if entry.frequency is Frequency.ONCE and previous:
+        return "already entered once"
+    if entry.frequency is Frequency.ONCE_PER_KEY:
+        if entry_key is None:
+            return f"no value for entry key {entry.key}"
+        if any(p.entry_key == str(entry_key) for p in previous):
+            return "already entered for this key"
+    if entry.frequency is Frequency.COOLDOWN and previous:
+        assert entry.cooldown is not None
+        if any(p.status == "active" for p in previous):
+            return "already in the journey"
+        last = max(p.entered_at for p in previous)
+        if now - last < parse_duration(entry.cooldown):
+            return "within the cooldown"
+    return None
+
+
+def try_enter(
+    conn: Connection,
+    ws: str,
+    journey: Any,
+    profile_id: str,
+    *,
+    trigger: EventFacts | None,
+    payload: Mapping[str, Any] | None,
+    now: datetime,
+    depth: int = 0,
+) -> str | None:
+    """Enter the person if the entry rules allow; returns the enrollment id or ``None``."""
+    version = journey.active_version
+    definition = definition_of(conn, journey.id, version)
+    entry_key = _entry_key(definition, trigger, payload)
+    if _may_enter(conn, journey, definition, profile_id, entry_key, now) is not None:
+        return None
+    facts = DbFacts(conn, ws, profile_id)
+    if definition.entry.condition is not None and not holds(
+        definition.entry.condition, facts, now=now, messages={}
+    ):
+        return None
+    enrollment_id = _new_enrollment_id()
+    t = start(definition, enrollment_id, trigger=trigger, payload=payload, now=now, facts=facts)
+    _persist(
+        conn,
+        ws=ws,
+        journey=journey,
+        version=version,
+        profile_id=profile_id,
+        transition=t,
+        now=now,
+        new=True,
+        entry_key=None if entry_key is None else str(entry_key),
+        depth=depth,
+    )
+    return enrollment_id
+
+
+def enroll(
+    conn: Connection,
+    ws: str,
+    key: str,
+    profile_id: str,
+    *,
+    payload: Mapping[str, Any] | None,
+    now: datetime,
+    depth: int = 0,
+) -> str | None:
+    """Enter one profile through the API (or a jump), whatever the journey's trigger kind."""
+    from whenthen.kernel.errors import DomainError, NotFound
+
+    journey = repo.journey_by_key(conn, ws, key)
+    if journey is None:
+        raise NotFound("journey")
+    if journey.status != "active":
+        raise DomainError("journey_not_active", f"journey {key} is {journey.status}", status=409)
+    return try_enter(conn, ws, journey, profile_id, trigger=None, payload=payload, now=now, depth=depth)
+
+
+# ---- reacting to events -----------------------------------------------------------------
+
+
+def on_event(
+    conn: Connection,
+    event: StoredEvent,
+    profile_id: str,
+    *,
+    traits_before: Mapping[str, Any],
+    traits_after: Mapping[str, Any],
+    now: datetime,
+) -> None:
+    """Everything journeys do when a person's event has been applied to their profile:
+    advance their active enrollments (waits, goals, exits), then enter them where the
+    event, or the trait change it made, triggers a journey."""
+    ws = event.workspace_id
+    facts_event = facts_of(event)
+    active = {j.id: j for j in repo.active_journeys(conn, ws)}
+    for row in repo.active_for_profile(conn, ws, profile_id):
+        journey = active.get(row.journey_id)
+        if journey is None:
+            continue  # paused: frozen
+        _advance_row(conn, row, journey, EventSeen(facts_event), now)
+    for journey in active.values():
+        definition = definition_of(conn, journey.id, journey.active_version)
+        trigger = definition.trigger
+        if isinstance(trigger, EventTrigger):
+            if event_matches(facts_event, trigger.event, trigger.where):
+                try_enter(conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now)
+        elif isinstance(trigger, TraitChangeTrigger):
+            before = lookup_path(traits_before, trigger.trait)
+            after = lookup_path(traits_after, trigger.trait)
+            if after is _MISSING or before == after:
+                continue
+            if trigger.to is not None and after != trigger.to:
+                continue
+            if trigger.from_ is not None and before != trigger.from_:
+                continue
+            change = EventFacts(
+                name="Trait Changed",
+                properties={
+                    "trait": trigger.trait,
+                    "from": None if before is _MISSING else before,
+                    "to": after,
+                },
+                timestamp=event.timestamp,
+                message_id=event.message_id,
+            )
+            try_enter(conn, ws, journey, profile_id, trigger=change, payload=None, now=now)
+        elif isinstance(trigger, DateTrigger) and lookup_path(traits_before, trigger.trait) != lookup_path(
+            traits_after, trigger.trait
+        ):
+            schedule_date(conn, ws, journey, trigger, profile_id, traits_after, now)
+
+
+def _advance_row(conn: Connection, row: Any, journey: Any, stimulus: Stimulus, now: datetime) -> None:
+    definition = definition_of(conn, journey.id, row.version)
+    facts = DbFacts(conn, row.workspace_id, row.profile_id)
+    t = advance(definition, repo.to_state(row), stimulus, now=now, facts=facts)
+    if t.state == repo.to_state(row) and not t.journal:
+        return
+    _persist(
+        conn,
+        ws=row.workspace_id,
+        journey=journey,
+        version=row.version,
+        profile_id=row.profile_id,
+        transition=t,
+        now=now,
+        new=False,
+    )
+
+
+def on_merge(conn: Connection, ws: str, from_id: str, into_id: str) -> None:
+    """Enrollments and messages of a merged-away profile follow it to the survivor."""
+    repo.reassign_profile(conn, ws, from_id, into_id)
+    messaging.reassign_profile(conn, ws, from_id, into_id)
+
+
+def forget(conn: Connection, ws: str, profile_ids: list[str]) -> None:
+    """Erasure: drop the person's enrollments, journal, schedules and messages."""
+    repo.delete_for_profiles(conn, ws, profile_ids)
+    messaging.delete_for(conn, ws, profile_ids)
+
+
+# ---- timers ---------------------------------------------------------------------------
+
+
+def fire_due(conn: Connection, now: datetime, *, limit: int) -> int:
+    """Advance enrollments whose timers are due. An enrollment that keeps failing is
+    retried with backoff and, after ``MAX_FAILURES``, dead-lettered with the reason."""
+    rows = repo.due(conn, now, limit)
+    fired = 0
+    journeys: dict[str, Any] = {}
+    for row in rows:
+        journey = journeys.get(row.journey_id) or repo.journey_by_id(conn, row.journey_id)
+        journeys[row.journey_id] = journey
+        if journey is None or journey.status != "active":
+            # Paused: hold the timer; it fires once the journey resumes.
+            repo.save_state(conn, repo.to_state(row), now)
+            _hold(conn, row.id, now)
+            continue
+        savepoint = conn.begin_nested()
+        try:
+            _advance_row(conn, row, journey, Wake(row.wake_at), now)
+            savepoint.commit()
+            fired += 1
+        except Exception as exc:
+            savepoint.rollback()
+            log.exception("enrollment %s failed on wake", row.id)
+            _record_failure(conn, row, now, f"{type(exc).__name__}: {exc}")
+    return fired
+
+
+def _hold(conn: Connection, enrollment_id: str, now: datetime) -> None:
+    from sqlalchemy import update
+
+    from whenthen.journeys.tables import enrollments
+
+    # Look again in a minute; the due index keeps this cheap.
+    conn.execute(
+        update(enrollments)
+        .where(enrollments.c.id == enrollment_id)
+        .values(wake_at=now + timedelta(minutes=1), updated_at=now)
+    )
+
+
+def _record_failure(conn: Connection, row: Any, now: datetime, reason: str) -> None:
+    from sqlalchemy import update
+
+    from whenthen.journeys.tables import enrollments
+
+    failures = int(row.failures) + 1
+    if failures >= MAX_FAILURES:
+        values: dict[str, Any] = {
+            "status": "failed",
+            "reason": f"dead letter after {failures} failures: {reason}"[:2000],
+            "wake_at": None,
+            "ended_at": now,
+        }
+    else:
+        values = {"wake_at": now + timedelta(seconds=30 * 2**failures), "reason": reason[:2000]}
+    conn.execute(
+        update(enrollments)
+        .where(enrollments.c.id == row.id)
+        .values(failures=failures, updated_at=now, **values)
+    )
+
+
+# ---- date triggers --------------------------------------------------------------------
+
+
+def _date_due(
+    trigger: DateTrigger, traits: Mapping[str, Any], tz: str | None, now: datetime
+) -> datetime | None:
+    value = lookup_path(traits, trigger.trait)
+    if value is _MISSING:
+        return None
+    offset = parse_duration(trigger.offset)
+    if trigger.annual:
+        return next_anniversary(value, tz, offset, trigger.at, now)
+    due = trait_instant(value, tz, offset, trigger.at)
+    return due if due is not None and due > now else None
+
+
+def schedule_date(
+    conn: Connection,
+    ws: str,
+    journey: Any,
+    trigger: DateTrigger,
+    profile_id: str,
+    traits: Mapping[str, Any],
+    now: datetime,
+) -> None:
+    tz = profiles.get_profile(conn, ws, profile_id).timezone
+    repo.upsert_schedule(conn, ws, journey.id, profile_id, _date_due(trigger, traits, tz, now))
+
+
+def backfill_dates(
+    conn: Connection, ws: str, key: str, now: datetime, *, after: str | None, limit: int
+) -> str | None:
+    """Schedule a date-triggered journey for a page of profiles; returns the cursor to go on."""
+    journey = repo.journey_by_key(conn, ws, key)
+    if journey is None or journey.active_version is None:
+        return None
+    definition = definition_of(conn, journey.id, journey.active_version)
+    trigger = definition.trigger
+    if not isinstance(trigger, DateTrigger):
+        return None
+    page = profiles.search(conn, ws, email=None, trait_equals={}, after_id=after, limit=limit)
+    for p in page:
+        repo.upsert_schedule(conn, ws, journey.id, p.id, _date_due(trigger, p.traits, p.timezone, now))
+    return page[-1].id if len(page) == limit else None
+
+
+def fire_due_dates(conn: Connection, now: datetime, *, limit: int) -> int:
+    fired = 0
+    for row in repo.due_schedules(conn, now, limit):
+        journey = repo.journey_by_id(conn, row.journey_id)
+        if journey is None or journey.status != "active" or journey.active_version is None:
+            repo.upsert_schedule(conn, row.workspace_id, row.journey_id, row.profile_id, None)
+            continue
+        definition = definition_of(conn, journey.id, journey.active_version)
+        trigger = definition.trigger
+        try:
+            profile = profiles.get_profile(conn, row.workspace_id, row.profile_id)
+        except Exception:
+            repo.upsert_schedule(conn, row.workspace_id, row.journey_id, row.profile_id, None)
+            continue
+        if isinstance(trigger, DateTrigger):
+            event = EventFacts(
+                name="Date Reached",
+                properties={"trait": trigger.trait, "value": lookup_path(profile.traits, trigger.trait)},
+                timestamp=row.due_at,
+            )
+            try_enter(conn, row.workspace_id, journey, profile.id, trigger=event, payload=None, now=now)
+            later = _date_due(trigger, profile.traits, profile.timezone, now) if trigger.annual else None
+            repo.upsert_schedule(conn, row.workspace_id, journey.id, profile.id, later)
+        else:
+            repo.upsert_schedule(conn, row.workspace_id, row.journey_id, row.profile_id, None)
+        fired += 1
+    return fired
+
+
+# ---- signals ----------------------------------------------------------------------------
+
+
+def signal_page(
+    conn: Connection,
+    ws: str,
+    name: str,
+    properties: Mapping[str, Any],
+    now: datetime,
+    *,
+    after: str | None,
+    limit: int,
+) -> tuple[int, str | None]:
+    """Enter one page of profiles into every active journey triggered by signal ``name``
+    whose filter they match. Returns (entered, cursor for the next page or None)."""
+    targets = []
+    for journey in repo.active_journeys(conn, ws):
+        d = definition_of(conn, journey.id, journey.active_version)
+        if isinstance(d.trigger, SignalTrigger) and d.trigger.signal == name:
+            targets.append((journey, d.trigger))
+    if not targets:
+        return 0, None
+    page = profiles.search(conn, ws, email=None, trait_equals={}, after_id=after, limit=limit)
+    entered = 0
+    event = EventFacts(name=name, properties=dict(properties), timestamp=now)
+    for p in page:
+        for journey, trigger in targets:
+            if all(trait_holds(p.traits, c) for c in trigger.where) and try_enter(
+                conn, ws, journey, p.id, trigger=event, payload=dict(properties), now=now
+            ):
+                entered += 1
+    return entered, (page[-1].id if len(page) == limit else None)

@@ -1,0 +1,72 @@
+"""Background work of journeys: timers, date triggers, and signal fan-out jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from whenthen.journeys import runtime
+from whenthen.kernel.clock import Clock
+from whenthen.messaging import service as outbox
+from whenthen.messaging.dispatch import Outcome
+from whenthen.storage import Database
+
+SIGNAL_PAGE = 500
+
+
+def fire_timers(db: Database, clock: Clock, limit: int = 500) -> int:
+    with db.write() as conn:
+        now = clock.now()
+        return runtime.fire_due(conn, now, limit=limit) + runtime.fire_due_dates(conn, now, limit=limit)
+
+
+class SignalJob:
+    """Fans a signal out over the workspace's profiles a page at a time, each page in its
+    own transaction, so a signal to a million people never blocks the request that sent
+    it nor holds one long transaction. The cursor is kept in the job between pages."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+
+    def __call__(self, job: Any) -> Outcome:
+        p = dict(job.payload)
+        with self.db.write() as conn:
+            now = self.clock.now()
+            entered, cursor = runtime.signal_page(
+                conn,
+                job.workspace_id,
+                p["name"],
+                p.get("properties") or {},
+                now,
+                after=p.get("cursor"),
+                limit=SIGNAL_PAGE,
+            )
+            p["entered"] = int(p.get("entered", 0)) + entered
+            if cursor is None:
+                p["cursor"] = None
+                p["finished_at"] = now.isoformat()
+                outbox.replace_payload(conn, job.id, p, now)
+                return Outcome()
+            p["cursor"] = cursor
+            outbox.replace_payload(conn, job.id, p, now)
+        # More pages: run again at once (the dispatcher picks the job up on its next pass).
+        return Outcome(done=False, retry_at=now, error=None)
+
+
+class BackfillDatesJob:
+    """Schedules a newly published date-triggered journey for existing profiles, by pages."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+
+    def __call__(self, job: Any) -> Outcome:
+        p = dict(job.payload)
+        with self.db.write() as conn:
+            now = self.clock.now()
+            cursor = runtime.backfill_dates(
+                conn, job.workspace_id, p["journey"], now, after=p.get("cursor"), limit=SIGNAL_PAGE
+            )
+            p["cursor"] = cursor
+            outbox.replace_payload(conn, job.id, p, now)
+        return Outcome() if cursor is None else Outcome(done=False, retry_at=now)

@@ -1,0 +1,3 @@
+from tests.support.journey_env import env
+
+__all__ = ["env"]
