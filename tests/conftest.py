@@ -76,7 +76,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template_path:
     try:
         yield url
     finally:
-        server.drop_database(url)
+        server.release_database(url)
 
 
 @pytest.fixture

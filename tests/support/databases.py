@@ -35,6 +35,7 @@ class PostgresServer:
         self.prefix = f"wt_test_{secrets.token_hex(4)}"
         self.template = f"{self.prefix}_template"
         self.created: list[str] = []
+        self.free: list[str] = []
         self._admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.template)))
         db = Database(self._url_for(self.template))
         upgrade(db)
@@ -49,6 +50,9 @@ class PostgresServer:
         return f"{base}/{name}"
 
     def create_database(self) -> str:
+        """A migrated, empty database: a used one emptied again, else a fresh clone."""
+        if self.free:
+            return self._url_for(self.free.pop())
         name = f"{self.prefix}_{secrets.token_hex(4)}"
         self._admin(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -57,6 +61,29 @@ class PostgresServer:
         )
         self.created.append(name)
         return self._url_for(name)
+
+    def release_database(self, url: str) -> None:
+        """Empty every table (the schema stays, as the migrations made it) for the next test.
+
+        TRUNCATE of a few dozen small tables takes milliseconds; cloning a database takes
+        half a second."""
+        name = url.rpartition("/")[2]
+        dsn = self.dsn.rpartition("/")[0] + "/" + name
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT tablename FROM pg_tables"
+                    " WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            ]
+            if tables:
+                conn.execute(
+                    sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
+                        sql.SQL(", ").join(sql.Identifier(t) for t in tables)
+                    )
+                )
+        self.free.append(name)
 
     def drop_database(self, url: str) -> None:
         name = url.rpartition("/")[2]

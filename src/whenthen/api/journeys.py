@@ -293,3 +293,51 @@ async def mailbox(
         return {"delivered": False, "data": [message_json(m) for m in rows]}
 
     return JSONBody(await run_in_threadpool(run))
+
+
+class SimulateBody(BaseModel):
+    definition: dict[str, Any]
+    events: list[dict[str, Any]] | None = Field(default=None, max_length=100_000)
+    backtest: bool = Field(default=False, description="run over the workspace's stored events")
+    limit: int = Field(default=100_000, ge=1, le=1_000_000)
+    until: str | None = None
+
+
+@router.post("/journeys/simulate")
+async def simulate(request: Request, principal: Admin, body: SimulateBody) -> JSONBody:
+    """What the definition would have done with these events (or, with ``backtest``, with the
+    events already stored), per person, with a virtual clock. Nothing is stored or sent."""
+    from datetime import datetime
+
+    from whenthen import tracking
+    from whenthen.journeys.simulation import SimulationError, backtest_events
+    from whenthen.journeys.simulation import simulate as run_simulation
+
+    try:
+        definition = journeys.parse_definition(body.definition)
+    except journeys.InvalidDefinition as exc:
+        raise _invalid(exc) from None
+    until = None
+    if body.until:
+        try:
+            until = datetime.fromisoformat(body.until.replace("Z", "+00:00"))
+        except ValueError:
+            raise DomainError("invalid_until", "until must be an ISO 8601 date-time") from None
+        if until.tzinfo is None:
+            raise DomainError("invalid_until", "until needs a time zone offset")
+    c = container(request)
+
+    def run() -> dict[str, Any]:
+        if body.backtest:
+            with c.db.read() as conn:
+                events = backtest_events(
+                    tracking.workspace_history(conn, principal.workspace_id, limit=body.limit)
+                )
+        else:
+            events = body.events or []
+        try:
+            return run_simulation(definition, events, until=until)
+        except SimulationError as exc:
+            raise DomainError("invalid_events", str(exc)) from None
+
+    return JSONBody(await run_in_threadpool(run))

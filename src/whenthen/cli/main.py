@@ -8,14 +8,19 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from whenthen import workspaces
+from whenthen import journeys, workspaces
 from whenthen.bootstrap import Container, build
+from whenthen.journeys import InvalidDefinition, parse_definition
+from whenthen.kernel.errors import DomainError
 from whenthen.settings import load_settings, redacted
 from whenthen.storage.migrate import current_revision, head_revision, upgrade
 from whenthen.workspaces import KeyKind
@@ -27,6 +32,8 @@ keys_app = typer.Typer(help="API keys of a workspace.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(workspace_app, name="workspace")
 app.add_typer(keys_app, name="keys")
+journeys_app = typer.Typer(help="Journeys as code: validate, push, publish, simulate.", no_args_is_help=True)
+app.add_typer(journeys_app, name="journeys")
 
 console = Console()
 
@@ -210,9 +217,246 @@ def keys_revoke(
     console.print(f"revoked {key.id}")
 
 
-def run() -> None:
-    from whenthen.kernel.errors import DomainError
+# ---- journeys ------------------------------------------------------------------------
 
+WorkspaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--workspace", "-w", envvar="WHENTHEN_WORKSPACE", help="Workspace id (default: the only one)."
+    ),
+]
+
+
+def _workspace_id(c: Container, given: str | None) -> str:
+    with c.db.read() as conn:
+        if given:
+            return workspaces.get_workspace(conn, given).id
+        all_ws = workspaces.list_workspaces(conn)
+    if len(all_ws) != 1:
+        raise DomainError("workspace_required", "several workspaces exist: pass --workspace", status=400)
+    return all_ws[0].id
+
+
+def _load_document(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DomainError("unreadable_file", f"cannot read {path}: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DomainError("invalid_document", f"{path} is not valid YAML or JSON: {exc}") from None
+
+
+def _print_problems(exc: InvalidDefinition) -> None:
+    for p in exc.problems:
+        where = ".".join(x for x in (p.node and f"nodes.{p.node}", p.field) if x) or "(definition)"
+        console.print(f"[red]✗[/] {where}: {p.reason}")
+
+
+@journeys_app.command("validate")
+def journeys_validate(files: list[Path]) -> None:
+    """Check definitions against the schema and the graph rules (no database needed)."""
+    bad = 0
+    for f in files:
+        try:
+            d = parse_definition(_load_document(f))
+        except InvalidDefinition as exc:
+            console.print(f"[red]{f}[/]: invalid")
+            _print_problems(exc)
+            bad += 1
+            continue
+        console.print(f"[green]{f}[/]: ok ({d.key}, {len(d.nodes)} nodes)")
+    if bad:
+        raise typer.Exit(1)
+
+
+@journeys_app.command("push")
+def journeys_push(
+    files: list[Path],
+    workspace: WorkspaceOpt = None,
+    publish: Annotated[bool, typer.Option("--publish", help="Publish right after pushing.")] = False,
+) -> None:
+    """Store definitions as drafts (and optionally publish them)."""
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        for f in files:
+            data = _load_document(f)
+            try:
+                with c.db.write() as conn:
+                    info = journeys.push(conn, ws, data, now=c.clock.now())
+                    if publish:
+                        info = journeys.publish(conn, ws, info.key, now=c.clock.now())
+            except InvalidDefinition as exc:
+                console.print(f"[red]{f}[/]: invalid")
+                _print_problems(exc)
+                raise typer.Exit(1) from None
+            console.print(f"{info.key}: {info.status}, versions {[v['version'] for v in info.versions]}")
+
+
+@journeys_app.command("publish")
+def journeys_publish(
+    key: str,
+    workspace: WorkspaceOpt = None,
+    migrate: Annotated[bool, typer.Option(help="Move in-flight people to the new version.")] = False,
+) -> None:
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.write() as conn:
+            info = journeys.publish(conn, ws, key, now=c.clock.now(), migrate=migrate)
+    console.print(f"{key}: version {info.active_version} published")
+
+
+def _set_status(key: str, workspace: str | None, status: str) -> None:
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.write() as conn:
+            info = journeys.set_status(conn, ws, key, status, now=c.clock.now())
+    console.print(f"{key}: {info.status}")
+
+
+@journeys_app.command("pause")
+def journeys_pause(key: str, workspace: WorkspaceOpt = None) -> None:
+    _set_status(key, workspace, "paused")
+
+
+@journeys_app.command("resume")
+def journeys_resume(key: str, workspace: WorkspaceOpt = None) -> None:
+    _set_status(key, workspace, "active")
+
+
+@journeys_app.command("archive")
+def journeys_archive(key: str, workspace: WorkspaceOpt = None) -> None:
+    _set_status(key, workspace, "archived")
+
+
+@journeys_app.command("list")
+def journeys_list(
+    workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            infos = journeys.list_all(conn, ws)
+    if as_json:
+        typer.echo(
+            json.dumps([{"key": i.key, "status": i.status, "version": i.active_version} for i in infos])
+        )
+        return
+    table = Table("key", "name", "status", "active version", "in flight")
+    for i in infos:
+        table.add_row(i.key, i.name, i.status, str(i.active_version or "-"), str(i.active_enrollments))
+    console.print(table)
+
+
+@journeys_app.command("show")
+def journeys_show(key: str, workspace: WorkspaceOpt = None, version: int | None = None) -> None:
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            info = journeys.info(conn, ws, key)
+            definition = journeys.version_definition(conn, ws, key, version)
+            stats = journeys.stats(conn, ws, key)
+    console.print(f"[bold]{info.key}[/] ({info.name}): {info.status}, active version {info.active_version}")
+    console.print(f"versions: {[v['version'] for v in info.versions]}, in flight: {info.active_enrollments}")
+    console.print(f"totals: {stats['totals']}")
+    typer.echo(yaml.safe_dump(definition, sort_keys=False, allow_unicode=True))
+
+
+@journeys_app.command("simulate")
+def journeys_simulate(
+    file: Path,
+    events: Annotated[Path | None, typer.Option("--events", help="JSON Lines of Segment calls.")] = None,
+    backtest: Annotated[bool, typer.Option("--backtest", help="Use the workspace's stored events.")] = False,
+    workspace: WorkspaceOpt = None,
+    until: Annotated[str | None, typer.Option(help="Run the clock to this ISO 8601 time.")] = None,
+    limit: Annotated[int, typer.Option(help="Most stored events to read with --backtest.")] = 100_000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a definition would do with these events, per person, with a virtual clock.
+    Nothing is stored or sent."""
+    from datetime import datetime
+
+    from whenthen import tracking
+    from whenthen.journeys.simulation import SimulationError, backtest_events, simulate
+
+    try:
+        d = parse_definition(_load_document(file))
+    except InvalidDefinition as exc:
+        _print_problems(exc)
+        raise typer.Exit(1) from None
+    if (events is None) == (not backtest):
+        raise DomainError("invalid_arguments", "give --events FILE or --backtest")
+    calls: list[dict[str, Any]] = []
+    if events is not None:
+        for n, line in enumerate(events.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    calls.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DomainError("invalid_events", f"{events}:{n}: {exc}") from None
+    else:
+        with _container() as c:
+            ws = _workspace_id(c, workspace)
+            with c.db.read() as conn:
+                calls = backtest_events(tracking.workspace_history(conn, ws, limit=limit))
+    end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
+    try:
+        report = simulate(d, calls, until=end)
+    except SimulationError as exc:
+        raise DomainError("invalid_events", str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console.print(f"[bold]{report['journey']}[/] until {report['until']}: {report['summary']}")
+    for person, data in report["people"].items():
+        console.print(f"\n[bold]{person}[/] → {', '.join(data['outcome'])}")
+        for step in data["timeline"]:
+            extra = {k: v for k, v in step.items() if k not in ("at", "kind", "node")}
+            node = f" \\[{step['node']}]" if step["node"] else ""
+            console.print(f"  {step['at']}  {step['kind']}{node} {escape(str(extra)) if extra else ''}")
+
+
+@app.command()
+def mailbox(
+    workspace: WorkspaceOpt = None,
+    limit: Annotated[int, typer.Option(help="How many messages.")] = 20,
+    body: Annotated[bool, typer.Option("--body", help="Print the text bodies.")] = False,
+) -> None:
+    """Email captured because no SMTP server is configured (NOT delivered to anyone)."""
+    from whenthen import messaging
+
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            rows = messaging.mailbox(conn, ws, limit)
+    console.print(
+        f"[yellow]Local mailbox: {len(rows)} message(s), not delivered (no SMTP server configured)[/]"
+    )
+    for m in rows:
+        console.print(f"\n[bold]{m.subject}[/]\n  to {m.recipient}  at {m.sent_at}  ({m.id})")
+        if body and m.body_text:
+            console.print(m.body_text)
+
+
+@app.command("smtp-sink")
+def smtp_sink(port: Annotated[int, typer.Option(help="Port to listen on.")] = 1025) -> None:
+    """A local SMTP server that prints what it receives (for trying real SMTP delivery)."""
+    from whenthen.messaging.smtp_sink import SmtpSink
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with SmtpSink(port=port) as sink:
+        console.print(f"SMTP sink on {sink.host}:{sink.port}; set WHENTHEN_EMAIL__SMTP_HOST/PORT to use it")
+        seen = 0
+        while not stop.wait(0.5):
+            for m in sink.messages()[seen:]:
+                console.print(f"received: {m.subject} → {', '.join(m.recipients)}")
+            seen = len(sink.messages())
+
+
+def run() -> None:
     try:
         app()
     except DomainError as exc:

@@ -25,6 +25,11 @@ def named_events(
     return [_repo.to_stored(r) for r in _repo.named_for_profile(conn, profile_id, names, since, limit)]
 
 
+def workspace_history(conn: Connection, workspace_id: str, *, limit: int) -> list[StoredEvent]:
+    """The workspace's processed events in time order (for backtests), at most ``limit``."""
+    return [_repo.to_stored(r) for r in _repo.for_workspace(conn, workspace_id, limit)]
+
+
 def pending_events(conn: Connection, partition: int, limit: int) -> list[StoredEvent]:
     """The oldest pending events of a partition, in log order (locked on PostgreSQL)."""
     return [_repo.to_stored(r) for r in _repo.pending(conn, partition, limit)]
@@ -79,4 +84,5 @@ __all__ = [
     "pending_events",
     "pending_partitions",
     "reassign_events",
+    "workspace_history",
 ]

@@ -132,3 +132,14 @@ def named_for_profile(
     if since is not None:
         stmt = stmt.where(events.c.timestamp >= since)
     return list(conn.execute(stmt.order_by(events.c.timestamp.desc(), events.c.seq.desc()).limit(limit)))
+
+
+def for_workspace(conn: Connection, workspace_id: str, limit: int) -> list[Any]:
+    return list(
+        conn.execute(
+            select(events)
+            .where(events.c.workspace_id == workspace_id, events.c.profile_id.is_not(None))
+            .order_by(events.c.timestamp, events.c.seq)
+            .limit(limit)
+        )
+    )
