@@ -85,13 +85,13 @@ def clock() -> ManualClock:
 
 
 def make_settings(db_url: str, **overrides: Any) -> Settings:
-    return Settings(
-        database_url=db_url,
-        secret_key="test-secret",
-        sqlite_synchronous="NORMAL",
-        demo_workspace=False,
+    values: dict[str, Any] = {
+        "secret_key": "test-secret",
+        "sqlite_synchronous": "NORMAL",
+        "demo_workspace": False,
         **overrides,
-    )
+    }
+    return Settings(database_url=db_url, **values)
 
 
 @pytest.fixture
