@@ -36,7 +36,7 @@ def basic_user(request: Request) -> str | None:
         return None
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII base64, UnicodeDecodeError
         raise Unauthorized("malformed Basic authorization header") from None
     user, _, _password = decoded.partition(":")
     return user or None

@@ -28,7 +28,14 @@ _HTTP_CODES = {
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"success": False, "error": {"code": code, "message": message, **extra}}
+    """``error`` holds the details; ``code`` and ``message`` are repeated at the top level
+    because Segment's libraries read them there when they report a failure."""
+    return {
+        "success": False,
+        "code": code,
+        "message": message,
+        "error": {"code": code, "message": message, **extra},
+    }
 
 
 def error_response(
@@ -39,8 +46,12 @@ def error_response(
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
-    async def _domain(_: Request, exc: DomainError) -> JSONBody:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    async def _domain(request: Request, exc: DomainError) -> JSONBody:
+        headers = None
+        if exc.status == 401:
+            # The tracking API takes the write key as a Basic user name; the admin API a Bearer token.
+            tracking = request.url.path.startswith("/v1/")
+            headers = {"WWW-Authenticate": 'Basic realm="whenthen"' if tracking else "Bearer"}
         return error_response(exc.status, exc.code, exc.message, headers, **exc.details)
 
     @app.exception_handler(RequestValidationError)
