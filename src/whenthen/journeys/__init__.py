@@ -14,6 +14,7 @@ from whenthen.journeys.management import (
     version_definition,
 )
 from whenthen.journeys.runtime import (
+    active_journeys,
     backfill_dates,
     enroll,
     fire_due,
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidDefinition",
     "JourneyDefinition",
     "JourneyInfo",
+    "active_journeys",
     "backfill_dates",
     "definition_of",
     "enroll",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -109,8 +110,15 @@ def process_events(
     # Events are marked with their profile at the end of the batch; a merge later in the
     # same batch must redirect the ones applied before it.
     redirects: dict[str, str] = {}
+    # Looked up once per batch and workspace rather than once per event.
+    erasures: dict[str, bool] = {}
+    active: dict[str, list[Any]] = {}
     for event in events:
-        applied = profiles.apply_event(conn, event, secret=secret, now=now)
+        ws = event.workspace_id
+        if ws not in erasures:
+            erasures[ws] = profiles.has_erasures(conn, ws)
+            active[ws] = journeys.active_journeys(conn, ws)
+        applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=erasures[ws])
         if applied.suppressed:
             suppressed.append(event.seq)
             continue
@@ -126,6 +134,7 @@ def process_events(
             traits_before=applied.traits_before,
             traits_after=applied.traits_after,
             now=now,
+            active_journeys=active[ws],
         )
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}

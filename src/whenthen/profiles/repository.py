@@ -37,14 +37,16 @@ def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
     )
 
 
-def get(conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False) -> Profile | None:
+def get(
+    conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False, with_identities: bool = True
+) -> Profile | None:
     stmt = select(profiles).where(profiles.c.id == profile_id, profiles.c.workspace_id == workspace_id)
     if lock and conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     row = conn.execute(stmt).first()
     if row is None:
         return None
-    return _profile(row, identities_of(conn, workspace_id, profile_id))
+    return _profile(row, identities_of(conn, workspace_id, profile_id) if with_identities else ())
 
 
 def identities_of(conn: Connection, workspace_id: str, profile_id: str) -> list[Identity]:
@@ -303,6 +305,13 @@ def search(
         stmt = stmt.where(profiles.c.id > after_id)
     stmt = stmt.order_by(profiles.c.id).limit(limit)
     return [_profile(r, identities_of(conn, workspace_id, r.id)) for r in conn.execute(stmt)]
+
+
+def has_erasures(conn: Connection, workspace_id: str) -> bool:
+    row = conn.execute(
+        select(erasures.c.identity_hash).where(erasures.c.workspace_id == workspace_id).limit(1)
+    ).first()
+    return row is not None
 
 
 def is_erased(conn: Connection, workspace_id: str, hashes: Sequence[str]) -> bool:

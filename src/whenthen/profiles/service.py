@@ -53,6 +53,11 @@ class Applied:
     traits_after: Mapping[str, Any] = field(default_factory=dict)
 
 
+def has_erasures(conn: Connection, workspace_id: str) -> bool:
+    """Whether anyone was ever erased in the workspace (most batches can skip the check)."""
+    return repo.has_erasures(conn, workspace_id)
+
+
 def erasure_hashes(secret: bytes, workspace_id: str, values: list[tuple[str, str]]) -> list[str]:
     return [keyed_hash(secret, f"{workspace_id}\x1f{kind}\x1f{value}") for kind, value in values]
 
@@ -75,10 +80,15 @@ def _event_identity_values(event: StoredEvent) -> list[tuple[str, str]]:
     return values
 
 
-def apply_event(conn: Connection, event: StoredEvent, *, secret: bytes, now: datetime) -> Applied:
-    """Attribute one logged event to a profile and apply what it says about the person."""
+def apply_event(
+    conn: Connection, event: StoredEvent, *, secret: bytes, now: datetime, check_erasures: bool = True
+) -> Applied:
+    """Attribute one logged event to a profile and apply what it says about the person.
+
+    ``check_erasures=False`` skips the erasure look-up, for a batch that found the
+    workspace has no erasures at all (see ``has_erasures``)."""
     ws = event.workspace_id
-    if repo.is_erased(conn, ws, erasure_hashes(secret, ws, _event_identity_values(event))):
+    if check_erasures and repo.is_erased(conn, ws, erasure_hashes(secret, ws, _event_identity_values(event))):
         return Applied(profile_id=None, suppressed=True)
 
     merged_from: ProfileId | None = None
@@ -87,12 +97,12 @@ def apply_event(conn: Connection, event: StoredEvent, *, secret: bytes, now: dat
     else:
         profile_id, merged_from = _resolve(conn, event, now)
 
-    profile = repo.get(conn, ws, profile_id, lock=True)
+    profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
     assert profile is not None
     if profile.merged_into is not None:
         # Another worker merged it away between our look-up and our lock: follow it.
         profile_id = profile.merged_into
-        profile = repo.get(conn, ws, profile_id, lock=True)
+        profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
         assert profile is not None
     traits, times = profile.traits, profile.trait_times
     if event.type is CallType.IDENTIFY:
