@@ -37,7 +37,9 @@ from whenthen.journeys.model import (
     EnrollElsewhere,
     EventFacts,
     EventSeen,
+    JournalEntry,
     SendEmail,
+    State,
     Stimulus,
     Transition,
     UpdateProfile,
@@ -152,8 +154,11 @@ def _persist(
         profile_id=profile_id,
         entries=transition.journal,
     )
+    trigger = dict(state.context.get("trigger") or {})
+    if "event" in trigger:
+        trigger.setdefault("name", trigger["event"])  # templates say {{ event.name }}
     render_context = {
-        "event": (state.context.get("trigger") or {}),
+        "event": trigger,
         "payload": state.context.get("payload") or {},
         "journey": {"key": journey.key, "name": journey.name},
     }
@@ -211,15 +216,56 @@ def _persist(
             else:
                 lists.remove_member(conn, ws, effect.list_key, profile_id)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
-            enroll(
-                conn,
-                ws,
-                effect.journey_key,
-                profile_id,
-                payload=state.context.get("payload"),
-                now=now,
-                depth=depth + 1,
-            )
+            _jump(conn, ws, journey, state, effect, profile_id, now, depth)
+
+
+def _jump(
+    conn: Connection,
+    ws: str,
+    journey: Any,
+    state: State,
+    effect: EnrollElsewhere,
+    profile_id: str,
+    now: datetime,
+    depth: int,
+) -> None:
+    """Enter the person into the jump's target journey if it admits them. A target that
+    is missing, paused or archived admits nobody (as for any entry): the refusal is
+    journaled instead of raised, which would fail the whole event batch or timer."""
+    target = repo.journey_by_key(conn, ws, effect.journey_key)
+    entered = None
+    if target is None:
+        why = "no such journey"
+    elif target.status != "active" or target.active_version is None:
+        why = f"journey is {target.status}"
+    else:
+        why = "entry rules"
+        entered = try_enter(
+            conn,
+            ws,
+            target,
+            profile_id,
+            trigger=None,
+            payload=state.context.get("payload"),
+            now=now,
+            depth=depth + 1,
+        )
+    if entered is None:
+        repo.write_journal(
+            conn,
+            ws=ws,
+            journey_id=journey.id,
+            enrollment_id=state.enrollment_id,
+            profile_id=profile_id,
+            entries=[
+                JournalEntry(
+                    at=now,
+                    kind="jump_refused",
+                    node=effect.node,
+                    detail={"journey": effect.journey_key, "reason": why},
+                )
+            ],
+        )
 
 
 # ---- entering -------------------------------------------------------------------------
@@ -339,13 +385,20 @@ def on_event(
     traits_before: Mapping[str, Any],
     traits_after: Mapping[str, Any],
     now: datetime,
+    active_journeys: list[Any] | None = None,
 ) -> None:
     """Everything journeys do when a person's event has been applied to their profile:
     advance their active enrollments (waits, goals, exits), then enter them where the
-    event, or the trait change it made, triggers a journey."""
+    event, or the trait change it made, triggers a journey.
+
+    ``active_journeys`` lets a batch look the workspace's active journeys up once."""
     ws = event.workspace_id
+    if active_journeys is None:
+        active_journeys = repo.active_journeys(conn, ws)
+    if not active_journeys:
+        return  # no active journey: nobody can enter or move
     facts_event = facts_of(event)
-    active = {j.id: j for j in repo.active_journeys(conn, ws)}
+    active = {j.id: j for j in active_journeys}
     for row in repo.active_for_profile(conn, ws, profile_id):
         journey = active.get(row.journey_id)
         if journey is None:
@@ -399,6 +452,10 @@ def _advance_row(conn: Connection, row: Any, journey: Any, stimulus: Stimulus, n
         now=now,
         new=False,
     )
+
+
+def active_journeys(conn: Connection, ws: str) -> list[Any]:
+    return repo.active_journeys(conn, ws)
 
 
 def on_merge(conn: Connection, ws: str, from_id: str, into_id: str) -> None:
