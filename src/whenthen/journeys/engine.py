@@ -11,7 +11,7 @@ Invariants (tested with hypothesis in tests/unit/test_journey_engine.py):
 * an ended state is absorbing: advancing it changes nothing and emits nothing;
 * every scheduled wake is strictly in the future;
 * each advance terminates within ``MAX_STEPS`` node executions, else the enrollment
-  fails (dead letter) with the reason;
+  fails (dead letter) with the reason and none of that advance's effects happen;
 * effect idempotency keys are unique per enrollment (enrollment, node, step).
 """
 
@@ -237,11 +237,16 @@ def _go(run: _Run, target: str | None) -> Transition:
     """Run nodes from ``target`` until one waits or the path ends."""
     executed = 0
     current = target
+    journal_mark = len(run.journal)
     while True:
         if current is None:
             run.end(Status.COMPLETED, None, None)
             return run.transition()
         if executed >= MAX_STEPS:
+            # A runaway advance performs nothing: its effects (which a loop through a
+            # send would multiply) and the journal of the nodes it ran are dropped.
+            run.effects.clear()
+            del run.journal[journal_mark:]
             run.end(Status.FAILED, current, f"more than {MAX_STEPS} steps in one advance (a loop?)")
             return run.transition()
         node = run.definition.nodes[current]

@@ -4,9 +4,10 @@
   published one, or a replacement of the current draft. Published versions never change.
 * ``publish`` makes the latest draft the active version. People already in the journey
   stay on the version they entered (their enrollment is pinned); with ``migrate=True``
-  active enrollments whose current node still exists in the new version move to it.
-* ``pause`` stops entries and freezes enrollments (timers are held, events do not move
-  anyone); ``resume`` lets them go on, overdue timers firing once. ``archive`` ends every
+  active enrollments whose current node still exists in the new version, as the same
+  kind of node, move to it.
+* ``pause`` stops entries and freezes enrollments (timers and date triggers are held,
+  events do not move anyone); ``resume`` lets them go on, overdue timers firing once. ``archive`` ends every
   active enrollment (reason "journey archived") and stops the journey for good.
 """
 
@@ -117,7 +118,12 @@ def _migrate(
     from whenthen.journeys.tables import enrollments
 
     for r in repo.active_for_journey(conn, journey_id, limit=1_000_000):
-        if r.node in definition.nodes and r.version != version:
+        if r.version == version or r.node not in definition.nodes:
+            continue
+        # Only a node that still waits the same way can take over the person's timer:
+        # woken at a node that does not wait, an enrollment would never move again.
+        old = definition_of(conn, journey_id, r.version).nodes.get(r.node)
+        if type(definition.nodes[r.node]) is type(old):
             conn.execute(
                 update(enrollments).where(enrollments.c.id == r.id).values(version=version, updated_at=now)
             )

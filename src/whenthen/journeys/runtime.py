@@ -532,6 +532,16 @@ def _record_failure(conn: Connection, row: Any, now: datetime, reason: str) -> N
         .where(enrollments.c.id == row.id)
         .values(failures=failures, updated_at=now, **values)
     )
+    if values.get("status") == "failed":
+        # Journaled like any other end, so the enrollment's history and the stats show it.
+        repo.write_journal(
+            conn,
+            ws=row.workspace_id,
+            journey_id=row.journey_id,
+            enrollment_id=row.id,
+            profile_id=row.profile_id,
+            entries=[JournalEntry(at=now, kind="failed", node=row.node, detail={"reason": values["reason"]})],
+        )
 
 
 # ---- date triggers --------------------------------------------------------------------
@@ -585,7 +595,10 @@ def fire_due_dates(conn: Connection, now: datetime, *, limit: int) -> int:
     for row in repo.due_schedules(conn, now, limit):
         journey = repo.journey_by_id(conn, row.journey_id)
         if journey is None or journey.status != "active" or journey.active_version is None:
-            repo.upsert_schedule(conn, row.workspace_id, row.journey_id, row.profile_id, None)
+            # Paused: hold the date like a timer (the person enters once the journey
+            # resumes, and an annual date is scheduled again from there); archived: drop it.
+            held = now + timedelta(minutes=1) if journey is not None and journey.status == "paused" else None
+            repo.upsert_schedule(conn, row.workspace_id, row.journey_id, row.profile_id, held)
             continue
         definition = definition_of(conn, journey.id, journey.active_version)
         trigger = definition.trigger
