@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -378,10 +379,15 @@ def test_timers_survive_a_restart_and_fire_exactly_once(env: JourneyEnv) -> None
 
 
 def test_an_enrollment_whose_wake_keeps_failing_is_dead_lettered(env: JourneyEnv, http: TestClient) -> None:
-    """The genuine failure used here: the person is erased (DELETE /api/v1/profiles/{id})
-    while waiting. Erasure does not remove enrollments (see the report), so the wake
-    reaches a condition that needs the person's traits, and the profile is gone."""
-    env.publish(
+    """The genuine failure used here: the stored version of the journey was edited by hand
+    into something that no longer parses, and the process restarted (so the parsed copy
+    it cached is gone). Every wake then fails to load the definition."""
+    from sqlalchemy import update
+
+    from whenthen.journeys import management
+    from whenthen.journeys.tables import journey_versions
+
+    info = env.publish(
         {
             "key": "upsell",
             "name": "Upsell",
@@ -401,7 +407,13 @@ def test_an_enrollment_whose_wake_keeps_failing_is_dead_lettered(env: JourneyEnv
     env.identify("ann", email="ann@example.com", plan="free")
     env.track("ann", "Signed Up")
     [enrollment] = env.enrollments("ann")
-    assert http.delete(f"/api/v1/profiles/{env.profile('ann').id}").status_code == 200
+    with env.c.db.write() as conn:
+        conn.execute(
+            update(journey_versions)
+            .where(journey_versions.c.journey_id == info.id)
+            .values(definition={"key": "upsell", "name": "Upsell", "start": "an_hour", "nodes": {}})
+        )
+    management._CACHE.clear()  # a restarted process has parsed nothing yet
 
     def current() -> Any:
         with env.c.db.read() as conn:
@@ -416,8 +428,12 @@ def test_an_enrollment_whose_wake_keeps_failing_is_dead_lettered(env: JourneyEnv
         seen.append((current().status, current().failures))
     assert seen == [("active", 1), ("active", 2), ("active", 3), ("active", 4), ("failed", 5)]
     dead = current()
-    assert dead.reason == "dead letter after 5 failures: NotFound: not_found: profile not found"
+    assert dead.reason.startswith("dead letter after 5 failures: InvalidDefinition: ")
+    assert "trigger: Field required" in dead.reason
     assert (dead.wake_at, dead.ended_at) == (None, env.clock.now())
+    assert (
+        http.get(f"/api/v1/profiles/{env.profile('ann').id}/journeys").json()["data"][0]["status"] == "failed"
+    )
     with env.c.db.read() as conn:
         [failed] = [j for j in journey_repo.journal_of(conn, enrollment["id"]) if j.kind == "failed"]
     assert (failed.node, failed.detail["reason"]) == ("an_hour", dead.reason)
@@ -453,3 +469,25 @@ def test_a_loop_of_zero_delays_fails_with_the_reason_and_sends_nothing(env: Jour
     with env.c.db.read() as conn:
         assert messaging.log_for_profile(conn, env.ws.id, [env.profile("ann").id], 10) == []
         assert journeys.stats(conn, env.ws.id, "runaway")["totals"] == {"entered": 1, "failed": 1}
+
+
+def test_erasure_removes_the_person_from_journeys_and_the_message_log(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    from sqlalchemy import select
+
+    from whenthen.journeys.tables import enrollment_journal, enrollments
+    from whenthen.messaging.tables import messages
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "journeys"
+    env.publish((examples / "welcome-series.yaml").read_text())
+    env.identify("gone", email="gone@example.com")
+    env.track("gone", "Signed Up")
+    assert len(env.mail_to("gone@example.com")) == 1
+    pid = env.profile("gone").id
+    assert http.delete(f"/api/v1/profiles/{pid}").status_code == 200
+    with env.c.db.read() as conn:
+        for table in (enrollments, enrollment_journal, messages):
+            assert conn.execute(select(table).where(table.c.profile_id == pid)).all() == []
+    env.advance(days=5)
+    assert len(env.mail_to("gone@example.com")) == 1  # the series stopped with the erasure

@@ -1058,3 +1058,43 @@ def test_goal_converts_from_any_node_within_its_window_only(env: JourneyEnv) -> 
     assert only(env, "late")["status"] == "completed"
     assert subjects(env, "early@example.com") == ["Day one"]
     assert subjects(env, "later@example.com") == ["Day one"]
+
+
+def test_a_condition_counts_the_events_of_the_same_batch_including_the_trigger(env: JourneyEnv) -> None:
+    """Third view of a product within a day: a 'still interested?' email. The three views
+    arrive in one batch; each entry's condition must see the views before it and itself."""
+    env.publish(
+        {
+            "key": "interest",
+            "name": "Repeated interest",
+            "trigger": {"kind": "event", "event": "Product Viewed"},
+            "entry": {"frequency": "every_time"},
+            "start": "check",
+            "nodes": {
+                "check": {
+                    "kind": "condition",
+                    "branches": [
+                        {"when": {"did": "Product Viewed", "within": "1d", "min_count": 3}, "next": "nudge"}
+                    ],
+                    "else": None,
+                },
+                "nudge": {
+                    "kind": "send_email",
+                    "email": {"subject": "Still thinking about it?", "text": "."},
+                },
+            },
+        }
+    )
+    env.identify("vic", email="vic@example.com")
+    env.calls(
+        *(
+            {
+                "type": "track",
+                "userId": "vic",
+                "event": "Product Viewed",
+                "properties": {"sku": "tea", "n": n},
+            }
+            for n in range(3)
+        )
+    )
+    assert [m.subject for m in env.mail_to("vic@example.com")] == ["Still thinking about it?"]

@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 from whenthen import journeys, messaging, profiles
 from whenthen.api.auth import admin, container
 from whenthen.api.responses import JSONBody
-from whenthen.journeys.definition import DateTrigger
 from whenthen.kernel.errors import DomainError
 from whenthen.workspaces import Principal
 
@@ -143,11 +142,7 @@ async def publish(request: Request, principal: Admin, key: str, migrate: bool = 
     def run() -> dict[str, Any]:
         with c.db.write() as conn:
             now = c.clock.now()
-            result = journeys.publish(conn, principal.workspace_id, key, now=now, migrate=migrate)
-            d = journeys.definition_of(conn, result.id, result.active_version or 0)
-            if isinstance(d.trigger, DateTrigger):
-                messaging.enqueue_job(conn, principal.workspace_id, "backfill_dates", {"journey": key}, now)
-            return info_json(result)
+            return info_json(journeys.publish(conn, principal.workspace_id, key, now=now, migrate=migrate))
 
     return JSONBody(await run_in_threadpool(run))
 

@@ -359,8 +359,8 @@ class UpdateProfileNode(_Model):
     kind: Literal["update_profile"]
     set: dict[str, Any] = Field(default_factory=dict)
     unset: list[str] = Field(default_factory=list)
-    add_tags: list[str] = Field(default_factory=list)
-    remove_tags: list[str] = Field(default_factory=list)
+    add_tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list)
+    remove_tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list)
     next: str | None = None
 
 

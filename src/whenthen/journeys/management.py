@@ -19,8 +19,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from whenthen import messaging
 from whenthen.journeys import repository as repo
-from whenthen.journeys.definition import JourneyDefinition, parse_definition
+from whenthen.journeys.definition import DateTrigger, JourneyDefinition, parse_definition
 from whenthen.journeys.engine import advance
 from whenthen.journeys.model import Cancel
 from whenthen.kernel.errors import DomainError, NotFound
@@ -107,6 +108,9 @@ def publish(conn: Connection, ws: str, key: str, *, now: datetime, migrate: bool
     repo.update_journey(conn, row.id, active_version=latest.version, status=status, updated_at=now)
     if migrate and row.active_version is not None:
         _migrate(conn, row.id, definition, latest.version, now)
+    if isinstance(definition.trigger, DateTrigger):
+        # People who exist already get their date scheduled, a page at a time, behind us.
+        messaging.enqueue_job(conn, ws, "backfill_dates", {"journey": key}, now)
     return info(conn, ws, key)
 
 

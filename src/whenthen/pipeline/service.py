@@ -127,6 +127,10 @@ def process_events(
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
+        if active[ws]:
+            # Journeys' conditions count the person's events: this one (and the batch's
+            # earlier ones) must already be theirs.
+            tracking.attribute_event(conn, event.seq, applied.profile_id)
         journeys.on_event(
             conn,
             event,

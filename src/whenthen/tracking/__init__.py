@@ -48,6 +48,11 @@ def finish_events(
     _repo.mark(conn, dict.fromkeys(failed), _repo.FAILED)
 
 
+def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
+    """Say which profile an event belongs to before its batch ends."""
+    _repo.mark(conn, {seq: profile_id}, _repo.PENDING)
+
+
 def pending_partitions(conn: Connection) -> list[int]:
     return _repo.pending_partitions(conn)
 
@@ -76,6 +81,7 @@ __all__ = [
     "IngestResult",
     "Rejection",
     "StoredEvent",
+    "attribute_event",
     "count_pending",
     "delete_events_of_person",
     "events_for_profile",
