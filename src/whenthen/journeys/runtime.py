@@ -163,42 +163,32 @@ def _persist(
         "journey": {"key": journey.key, "name": journey.name},
     }
     for effect in transition.effects:
-        if isinstance(effect, SendEmail):
-            messaging.enqueue(
-                conn,
-                ws=ws,
-                channel="email",
-                message_id=message_id_for(effect.idempotency_key),
-                idempotency_key=effect.idempotency_key,
-                profile_id=profile_id,
-                journey_id=journey.id,
-                enrollment_id=state.enrollment_id,
-                node=effect.node,
-                payload={
+        if isinstance(effect, SendEmail | CallWebhook):
+            if isinstance(effect, SendEmail):
+                channel = "email"
+                payload: dict[str, Any] = {
                     "email": effect.email.model_dump(mode="json", by_alias=True),
                     "marketing": effect.marketing,
-                    "context": render_context,
-                },
-                now=now,
-            )
-        elif isinstance(effect, CallWebhook):
-            messaging.enqueue(
-                conn,
-                ws=ws,
-                channel="webhook",
-                message_id=message_id_for(effect.idempotency_key),
-                idempotency_key=effect.idempotency_key,
-                profile_id=profile_id,
-                journey_id=journey.id,
-                enrollment_id=state.enrollment_id,
-                node=effect.node,
-                payload={
+                }
+            else:
+                channel = "webhook"
+                payload = {
                     "url": effect.url,
                     "body": dict(effect.body) if effect.body is not None else None,
                     "headers": dict(effect.headers),
                     "map_response": dict(effect.map_response),
-                    "context": render_context,
-                },
+                }
+            messaging.enqueue(
+                conn,
+                ws=ws,
+                channel=channel,
+                message_id=message_id_for(effect.idempotency_key),
+                idempotency_key=effect.idempotency_key,
+                profile_id=profile_id,
+                journey_id=journey.id,
+                enrollment_id=state.enrollment_id,
+                node=effect.node,
+                payload={**payload, "context": render_context},
                 now=now,
             )
         elif isinstance(effect, UpdateProfile):
