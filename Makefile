@@ -22,13 +22,15 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+CODE := src tests $(wildcard bench)
+
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/lint-imports
 
 types: install
-	$(BIN)/mypy
+	$(BIN)/mypy $(CODE)
 
 ## What CI runs: lint, types, and the test suite with PostgreSQL required.
 ci: lint types

@@ -74,7 +74,8 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 output += line
             write_key = re.search(r"write key\s*:\s*(\S+)", output)
             admin_key = re.search(r"admin key\s*:\s*(\S+)", output)
-            assert write_key and admin_key, output
+            assert write_key, output
+            assert admin_key, output
             admin = {"Authorization": f"Bearer {admin_key.group(1)}"}
             with httpx.Client(base_url=base, timeout=10) as http:
                 eventually(lambda: _up(http))
