@@ -91,7 +91,7 @@ async def unsubscribe_page(request: Request, token: str) -> Response:
 @router.post("/u/{token}")
 async def unsubscribe(request: Request, token: str) -> Response:
     c = container(request)
-    form = (await request.body())[:1000].decode("utf-8", "replace")
+    form = (await _head(request, 1000)).decode("utf-8", "replace")
     source = "one-click" if "List-Unsubscribe=One-Click" in form else "unsubscribe page"
 
     def run() -> bool:
@@ -108,6 +108,16 @@ async def unsubscribe(request: Request, token: str) -> Response:
     return _page(
         "Unsubscribed", "<h1>You are unsubscribed.</h1><p>You will not receive these emails again.</p>"
     )
+
+
+async def _head(request: Request, limit: int) -> bytes:
+    """The first ``limit`` bytes of the body, without reading (and holding) the rest."""
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
 
 
 def _parts(c: Container) -> int:

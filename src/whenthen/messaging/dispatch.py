@@ -47,7 +47,15 @@ JobHandler = Callable[[Any], Outcome]
 
 
 def backoff(attempts: int, now: datetime) -> datetime:
+    """When to try again after attempt number ``attempts`` (1-based) failed: 15 s, 30 s,
+    1 min, ... at most an hour."""
     return now + timedelta(seconds=min(3600, 15 * 2 ** max(0, attempts - 1)))
+
+
+def attempt_of(job: Any) -> int:
+    """Which attempt this run is (1 for the first). ``claim`` returns the row as it was
+    before it counted the claim, so the stored count is the number of earlier runs."""
+    return int(job.attempts) + 1
 
 
 class Dispatcher:
@@ -101,6 +109,11 @@ def _profile(conn: Any, ws: str, profile_id: str) -> Profile | None:
 
 def render_context(profile: Profile, payload: Mapping[str, Any], message_id: str) -> dict[str, Any]:
     context = dict(payload.get("context") or {})
+    event = context.get("event")
+    if isinstance(event, dict) and "name" not in event and "event" in event:
+        # Templates are documented to see ``event.name`` (whenthen.templates.rendering);
+        # the journey stores the trigger's name as ``event``: offer both.
+        context["event"] = {**event, "name": event["event"]}
     context["traits"] = profile.traits
     context["profile"] = {
         "id": profile.id,
@@ -135,13 +148,15 @@ class EmailJob:
     def __call__(self, job: Any) -> Outcome:
         payload = job.payload
         mid = payload["message_id"]
+        attempt = attempt_of(job)
         with self.db.read() as conn:
             msg = service.message(conn, mid)
             if msg is None or msg.status not in ("queued", "retrying"):
                 return Outcome()  # erased, or already handled by an earlier run
             profile = _profile(conn, msg.workspace_id, msg.profile_id)
+            # The survivor's consent: the profile may have been merged since the message was queued.
             consent = (
-                profiles.consent_status(conn, msg.workspace_id, msg.profile_id, "email") if profile else None
+                profiles.consent_status(conn, msg.workspace_id, profile.id, "email") if profile else None
             )
         now = self.clock.now()
         if profile is None:
@@ -165,7 +180,7 @@ class EmailJob:
             html = render(template["html"], context, html=True) if template.get("html") else None
             text = render(template["text"], context) if template.get("text") else None
         except TemplateError as exc:
-            return self._record(mid, "failed", reason=f"template: {exc}", failed=True)
+            return self._record(mid, "failed", reason=f"template: {exc}", failed=True, attempts=attempt)
         built = build_email(
             a=a,
             sender=template.get("from") or self.settings.from_address,
@@ -175,6 +190,7 @@ class EmailJob:
             text=text,
             reply_to=template.get("reply_to"),
             marketing=bool(payload.get("marketing", True)),
+            now=now,
         )
         details: dict[str, Any] = {
             "recipient": profile.email,
@@ -185,18 +201,30 @@ class EmailJob:
         }
         if self.sender is None:
             return self._record(
-                mid, "captured", reason="no SMTP server configured: not delivered", sent_at=now, **details
+                mid,
+                "captured",
+                reason="no SMTP server configured: not delivered",
+                sent_at=now,
+                attempts=attempt,
+                **details,
             )
         delivery = self.sender.send(built.message)
         if delivery.accepted:
             return self._record(
-                mid, "sent", sent_at=self.clock.now(), response={"smtp": delivery.detail}, **details
+                mid,
+                "sent",
+                sent_at=self.clock.now(),
+                attempts=attempt,
+                response={"smtp": delivery.detail},
+                **details,
             )
-        if delivery.permanent or job.attempts >= self.settings.max_attempts:
-            return self._record(mid, "failed", reason=delivery.detail, failed=True, **details)
+        if delivery.permanent or attempt >= self.settings.max_attempts:
+            return self._record(
+                mid, "failed", reason=delivery.detail, failed=True, attempts=attempt, **details
+            )
         with self.db.write() as conn:
-            service.record(conn, mid, status="retrying", reason=delivery.detail, attempts=job.attempts)
-        return Outcome(done=False, retry_at=backoff(job.attempts, now), error=delivery.detail)
+            service.record(conn, mid, status="retrying", reason=delivery.detail, attempts=attempt)
+        return Outcome(done=False, retry_at=backoff(attempt, now), error=delivery.detail)
 
     def _record(
         self, mid: str, status: str, *, reason: str | None = None, failed: bool = False, **values: Any
@@ -248,6 +276,7 @@ class WebhookJob:
     def __call__(self, job: Any) -> Outcome:
         payload = job.payload
         mid = payload["message_id"]
+        attempt = attempt_of(job)
         with self.db.read() as conn:
             msg = service.message(conn, mid)
             if msg is None or msg.status not in ("queued", "retrying"):
@@ -264,7 +293,7 @@ class WebhookJob:
                 else {"profile": context["profile"], "traits": profile.traits, "event": context.get("event")}
             )
         except TemplateError as exc:
-            self._record(mid, "failed", reason=f"template: {exc}")
+            self._record(mid, "failed", reason=f"template: {exc}", attempts=attempt)
             return Outcome(done=False, error=str(exc))
         body = orjson.dumps(body_doc)
         timestamp = int(self.clock.now().timestamp())
@@ -290,22 +319,26 @@ class WebhookJob:
                     status="sent",
                     sent_at=now,
                     recipient=payload["url"],
-                    attempts=job.attempts,
+                    attempts=attempt,
+                    reason=None,
                     response={"status": result.status, "body": result.body},
                 )
                 if mapped:
                     profiles.update_traits(conn, msg.workspace_id, profile.id, set_=mapped, unset=(), now=now)
             return Outcome()
         error = result.error or f"HTTP {result.status}"
-        if result.retryable and job.attempts < self.settings.max_attempts:
+        if result.retryable and attempt < self.settings.max_attempts:
             with self.db.write() as conn:
-                service.record(conn, mid, status="retrying", reason=error, attempts=job.attempts)
-            return Outcome(done=False, retry_at=backoff(job.attempts, now), error=error)
+                service.record(
+                    conn, mid, status="retrying", reason=error, recipient=payload["url"], attempts=attempt
+                )
+            return Outcome(done=False, retry_at=backoff(attempt, now), error=error)
         self._record(
             mid,
             "failed",
             reason=error,
-            attempts=job.attempts,
+            recipient=payload["url"],
+            attempts=attempt,
             response={"status": result.status, "body": result.body},
         )
         return Outcome(done=False, error=error)

@@ -108,12 +108,15 @@ def click_target(conn: Connection, link: Link) -> str:
 
 
 def unsubscribe(conn: Connection, link: Link, *, now: datetime, partitions: int, source: str) -> bool:
+    """Record the unsubscribe (and its event, once); False when the person no longer exists."""
     try:
-        profiles.get_profile(conn, link.workspace_id, link.profile_id)
+        # The survivor, when the person was merged since the email went out: consent is
+        # read from the survivor, so it must be recorded there.
+        profile = profiles.get_profile(conn, link.workspace_id, link.profile_id)
     except NotFound:
         return False
     changed = profiles.set_consent(
-        conn, link.workspace_id, link.profile_id, "email", "unsubscribed", source=source, now=now
+        conn, link.workspace_id, profile.id, "email", "unsubscribed", source=source, now=now
     )
     if changed:
         record(

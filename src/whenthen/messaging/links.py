@@ -39,11 +39,11 @@ def verify(secret: bytes, token: str) -> dict[str, Any]:
     if not token or len(token) > 8192 or token.count(".") != 1:
         raise BadToken("malformed token")
     body, mac = token.split(".")
-    try:
-        expected = _mac(secret, body)
-    except UnicodeEncodeError:
-        raise BadToken("malformed token") from None
-    if not hmac.compare_digest(expected, mac):
+    if not (body.isascii() and mac.isascii()):
+        # hmac.compare_digest refuses non-ASCII str (TypeError): a forged token is a bad
+        # token, never a server error.
+        raise BadToken("malformed token")
+    if not hmac.compare_digest(_mac(secret, body).encode("ascii"), mac.encode("ascii")):
         raise BadToken("bad signature")
     try:
         payload = orjson.loads(_unb64(body))

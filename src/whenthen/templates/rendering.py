@@ -42,11 +42,16 @@ def _compile(source: str, html: bool) -> BoundTemplate:
 
 
 def check(source: str, *, html: bool = False) -> str | None:
-    """The first syntax error of a template, or ``None``."""
+    """The first syntax error of a template, or an unknown filter (which would only fail
+    when rendered), or ``None``."""
     try:
-        _compile(source, html)
+        template = _compile(source, html)
     except TemplateError as exc:
         return str(exc)
+    env = _HTML_ENV if html else _ENV
+    unknown = sorted(name for name in template.filter_names() if name not in env.filters)
+    if unknown:
+        return f"unknown filter {unknown[0]!r}"
     return None
 
 

@@ -1,11 +1,21 @@
-"""SMTP delivery with aiosmtplib (host, port, TLS, auth from settings)."""
+"""SMTP delivery with aiosmtplib (host, port, TLS, auth from settings).
+
+The message is serialised here, not by aiosmtplib: aiosmtplib folds headers at 78
+characters, and a header holding one long URL without spaces (``List-Unsubscribe``) can
+only be folded by turning it into an RFC 2047 encoded word, which is not allowed in that
+header and which mail providers do not decode: one-click unsubscribe would silently break.
+Lines may be up to 998 characters (RFC 5322), so such headers are sent as they are.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import email.policy
 from email.message import EmailMessage
 
 import aiosmtplib
+from aiosmtplib.email import extract_recipients, extract_sender
 
 from whenthen.messaging.ports import Delivery
 from whenthen.settings import EmailSettings
@@ -25,9 +35,16 @@ class SmtpSender:
         s = self.settings
         security = s.smtp_security.lower()
         try:
+            sender, recipients, data, utf8 = serialise(message)
+        except ValueError as exc:
+            return Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
+        try:
             errors, response = self._loop.run_until_complete(
                 aiosmtplib.send(
-                    message,
+                    data,
+                    sender=sender,
+                    recipients=recipients,
+                    mail_options=["SMTPUTF8"] if utf8 else None,
                     hostname=s.smtp_host,
                     port=s.smtp_port,
                     username=s.smtp_username,
@@ -38,11 +55,16 @@ class SmtpSender:
                 )
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            return Delivery(accepted=False, detail=f"recipient refused: {exc}", permanent=True)
+            # 4xx at RCPT (greylisting, mailbox busy) is temporary: only 5xx is final.
+            permanent = all(500 <= r.code < 600 for r in exc.recipients)
+            answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+            return Delivery(accepted=False, detail=f"recipient refused: {answers}", permanent=permanent)
         except aiosmtplib.SMTPResponseException as exc:
             return Delivery(
                 accepted=False, detail=f"{exc.code} {exc.message}", permanent=500 <= exc.code < 600
             )
+        except aiosmtplib.SMTPNotSupported as exc:  # e.g. SMTPUTF8 needed, not offered
+            return Delivery(accepted=False, detail=f"not supported by the server: {exc}", permanent=True)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return Delivery(accepted=False, detail=f"{type(exc).__name__}: {exc}")
         if errors:
@@ -51,3 +73,17 @@ class SmtpSender:
 
     def close(self) -> None:
         self._loop.close()
+
+
+def serialise(message: EmailMessage) -> tuple[str, list[str], bytes, bool]:
+    """Envelope sender, recipients, the bytes to send (Bcc removed, CRLF line ends, lines
+    up to 998 characters) and whether SMTPUTF8 is needed (non-ASCII addresses)."""
+    sender = extract_sender(message)
+    recipients = extract_recipients(message)
+    if not sender or not recipients:
+        raise ValueError("a message needs a From address and at least one recipient")
+    utf8 = not (sender + "".join(recipients)).isascii()
+    policy = (email.policy.SMTPUTF8 if utf8 else email.policy.SMTP).clone(max_line_length=998)
+    flat = copy.copy(message)
+    del flat["Bcc"]
+    return sender, recipients, flat.as_bytes(policy=policy), utf8
