@@ -494,15 +494,7 @@ def test_requeueing_the_same_idempotency_key_never_sends_twice(env: MailEnv) -> 
     assert env.message()["status"] == "sent"
 
 
-def test_requeueing_reports_the_duplicate_and_queues_no_job(
-    env: MailEnv, db_url: str, request: pytest.FixtureRequest
-) -> None:
-    if db_url.startswith("postgresql"):
-        # messaging.service._insert_message reads result.rowcount of an INSERT .. ON CONFLICT
-        # DO NOTHING, which SQLAlchemy 2.1 + psycopg report as -1 (rowcount is only kept for
-        # UPDATE/DELETE unless preserve_rowcount is set): every enqueue says "created" and
-        # queues a second outbox job. Two workers could then both send the message.
-        request.applymarker(pytest.mark.xfail(reason="enqueue() on PostgreSQL: rowcount is -1", strict=True))
+def test_requeueing_reports_the_duplicate_and_queues_no_job(env: MailEnv) -> None:
     env.publish(journey(DEFAULT_EMAIL))
     env.ann_saves_a_cart()
     msg = env.message()

@@ -15,10 +15,14 @@ from whenthen.messaging.tables import messages, outbox
 
 def _insert_message(conn: Connection, row: dict[str, Any]) -> bool:
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
     result = conn.execute(
-        dialect.insert(messages).values(**row).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        dialect.insert(messages)
+        .values(**row)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(messages.c.id)
     )
-    return bool(result.rowcount)
+    return result.first() is not None
 
 
 def enqueue(

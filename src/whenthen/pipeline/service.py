@@ -58,11 +58,15 @@ def claim(
             break
         row = rows.get(p)
         if row is None:
-            result = conn.execute(
+            inserted = conn.execute(
                 dialect.insert(pipeline_leases)
                 .values(partition=p, owner=owner, expires_at=expires)
                 .on_conflict_do_nothing(index_elements=["partition"])
-            )
+                .returning(pipeline_leases.c.partition)
+            ).first()
+            if inserted is not None:
+                owned.append(p)
+            continue
         elif row.owner == owner or row.expires_at <= now:
             result = conn.execute(
                 update(pipeline_leases)
