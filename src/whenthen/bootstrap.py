@@ -11,7 +11,7 @@ from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
 from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
-from whenthen.settings import Settings
+from whenthen.settings import Settings, webhook_signing_secret
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
 from whenthen.tracking.ratelimit import TokenBuckets
@@ -76,7 +76,9 @@ def build(
             "email": EmailJob(
                 db, clock, settings.email, public_url=settings.public_url, secret=secret, sender=email_sender
             ),
-            "webhook": WebhookJob(db, clock, settings.webhooks, secret=secret, caller=webhook_caller),
+            "webhook": WebhookJob(
+                db, clock, settings.webhooks, secret=webhook_signing_secret(settings), caller=webhook_caller
+            ),
             "signal": SignalJob(db, clock),
             "backfill_dates": BackfillDatesJob(db, clock),
         },

@@ -7,6 +7,8 @@ import time: call :func:`load_settings`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
@@ -64,6 +66,9 @@ class WebhookSettings(BaseModel):
     allow_private_addresses: bool = False
     timeout_seconds: float = 10.0
     max_attempts: int = 5
+    #: Signs webhook bodies. Unset: derived from ``secret_key`` (``whenthen config
+    #: webhook-secret`` prints it), so receivers never hold the master secret.
+    signing_secret: SecretStr | None = None
 
 
 class Settings(BaseSettings):
@@ -90,6 +95,14 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
 
 
+def webhook_signing_secret(settings: Settings) -> bytes:
+    """The key webhook receivers verify signatures with; never the master secret itself."""
+    if settings.webhooks.signing_secret is not None:
+        return settings.webhooks.signing_secret.get_secret_value().encode("utf-8")
+    master = settings.secret_key.get_secret_value().encode("utf-8")
+    return hmac.new(master, b"whenthen webhook signing", hashlib.sha256).hexdigest().encode("ascii")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, with explicit overrides winning."""
     return Settings(**overrides)
@@ -104,6 +117,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
     data["secret_key"] = REDACTED
     if settings.email.smtp_password is not None:
         data["email"]["smtp_password"] = REDACTED
+    if settings.webhooks.signing_secret is not None:
+        data["webhooks"]["signing_secret"] = REDACTED
     url = settings.database_url
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

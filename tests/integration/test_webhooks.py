@@ -28,7 +28,7 @@ from whenthen.api.app import create_app
 from whenthen.bootstrap import Container, build
 from whenthen.kernel.clock import ManualClock
 from whenthen.messaging.tables import messages, outbox
-from whenthen.settings import WebhookSettings
+from whenthen.settings import WebhookSettings, webhook_signing_secret
 
 #: The caller's timeout in the timeout tests (the endpoint sleeps longer); other tests
 #: use a roomy one so a slow machine cannot turn an answer into a timeout.
@@ -181,7 +181,7 @@ def test_body_headers_signature_and_liquid(env: HookEnv) -> None:
     assert seen.headers["x-whenthen-message-id"] == msg["id"]
     # Headers of the definition cannot forge the signature nor replace the idempotency key.
     assert seen.headers["idempotency-key"] != "mine"
-    assert verify(env.c.secret, seen) == int(env.clock.now().timestamp())
+    assert verify(webhook_signing_secret(env.c.settings), seen) == int(env.clock.now().timestamp())
     assert not hmac.compare_digest(
         parse_signature(seen.headers["x-whenthen-signature"])[1],
         hmac.new(b"another-secret", seen.body, hashlib.sha256).hexdigest(),
@@ -189,7 +189,7 @@ def test_body_headers_signature_and_liquid(env: HookEnv) -> None:
     # The body is signed: one changed byte no longer verifies.
     tampered = Seen(seen.method, seen.path, seen.headers, seen.body.replace(b"PRO", b"PRI"))
     with pytest.raises(AssertionError):
-        verify(env.c.secret, tampered)
+        verify(webhook_signing_secret(env.c.settings), tampered)
     assert msg["channel"] == "webhook"
     assert msg["status"] == "sent"
     assert msg["delivered"] is True
@@ -212,7 +212,7 @@ def test_default_body_describes_the_person_and_the_event(env: HookEnv) -> None:
     assert body["profile"]["email"] == "bob@example.com"
     assert body["traits"]["city"] == "Lyon"
     assert body["event"]["properties"] == {"plan": "free"}
-    verify(env.c.secret, seen)
+    verify(webhook_signing_secret(env.c.settings), seen)
 
 
 def test_retries_with_backoff_on_503_then_succeeds(env: HookEnv) -> None:
@@ -242,7 +242,7 @@ def test_retries_with_backoff_on_503_then_succeeds(env: HookEnv) -> None:
     keys = {s.headers["idempotency-key"] for s in (first, second, third)}
     assert len(keys) == 1
     assert keys.pop()
-    assert [verify(env.c.secret, s) for s in (first, second, third)] == [
+    assert [verify(webhook_signing_secret(env.c.settings), s) for s in (first, second, third)] == [
         int(started.timestamp()),
         int((started + timedelta(seconds=15)).timestamp()),
         int((started + timedelta(seconds=45)).timestamp()),
@@ -404,7 +404,10 @@ def test_a_huge_answer_is_cut_and_the_call_still_counts(env: HookEnv) -> None:
 
 
 def test_a_body_that_fails_to_render_fails_without_calling(env: HookEnv) -> None:
-    env.publish({"url": f"{env.hook.url}/hooks", "body": {"x": "{{ traits.a | no_such_filter }}"}})
+    # Parses (so the push accepts it) but breaks the loop limit when rendered.
+    env.publish(
+        {"url": f"{env.hook.url}/hooks", "body": {"x": "{% for i in (1..100000) %}{{ i }}{% endfor %}"}}
+    )
     env.sign_up("ann")
     env.advance(hours=1)
     assert env.hook.requests == []
@@ -412,6 +415,16 @@ def test_a_body_that_fails_to_render_fails_without_calling(env: HookEnv) -> None
     assert msg["status"] == "failed"
     assert msg["reason"].startswith("template:")
     assert env.open_jobs() == 0
+
+
+def test_a_body_with_a_template_error_is_refused_at_push(env: HookEnv) -> None:
+    from whenthen.journeys import InvalidDefinition
+
+    with pytest.raises(InvalidDefinition) as info:
+        env.publish({"url": f"{env.hook.url}/hooks", "body": {"x": "{{ traits.a | no_such_filter }}"}})
+    [problem] = info.value.problems
+    assert (problem.node, problem.field) == ("call", "body.x")
+    assert problem.reason == "template: unknown filter 'no_such_filter'"
 
 
 def test_private_addresses_are_refused_without_retry(db_url: str, clock: ManualClock) -> None:
@@ -466,3 +479,15 @@ def test_public_names_that_do_not_resolve_are_retried_not_refused(
         [msg] = env.messages()
         assert (msg["status"], msg["attempts"]) == ("retrying", 1)
         assert "private" not in msg["reason"]
+
+
+def test_webhooks_are_not_signed_with_the_master_secret() -> None:
+    from whenthen.settings import Settings
+
+    derived = Settings(secret_key="master").webhooks.signing_secret
+    assert derived is None
+    key = webhook_signing_secret(Settings(secret_key="master"))
+    assert b"master" not in key
+    assert key == webhook_signing_secret(Settings(secret_key="master"))  # stable across restarts
+    assert key != webhook_signing_secret(Settings(secret_key="other"))
+    assert webhook_signing_secret(Settings(webhooks={"signing_secret": "s3"})) == b"s3"

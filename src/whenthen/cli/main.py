@@ -21,7 +21,7 @@ from whenthen import journeys, workspaces
 from whenthen.bootstrap import Container, build
 from whenthen.journeys import InvalidDefinition, parse_definition
 from whenthen.kernel.errors import DomainError
-from whenthen.settings import load_settings, redacted
+from whenthen.settings import load_settings, redacted, webhook_signing_secret
 from whenthen.storage.migrate import current_revision, head_revision, upgrade
 from whenthen.workspaces import KeyKind
 
@@ -126,6 +126,12 @@ def migrate() -> None:
 def config_show() -> None:
     """Print the effective configuration, secrets redacted."""
     typer.echo(json.dumps(redacted(load_settings()), indent=2))
+
+
+@config_app.command("webhook-secret")
+def config_webhook_secret() -> None:
+    """Print the key webhook receivers use to verify X-Whenthen-Signature."""
+    typer.echo(webhook_signing_secret(load_settings()).decode("utf-8"))
 
 
 @workspace_app.command("create")

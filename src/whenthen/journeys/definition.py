@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from whenthen.journeys.durations import parse_duration
+from whenthen.templates import check as check_template
 
 NODE_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 KEY = r"^[a-z0-9][a-z0-9_-]{0,79}$"
@@ -463,6 +464,7 @@ def check_graph(d: JourneyDefinition) -> list[DefinitionProblem]:
                     problems.append(
                         DefinitionProblem(node=node_id, field="when", reason=f"no node named {ref!r}")
                     )
+    problems.extend(_template_problems(d))
     if problems:
         return problems
     reachable = _reachable(d)
@@ -479,6 +481,36 @@ def check_graph(d: JourneyDefinition) -> list[DefinitionProblem]:
             )
         )
     return problems
+
+
+def _template_problems(d: JourneyDefinition) -> list[DefinitionProblem]:
+    """Liquid syntax errors and unknown filters, found at push time rather than at send time."""
+    found: list[DefinitionProblem] = []
+
+    def check_one(node_id: str, field: str, source: str | None, *, html: bool = False) -> None:
+        if source:
+            error = check_template(source, html=html)
+            if error:
+                found.append(DefinitionProblem(node=node_id, field=field, reason=f"template: {error}"))
+
+    def check_values(node_id: str, field: str, value: Any) -> None:
+        if isinstance(value, str):
+            check_one(node_id, field, value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                check_values(node_id, f"{field}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                check_values(node_id, f"{field}[{i}]", v)
+
+    for node_id, node in d.nodes.items():
+        if isinstance(node, SendEmailNode):
+            check_one(node_id, "email.subject", node.email.subject)
+            check_one(node_id, "email.html", node.email.html, html=True)
+            check_one(node_id, "email.text", node.email.text)
+        elif isinstance(node, WebhookNode) and node.body is not None:
+            check_values(node_id, "body", node.body)
+    return found
 
 
 def _engagement_nodes(node: Any) -> list[str]:

@@ -101,6 +101,13 @@ class _Facts:
         )
 
 
+def _event_context(state: State) -> dict[str, Any]:
+    trigger = dict(state.context.get("trigger") or {})
+    if "event" in trigger:
+        trigger.setdefault("name", trigger["event"])  # as templates see it when sending
+    return trigger
+
+
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -214,7 +221,7 @@ class Simulator:
     def _subject(self, effect: SendEmail, person: _Person, state: State) -> str:
         context = {
             "traits": person.traits,
-            "event": state.context.get("trigger") or {},
+            "event": _event_context(state),
             "payload": state.context.get("payload") or {},
             "journey": {"key": self.d.key, "name": self.d.name},
         }

@@ -44,6 +44,8 @@ class Outcome:
 
 
 JobHandler = Callable[[Any], Outcome]
+#: Attempts after which a job whose handler keeps raising is failed for good.
+MAX_CRASHES = 8
 
 
 def backoff(attempts: int, now: datetime) -> datetime:
@@ -86,8 +88,12 @@ class Dispatcher:
                     outcome = handler(job)
             except Exception as exc:
                 log.exception("job %s (%s) failed", job.id, job.kind)
+                # A handler that keeps raising is a bug, not a busy provider: give up after a few.
+                gave_up = job.attempts + 1 >= MAX_CRASHES
                 outcome = Outcome(
-                    done=False, retry_at=backoff(job.attempts + 1, self.clock.now()), error=repr(exc)
+                    done=False,
+                    retry_at=None if gave_up else backoff(job.attempts + 1, self.clock.now()),
+                    error=f"{'gave up after repeated errors: ' if gave_up else ''}{exc!r}",
                 )
             with self.db.write() as conn:
                 now = self.clock.now()
