@@ -57,6 +57,8 @@ class EmailSettings(BaseModel):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_timeout_seconds: float = 10.0
+    #: A CA bundle (PEM) to verify the SMTP server's certificate with, e.g. a private CA.
+    smtp_ca_file: str | None = None
     from_address: str = "whenthen <noreply@localhost>"
     max_attempts: int = 5
 

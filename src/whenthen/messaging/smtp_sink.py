@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import ssl
 import threading
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,48 @@ class _Handler:
 class SmtpSink:
     """``with SmtpSink() as sink:`` listens on 127.0.0.1 and a free port (``sink.port``)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        starttls: ssl.SSLContext | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        """``starttls``/``implicit_tls``: serve TLS with this context (STARTTLS required, or
+        TLS from the first byte); ``credentials``: require AUTH with this user and password."""
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.refuse_with: str | None = None
-        self.controller = Controller(_Handler(self), hostname=host, port=port or _free_port(host))
+        self.credentials = credentials
+        options: dict[str, Any] = {}
+        if starttls is not None:
+            options.update(tls_context=starttls, require_starttls=True)
+        if implicit_tls is not None:
+            options.update(ssl_context=implicit_tls)
+        if credentials is not None:
+            # With implicit TLS aiosmtpd cannot tell the transport is encrypted (it is), and it
+            # warns on every connection if AUTH is required without TLS: there, AUTH is
+            # offered and checked but not enforced.
+            implicit = starttls is None
+            options.update(
+                authenticator=self._authenticate, auth_required=not implicit, auth_require_tls=not implicit
+            )
+        self.controller = Controller(
+            _Handler(self), hostname=host, port=port or _free_port(host), server_hostname=host, **options
+        )
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert self.credentials is not None
+        ok = (
+            isinstance(data, LoginPassword)
+            and data.login.decode() == self.credentials[0]
+            and data.password.decode() == self.credentials[1]
+        )
+        return AuthResult(success=ok, handled=False)
 
     @property
     def host(self) -> str:

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import email.policy
+from collections.abc import Coroutine
 from email.message import EmailMessage
+from typing import Any, TypeVar
 
 import aiosmtplib
 from aiosmtplib.email import extract_recipients, extract_sender
 
 from whenthen.messaging.ports import Delivery
 from whenthen.settings import EmailSettings
+
+T = TypeVar("T")
 
 
 class SmtpSender:
@@ -39,21 +43,7 @@ class SmtpSender:
         except ValueError as exc:
             return Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
         try:
-            errors, response = self._loop.run_until_complete(
-                aiosmtplib.send(
-                    data,
-                    sender=sender,
-                    recipients=recipients,
-                    mail_options=["SMTPUTF8"] if utf8 else None,
-                    hostname=s.smtp_host,
-                    port=s.smtp_port,
-                    username=s.smtp_username,
-                    password=s.smtp_password.get_secret_value() if s.smtp_password else None,
-                    use_tls=security == "tls",
-                    start_tls=security == "starttls",
-                    timeout=s.smtp_timeout_seconds,
-                )
-            )
+            errors, response = self._run(self._session(sender, recipients, data, utf8, security))
         except aiosmtplib.SMTPRecipientsRefused as exc:
             # 4xx at RCPT (greylisting, mailbox busy) is temporary: only 5xx is final.
             permanent = all(500 <= r.code < 600 for r in exc.recipients)
@@ -70,6 +60,36 @@ class SmtpSender:
         if errors:
             return Delivery(accepted=False, detail=f"refused: {errors}", permanent=True)
         return Delivery(accepted=True, detail=response)
+
+    def _run(self, session: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._loop.run_until_complete(session)
+        finally:
+            # Let the loop run the transport close callbacks a failed session scheduled
+            # (after STARTTLS the socket is only released on the next loop iterations).
+            self._loop.run_until_complete(asyncio.sleep(0.01))
+
+    async def _session(
+        self, sender: str, recipients: list[str], data: bytes, utf8: bool, security: str
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        """One SMTP session; the connection is closed whatever happens (``aiosmtplib.send``
+        leaves it open when AUTH fails)."""
+        s = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            use_tls=security == "tls",
+            start_tls=security == "starttls",
+            timeout=s.smtp_timeout_seconds,
+            cert_bundle=s.smtp_ca_file,
+        )
+        async with client:
+            if s.smtp_username:
+                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
+                await client.login(s.smtp_username, password)
+            return await client.sendmail(
+                sender, recipients, data, mail_options=["SMTPUTF8"] if utf8 else None
+            )
 
     def close(self) -> None:
         self._loop.close()
