@@ -7,7 +7,7 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 
 from whenthen.journeys.calendar import next_anniversary, next_local_time, trait_instant
-from whenthen.journeys.durations import parse_duration
+from whenthen.kernel.durations import parse_duration
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

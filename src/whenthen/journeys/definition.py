@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from whenthen.journeys.durations import parse_duration
+from whenthen.kernel.durations import parse_duration
 from whenthen.templates import check as check_template
 
 NODE_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"

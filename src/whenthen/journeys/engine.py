@@ -38,7 +38,6 @@ from whenthen.journeys.definition import (
     WaitForEventNode,
     WebhookNode,
 )
-from whenthen.journeys.durations import parse_duration
 from whenthen.journeys.matching import event_matches, event_value, holds, lookup_path
 from whenthen.journeys.model import (
     CallWebhook,
@@ -59,6 +58,7 @@ from whenthen.journeys.model import (
     Wake,
 )
 from whenthen.kernel.bucketing import stable_bucket
+from whenthen.kernel.durations import parse_duration
 
 MAX_STEPS = 100
 UNSUBSCRIBE_EVENTS = ("Email Unsubscribed", "Unsubscribed")

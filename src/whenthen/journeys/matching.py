@@ -18,8 +18,8 @@ from whenthen.journeys.definition import (
     Op,
     TraitCondition,
 )
-from whenthen.journeys.durations import parse_duration
 from whenthen.journeys.model import EventFacts, Facts
+from whenthen.kernel.durations import parse_duration
 
 _MISSING = object()
 _EVENT_ROOTS = ("properties", "context", "traits")

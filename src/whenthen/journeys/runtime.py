@@ -27,7 +27,6 @@ from whenthen.journeys.definition import (
     SignalTrigger,
     TraitChangeTrigger,
 )
-from whenthen.journeys.durations import parse_duration
 from whenthen.journeys.engine import advance, message_id_for, start
 from whenthen.journeys.management import definition_of
 from whenthen.journeys.matching import _MISSING, event_matches, holds, lookup_path, trait_holds
@@ -45,6 +44,7 @@ from whenthen.journeys.model import (
     UpdateProfile,
     Wake,
 )
+from whenthen.kernel.durations import parse_duration
 from whenthen.kernel.ids import new_secret
 from whenthen.tracking import StoredEvent
 

@@ -30,7 +30,6 @@ from whenthen.journeys.definition import (
     JourneyDefinition,
     TraitChangeTrigger,
 )
-from whenthen.journeys.durations import parse_duration
 from whenthen.journeys.engine import advance, message_id_for, start
 from whenthen.journeys.matching import _MISSING, event_matches, holds, lookup_path
 from whenthen.journeys.model import (
@@ -45,6 +44,7 @@ from whenthen.journeys.model import (
     UpdateProfile,
     Wake,
 )
+from whenthen.kernel.durations import parse_duration
 from whenthen.templates import TemplateError, render
 
 HORIZON = timedelta(days=30)
