@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from whenthen.imports.tasks import ListImportJob
 from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers
 from whenthen.kernel.clock import Clock, SystemClock
 from whenthen.messaging.adapters.smtp import SmtpSender
@@ -81,6 +82,7 @@ def build(
             ),
             "signal": SignalJob(db, clock),
             "backfill_dates": BackfillDatesJob(db, clock),
+            "list_import": ListImportJob(db, clock),
         },
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)

@@ -1,0 +1,1 @@
+"""CSV imports of existing people into static lists, in the background, with a report."""
