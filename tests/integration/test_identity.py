@@ -337,3 +337,31 @@ def test_workspaces_do_not_share_identities(container: Container) -> None:
     assert pa.id != pb.id
     assert pa.traits == {"ws": "a"}
     assert pb.traits == {"ws": "b"}
+
+
+def test_merge_moves_tags_lists_and_consent_and_an_unsubscribe_wins(container: Container) -> None:
+    from whenthen import lists
+
+    ws = make_workspace(container)
+    send(
+        container,
+        ws.id,
+        {"type": "identify", "userId": "u", "messageId": "1"},
+        {"type": "track", "anonymousId": "a", "event": "E", "messageId": "2"},
+    )
+    u = lookup(container, ws.id, user_id="u").id
+    a = lookup(container, ws.id, anonymous_id="a").id
+    now = container.clock.now()
+    with container.db.write() as conn:
+        profiles.add_tags(conn, ws.id, a, ["from-anon"], now)
+        profiles.add_tags(conn, ws.id, u, ["known"], now)
+        lists.add_member(conn, ws.id, "newsletter", a, source="test", now=now)
+        profiles.set_consent(conn, ws.id, u, "email", "subscribed", source="form", now=now)
+        profiles.set_consent(conn, ws.id, a, "email", "unsubscribed", source="link", now=now)
+    send(container, ws.id, {"type": "identify", "userId": "u", "anonymousId": "a", "messageId": "3"})
+    with container.db.read() as conn:
+        assert profiles.tags_of(conn, ws.id, u) == ["from-anon", "known"]
+        assert lists.lists_of(conn, ws.id, u) == ["newsletter"]
+        assert profiles.consent_status(conn, ws.id, u, "email") == "unsubscribed"
+        assert profiles.tags_of(conn, ws.id, a) == []
+        assert lists.lists_of(conn, ws.id, a) == []
