@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from whenthen.journeys.definition import Filter
 from whenthen.journeys.matching import event_matches
 from whenthen.journeys.model import EventFacts
+from whenthen.kernel.filters import Filter
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.filters import Filter, Op
 from whenthen.templates import check as check_template
 
 NODE_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
@@ -32,38 +33,6 @@ def _duration(value: str) -> str:
 
 
 Duration = Annotated[str, Field(description="'30m', '2h', '2d', '1w' or ISO 8601 such as 'PT1H'")]
-
-
-class Op(enum.StrEnum):
-    EQ = "eq"
-    NE = "ne"
-    GT = "gt"
-    GTE = "gte"
-    LT = "lt"
-    LTE = "lte"
-    IN = "in"
-    NOT_IN = "not_in"
-    CONTAINS = "contains"
-    STARTS_WITH = "starts_with"
-    EXISTS = "exists"
-    NOT_EXISTS = "not_exists"
-
-
-class Filter(_Model):
-    """A test on one value: a property of an event (``cart_id`` or ``properties.cart_id``,
-    ``context.page.url``) or a trait of the profile (``address.city``)."""
-
-    path: str = Field(min_length=1, max_length=200)
-    op: Op = Op.EQ
-    value: Any = None
-
-    @model_validator(mode="after")
-    def _value_fits_op(self) -> Filter:
-        if self.op in (Op.IN, Op.NOT_IN) and not isinstance(self.value, list):
-            raise ValueError(f"op {self.op.value} needs a list value")
-        if self.op not in (Op.EXISTS, Op.NOT_EXISTS) and self.value is None and self.op not in (Op.EQ, Op.NE):
-            raise ValueError(f"op {self.op.value} needs a value")
-        return self
 
 
 class EventMatch(_Model):

@@ -38,7 +38,7 @@ from whenthen.journeys.definition import (
     WaitForEventNode,
     WebhookNode,
 )
-from whenthen.journeys.matching import event_matches, event_value, holds, lookup_path
+from whenthen.journeys.matching import event_matches, event_value, holds
 from whenthen.journeys.model import (
     CallWebhook,
     Cancel,
@@ -59,6 +59,7 @@ from whenthen.journeys.model import (
 )
 from whenthen.kernel.bucketing import stable_bucket
 from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.filters import lookup_path
 
 MAX_STEPS = 100
 UNSUBSCRIBE_EVENTS = ("Email Unsubscribed", "Unsubscribed")

@@ -13,29 +13,12 @@ from whenthen.journeys.definition import (
     EngagementCondition,
     EventCondition,
     EventMatch,
-    Filter,
     NotCondition,
-    Op,
     TraitCondition,
 )
 from whenthen.journeys.model import EventFacts, Facts
 from whenthen.kernel.durations import parse_duration
-
-_MISSING = object()
-_EVENT_ROOTS = ("properties", "context", "traits")
-
-
-def lookup_path(doc: Mapping[str, Any], path: str) -> Any:
-    """Follow a dotted path; ``_MISSING`` when any step is absent."""
-    current: Any = doc
-    for part in path.split("."):
-        if isinstance(current, Mapping) and part in current:
-            current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
-            current = current[int(part)]
-        else:
-            return _MISSING
-    return current
+from whenthen.kernel.filters import Filter, compare, lookup_path
 
 
 def event_value(event: EventFacts, path: str) -> Any:
@@ -48,76 +31,6 @@ def event_value(event: EventFacts, path: str) -> Any:
     if path == "event":
         return event.name
     return lookup_path(event.properties, path)
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a == b:
-        return True
-    na, nb = _number(a), _number(b)
-    if na is not None and nb is not None and not isinstance(a, str) and not isinstance(b, str):
-        return na == nb
-    return isinstance(a, str) and isinstance(b, str) and a.casefold() == b.casefold()
-
-
-def compare(actual: Any, op: Op, expected: Any) -> bool:
-    """Apply one operator. Missing values only satisfy ``not_exists``, ``ne`` and ``not_in``.
-
-    Equality of strings ignores case; numbers compare as numbers; ordered comparisons of
-    ISO 8601 strings compare as strings (which orders dates correctly)."""
-    if op is Op.EXISTS:
-        return actual is not _MISSING and actual is not None
-    if op is Op.NOT_EXISTS:
-        return actual is _MISSING or actual is None
-    if actual is _MISSING:
-        return op in (Op.NE, Op.NOT_IN)
-    if op is Op.EQ:
-        return _same(actual, expected)
-    if op is Op.NE:
-        return not _same(actual, expected)
-    if op is Op.IN:
-        return any(_same(actual, e) for e in expected)
-    if op is Op.NOT_IN:
-        return not any(_same(actual, e) for e in expected)
-    if op is Op.CONTAINS:
-        if isinstance(actual, str) and isinstance(expected, str):
-            return expected.casefold() in actual.casefold()
-        if isinstance(actual, list):
-            return any(_same(a, expected) for a in actual)
-        return False
-    if op is Op.STARTS_WITH:
-        return (
-            isinstance(actual, str)
-            and isinstance(expected, str)
-            and actual.casefold().startswith(expected.casefold())
-        )
-    na, nb = _number(actual), _number(expected)
-    if na is not None and nb is not None:
-        a_cmp: Any = na
-        b_cmp: Any = nb
-    elif isinstance(actual, str) and isinstance(expected, str):
-        a_cmp, b_cmp = actual, expected
-    else:
-        return False
-    if op is Op.GT:
-        return bool(a_cmp > b_cmp)
-    if op is Op.GTE:
-        return bool(a_cmp >= b_cmp)
-    if op is Op.LT:
-        return bool(a_cmp < b_cmp)
-    return bool(a_cmp <= b_cmp)
 
 
 def event_matches(event: EventFacts, name: str, where: list[Filter] | tuple[Filter, ...]) -> bool:

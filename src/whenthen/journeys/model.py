@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from whenthen.journeys.definition import EmailTemplate, Filter
+from whenthen.journeys.definition import EmailTemplate
+from whenthen.kernel.filters import Filter
 
 
 class Status(enum.StrEnum):

@@ -21,7 +21,6 @@ from whenthen.journeys.calendar import next_anniversary, trait_instant
 from whenthen.journeys.definition import (
     DateTrigger,
     EventTrigger,
-    Filter,
     Frequency,
     JourneyDefinition,
     SignalTrigger,
@@ -29,7 +28,7 @@ from whenthen.journeys.definition import (
 )
 from whenthen.journeys.engine import advance, message_id_for, start
 from whenthen.journeys.management import definition_of
-from whenthen.journeys.matching import _MISSING, event_matches, holds, lookup_path, trait_holds
+from whenthen.journeys.matching import event_matches, holds, trait_holds
 from whenthen.journeys.model import (
     CallWebhook,
     ChangeList,
@@ -45,6 +44,8 @@ from whenthen.journeys.model import (
     Wake,
 )
 from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.filters import MISSING as _MISSING
+from whenthen.kernel.filters import Filter, lookup_path
 from whenthen.kernel.ids import new_secret
 from whenthen.tracking import StoredEvent
 

@@ -25,13 +25,12 @@ from whenthen.journeys.calendar import next_anniversary, trait_instant
 from whenthen.journeys.definition import (
     DateTrigger,
     EventTrigger,
-    Filter,
     Frequency,
     JourneyDefinition,
     TraitChangeTrigger,
 )
 from whenthen.journeys.engine import advance, message_id_for, start
-from whenthen.journeys.matching import _MISSING, event_matches, holds, lookup_path
+from whenthen.journeys.matching import event_matches, holds
 from whenthen.journeys.model import (
     CallWebhook,
     ChangeList,
@@ -45,6 +44,8 @@ from whenthen.journeys.model import (
     Wake,
 )
 from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.filters import MISSING as _MISSING
+from whenthen.kernel.filters import Filter, lookup_path
 from whenthen.templates import TemplateError, render
 
 HORIZON = timedelta(days=30)
