@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from whenthen import journeys, profiles
+from whenthen import journeys, profiles, scoring
 from whenthen.api.auth import admin, container
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
@@ -217,6 +217,7 @@ async def erase_profile(request: Request, principal: Admin, profile_id: str) -> 
             )
             # Journeys and messages of the person go in the same transaction.
             journeys.forget(conn, principal.workspace_id, list(done.profile_ids))
+            scoring.forget(conn, principal.workspace_id, list(done.profile_ids))
 
         return {
             "erased": True,

@@ -331,6 +331,9 @@ class UpdateProfileNode(_Model):
     unset: list[str] = Field(default_factory=list)
     add_tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list)
     remove_tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list)
+    stage: str | None = Field(
+        default=None, min_length=1, max_length=64, description="move to this lifecycle stage"
+    )
     next: str | None = None
 
 

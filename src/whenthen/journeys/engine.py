@@ -197,6 +197,7 @@ def _update_profile(run: _Run, node_id: str, node: UpdateProfileNode) -> Outcome
             unset=tuple(node.unset),
             add_tags=tuple(node.add_tags),
             remove_tags=tuple(node.remove_tags),
+            stage=node.stage,
         )
     )
     run.note("update_profile", node_id)

@@ -100,6 +100,7 @@ class UpdateProfile:
     unset: tuple[str, ...]
     add_tags: tuple[str, ...]
     remove_tags: tuple[str, ...]
+    stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

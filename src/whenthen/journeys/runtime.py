@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from whenthen import lists, messaging, profiles, tracking
+from whenthen import lists, messaging, profiles, scoring, tracking
 from whenthen.journeys import repository as repo
 from whenthen.journeys.calendar import next_anniversary, trait_instant
 from whenthen.journeys.definition import (
@@ -199,6 +199,10 @@ def _persist(
                 profiles.add_tags(conn, ws, profile_id, effect.add_tags, now)
             if effect.remove_tags:
                 profiles.remove_tags(conn, ws, profile_id, effect.remove_tags)
+            if effect.stage:
+                scoring.set_stage(
+                    conn, ws, profile_id, effect.stage, source=f"journey:{journey.key}", now=now
+                )
         elif isinstance(effect, ChangeList):
             if effect.add:
                 lists.add_member(

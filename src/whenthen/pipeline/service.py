@@ -9,6 +9,8 @@ one person are applied in order. See docs/adr/0002-event-log-pipeline.md.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from whenthen import journeys, profiles, tracking
+from whenthen import journeys, profiles, scoring, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.tracking import StoredEvent
 
@@ -98,17 +100,24 @@ def owns(conn: Connection, owner: str, partition: int, now: datetime) -> bool:
 
 
 def process_partition(
-    conn: Connection, partition: int, *, limit: int, secret: bytes, now: datetime
+    conn: Connection, partition: int, *, limit: int, secret: bytes, now: datetime, partitions: int
 ) -> BatchOutcome:
     """Apply up to ``limit`` pending events of one partition, in log order."""
-    return process_events(
-        conn, partition, tracking.pending_events(conn, partition, limit), secret=secret, now=now
-    )
+    events = tracking.pending_events(conn, partition, limit)
+    return process_events(conn, partition, events, secret=secret, now=now, partitions=partitions)
 
 
 def process_events(
-    conn: Connection, partition: int, events: list[StoredEvent], *, secret: bytes, now: datetime
+    conn: Connection,
+    partition: int,
+    events: list[StoredEvent],
+    *,
+    secret: bytes,
+    now: datetime,
+    partitions: int,
 ) -> BatchOutcome:
+    """Apply events in order. ``partitions`` is the log's partition count, for the events
+    this batch emits (score thresholds, stage moves)."""
     processed: dict[int, str | None] = {}
     suppressed: list[int] = []
     # Events are marked with their profile at the end of the batch; a merge later in the
@@ -117,11 +126,15 @@ def process_events(
     # Looked up once per batch and workspace rather than once per event.
     erasures: dict[str, bool] = {}
     active: dict[str, list[Any]] = {}
+    scoring_models: dict[str, list[scoring.ScoringModel]] = {}
+    lifecycle: dict[str, scoring.Lifecycle | None] = {}
     for event in events:
         ws = event.workspace_id
         if ws not in erasures:
             erasures[ws] = profiles.has_erasures(conn, ws)
             active[ws] = journeys.active_journeys(conn, ws)
+            scoring_models[ws] = scoring.models(conn, ws)
+            lifecycle[ws] = scoring.lifecycle_of(conn, ws)
         applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=erasures[ws])
         if applied.suppressed:
             suppressed.append(event.seq)
@@ -131,6 +144,18 @@ def process_events(
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
+            scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
+        if scoring_models[ws] or lifecycle[ws] is not None:
+            _score(
+                conn,
+                event,
+                applied.profile_id,
+                applied.traits_after,
+                now,
+                scoring_models[ws],
+                lifecycle[ws],
+                partitions,
+            )
         if active[ws]:
             # Journeys' conditions count the person's events: this one (and the batch's
             # earlier ones) must already be theirs.
@@ -148,6 +173,106 @@ def process_events(
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
     return BatchOutcome(partition=partition, processed=len(processed), suppressed=len(suppressed))
+
+
+def _score(
+    conn: Connection,
+    event: StoredEvent,
+    profile_id: str,
+    traits_after: Mapping[str, Any],
+    now: datetime,
+    models: list[scoring.ScoringModel],
+    lifecycle: scoring.Lifecycle | None,
+    partitions: int,
+) -> None:
+    """Scores and stage for this event; threshold crossings and stage moves become events
+    in the person's log, so journeys can trigger on them, in order, behind this batch."""
+    ws = event.workspace_id
+    scored = scoring.on_event(
+        conn,
+        ws,
+        profile_id,
+        event=event.event or event.type.value,
+        properties=event.payload.get("properties") or {},
+        traits_after=traits_after,
+        now=now,
+        workspace_models=models,
+        lifecycle=lifecycle,
+    )
+    for model_key, crossing in scored.crossings:
+        emit(
+            conn,
+            ws,
+            profile_id,
+            "Score Threshold Crossed",
+            {
+                "model": model_key,
+                "threshold": crossing.threshold,
+                "direction": crossing.direction,
+                "score": round(crossing.value, 6),
+            },
+            now=now,
+            cause=event.message_id,
+            partitions=partitions,
+        )
+    if scored.stage_change is not None:
+        before, after = scored.stage_change
+        emit(
+            conn,
+            ws,
+            profile_id,
+            "Lifecycle Stage Changed",
+            {"from": before, "to": after},
+            now=now,
+            cause=event.message_id,
+            partitions=partitions,
+        )
+
+
+def emit(
+    conn: Connection,
+    ws: str,
+    profile_id: str,
+    name: str,
+    properties: dict[str, Any],
+    *,
+    now: datetime,
+    cause: str,
+    partitions: int,
+) -> None:
+    """Append an event the system observed about a person to their log. Its message id is
+    derived from the cause, so reprocessing the cause cannot emit it twice."""
+    profile = profiles.get_profile(conn, ws, profile_id)
+    user_id = profile.user_ids[0] if profile.user_ids else None
+    anonymous_id = None if user_id else (profile.anonymous_ids[0] if profile.anonymous_ids else None)
+    if user_id is None and anonymous_id is None:
+        return
+    key = hashlib.sha256(f"{cause}\x1f{name}\x1f{sorted(properties.items())}".encode()).hexdigest()[:32]
+    message_id = f"wt-sys-{key}"
+    payload: dict[str, Any] = {
+        "type": "track",
+        "event": name,
+        "messageId": message_id,
+        "properties": properties,
+        "timestamp": now.isoformat(),
+        "receivedAt": now.isoformat(),
+        "context": {"library": {"name": "whenthen"}},
+    }
+    if user_id:
+        payload["userId"] = user_id
+    else:
+        payload["anonymousId"] = anonymous_id
+    tracking.emit(
+        conn,
+        ws,
+        message_id=message_id,
+        event=name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        payload=payload,
+        now=now,
+        partitions=partitions,
+    )
 
 
 def _follow(redirects: dict[str, str], profile_id: str | None) -> str | None:

@@ -52,3 +52,12 @@ stage_history = Table(
     Column("source", String(200), nullable=False),
     Index("ix_stage_history_profile", "workspace_id", "profile_id", "at"),
 )
+
+#: One lifecycle definition per workspace (ordered stages and the rules that move people).
+lifecycles = Table(
+    "lifecycles",
+    metadata,
+    Column("workspace_id", String(40), primary_key=True),
+    Column("definition", JsonDoc, nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -48,6 +49,36 @@ def finish_events(
     _repo.mark(conn, dict.fromkeys(failed), _repo.FAILED)
 
 
+def emit(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    message_id: str,
+    event: str,
+    user_id: str | None,
+    anonymous_id: str | None,
+    payload: dict[str, Any],
+    now: datetime,
+    partitions: int,
+) -> bool:
+    """Append an event the system produced (engagement, scores, stages) to the log, in
+    the person's partition, deduplicated on its message id like any call."""
+    from whenthen.tracking import service
+
+    accepted = AcceptedEvent(
+        message_id=message_id,
+        type=CallType.TRACK,
+        event=event,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        timestamp=now,
+        received_at=now,
+        payload=payload,
+    )
+    stored, _ = service.append(conn, workspace_id, [accepted], partitions=partitions)
+    return stored == 1
+
+
 def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
     """Say which profile an event belongs to before its batch ends."""
     _repo.mark(conn, {seq: profile_id}, _repo.PENDING)
@@ -84,6 +115,7 @@ __all__ = [
     "attribute_event",
     "count_pending",
     "delete_events_of_person",
+    "emit",
     "events_for_profile",
     "finish_events",
     "named_events",

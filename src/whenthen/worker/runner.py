@@ -84,7 +84,12 @@ class PipelineWorker:
                 if not pipeline.owns(conn, self.owner, partition, self.clock.now()):
                     return 0
                 outcome = pipeline.process_partition(
-                    conn, partition, limit=self.settings.batch_size, secret=self.secret, now=self.clock.now()
+                    conn,
+                    partition,
+                    limit=self.settings.batch_size,
+                    secret=self.secret,
+                    now=self.clock.now(),
+                    partitions=self.settings.partitions,
                 )
         except Exception as exc:
             log.warning("partition %s batch failed (%r); retrying event by event", partition, exc)
@@ -101,7 +106,12 @@ class PipelineWorker:
             try:
                 with self.db.write() as conn:
                     outcome = pipeline.process_events(
-                        conn, partition, [event], secret=self.secret, now=self.clock.now()
+                        conn,
+                        partition,
+                        [event],
+                        secret=self.secret,
+                        now=self.clock.now(),
+                        partitions=self.settings.partitions,
                     )
             except TRANSIENT as exc:
                 # A race with another worker (merge, identity claimed): next pass retries.

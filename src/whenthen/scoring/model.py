@@ -1,0 +1,248 @@
+"""Lead scoring and lifecycle stages: definitions and the pure rules. No I/O.
+
+* A scoring model has rules: an event (with filters) adds or removes points, optionally
+  capped per period (e.g. at most 20 points a day from page views); a trait condition
+  adds its points while it holds (given when it starts holding, taken back when it stops).
+* Decay is lazy: a score is stored as ``points`` at ``as_of`` and read as
+  ``points * 0.5 ** ((t - as_of) / half_life)``; no nightly rescan.
+* Thresholds: crossing one (up or down) when an event changes the score emits a
+  ``Score Threshold Crossed`` event. A crossing caused by decay alone is seen at the
+  person's next scored event (documented gap: no timer yet).
+* Lifecycle: ordered stages and rules that move people forward (an event, or a score
+  reaching a value); journeys and the API may set any stage. Every move is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.filters import Filter, Op, compare, lookup_path
+
+KEY = r"^[a-z0-9][a-z0-9_-]{0,79}$"
+EPOCH = datetime(2000, 1, 3, tzinfo=UTC)  # a Monday: weekly periods start on Mondays
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Cap(_M):
+    points: float = Field(gt=0)
+    period: str
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str) -> str:
+        if parse_duration(v) <= timedelta(0):
+            raise ValueError("period must be positive")
+        return v
+
+
+class ScoreRule(_M):
+    id: str = Field(pattern=KEY)
+    event: str | None = Field(default=None, max_length=255)
+    where: list[Filter] = Field(default_factory=list)
+    trait: str | None = Field(default=None, max_length=200)
+    op: Op = Op.EQ
+    value: Any = None
+    points: float
+    cap: Cap | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ScoreRule:
+        if (self.event is None) == (self.trait is None):
+            raise ValueError("a rule has exactly one of event, trait")
+        if self.trait is not None and (self.where or self.cap):
+            raise ValueError("where and cap go with event rules")
+        return self
+
+
+class Decay(_M):
+    half_life: str | None = None
+
+    @field_validator("half_life")
+    @classmethod
+    def _half_life(cls, v: str | None) -> str | None:
+        if v is not None and parse_duration(v) <= timedelta(0):
+            raise ValueError("half_life must be positive")
+        return v
+
+    @property
+    def period(self) -> timedelta | None:
+        return parse_duration(self.half_life) if self.half_life else None
+
+
+class ScoringModel(_M):
+    key: str = Field(pattern=KEY)
+    name: str = Field(min_length=1, max_length=200)
+    rules: list[ScoreRule] = Field(min_length=1, max_length=200)
+    decay: Decay = Field(default_factory=Decay)
+    thresholds: list[float] = Field(default_factory=list, max_length=20)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ScoringModel:
+        ids = [r.id for r in self.rules]
+        if len(set(ids)) != len(ids):
+            raise ValueError("rule ids must differ")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    points: float
+    as_of: datetime
+    #: rule id -> [period start ISO, points earned in that period]
+    periods: dict[str, list[Any]] = field(default_factory=dict)
+    #: trait rules whose points are currently given
+    awarded: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"periods": self.periods, "awarded": list(self.awarded)}
+
+    @staticmethod
+    def from_row(points: float, as_of: datetime, doc: Mapping[str, Any] | None) -> Score:
+        doc = doc or {}
+        return Score(float(points), as_of, dict(doc.get("periods") or {}), tuple(doc.get("awarded") or ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    threshold: float
+    direction: str  # up / down
+    value: float
+
+
+def value_at(score: Score, half_life: timedelta | None, t: datetime) -> float:
+    """The score at ``t``, decayed lazily from ``as_of``."""
+    if half_life is None or t <= score.as_of:
+        return score.points
+    return score.points * math.pow(0.5, (t - score.as_of) / half_life)
+
+
+def _period_start(now: datetime, period: timedelta) -> datetime:
+    n = math.floor((now - EPOCH) / period)
+    return EPOCH + n * period
+
+
+def _event_value(properties: Mapping[str, Any], path: str) -> Any:
+    return lookup_path(properties, path.removeprefix("properties."))
+
+
+def apply(
+    model: ScoringModel,
+    score: Score | None,
+    *,
+    event: str,
+    properties: Mapping[str, Any],
+    traits_after: Mapping[str, Any],
+    now: datetime,
+) -> tuple[Score | None, tuple[Crossing, ...]]:
+    """Score one event. Returns the new score (``None``: unchanged) and the crossings."""
+    half_life = model.decay.period
+    current = score or Score(0.0, now)
+    before = value_at(current, half_life, now)
+    delta = 0.0
+    periods = dict(current.periods)
+    awarded = set(current.awarded)
+    for rule in model.rules:
+        if rule.event is not None:
+            if rule.event != event or not all(
+                compare(_event_value(properties, f.path), f.op, f.value) for f in rule.where
+            ):
+                continue
+            points = rule.points
+            if rule.cap is not None:
+                start = _period_start(now, parse_duration(rule.cap.period)).isoformat()
+                seen_start, earned = periods.get(rule.id, [start, 0.0])
+                earned = earned if seen_start == start else 0.0
+                room = max(0.0, rule.cap.points - abs(earned))
+                points = math.copysign(min(abs(points), room), points)
+                periods[rule.id] = [start, earned + points]
+            delta += points
+        else:
+            assert rule.trait is not None
+            held_before = rule.id in awarded
+            holds_now = compare(lookup_path(traits_after, rule.trait), rule.op, rule.value)
+            if holds_now and not held_before:
+                delta += rule.points
+                awarded.add(rule.id)
+            elif held_before and not holds_now:
+                delta -= rule.points
+                awarded.discard(rule.id)
+    changed = delta != 0 or periods != current.periods or awarded != set(current.awarded)
+    if not changed:
+        return None, ()
+    after = before + delta
+    new = replace(current, points=after, as_of=now, periods=periods, awarded=tuple(sorted(awarded)))
+    crossings = tuple(
+        Crossing(t, "up" if after >= t else "down", after)
+        for t in sorted(model.thresholds)
+        if (before < t <= after) or (after < t <= before)
+    )
+    return new, crossings
+
+
+class StageRule(_M):
+    stage: str = Field(min_length=1, max_length=64)
+    event: str | None = Field(default=None, max_length=255)
+    where: list[Filter] = Field(default_factory=list)
+    score_model: str | None = Field(default=None, pattern=KEY)
+    score_at_least: float | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StageRule:
+        if (self.event is None) == (self.score_model is None):
+            raise ValueError("a stage rule has exactly one of event, score_model")
+        if self.score_model is not None and self.score_at_least is None:
+            raise ValueError("score_model needs score_at_least")
+        return self
+
+
+class Lifecycle(_M):
+    stages: list[str] = Field(min_length=1, max_length=30)
+    rules: list[StageRule] = Field(default_factory=list, max_length=200)
+
+    @model_validator(mode="after")
+    def _known(self) -> Lifecycle:
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError("stages must differ")
+        for r in self.rules:
+            if r.stage not in self.stages:
+                raise ValueError(f"rule moves to unknown stage {r.stage!r}")
+        return self
+
+
+def next_stage(
+    lifecycle: Lifecycle,
+    current: str | None,
+    *,
+    event: str,
+    properties: Mapping[str, Any],
+    scores: Mapping[str, float],
+) -> str | None:
+    """The stage rules move a person to (forward only), or ``None``."""
+    rank = {s: i for i, s in enumerate(lifecycle.stages)}
+    best: str | None = None
+    for rule in lifecycle.rules:
+        if rule.event is not None:
+            ok = rule.event == event and all(
+                compare(_event_value(properties, f.path), f.op, f.value) for f in rule.where
+            )
+        else:
+            assert rule.score_model is not None
+            assert rule.score_at_least is not None
+            ok = scores.get(rule.score_model, 0.0) >= rule.score_at_least
+        if not ok:
+            continue
+        if current is not None and current in rank and rank[rule.stage] <= rank[current]:
+            continue
+        if best is None or rank[rule.stage] > rank[best]:
+            best = rule.stage
+    return best

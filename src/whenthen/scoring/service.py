@@ -1,0 +1,284 @@
+"""Scores and stages: stored, applied to events in the pipeline's transaction. Never commits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from whenthen.kernel.errors import DomainError, NotFound
+from whenthen.scoring.model import Crossing, Lifecycle, Score, ScoringModel, apply, next_stage, value_at
+from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
+
+
+def _invalid(exc: ValidationError) -> DomainError:
+    problems = [{"field": ".".join(str(p) for p in e["loc"]), "reason": e["msg"]} for e in exc.errors()]
+    return DomainError("invalid_definition", "the definition is not valid", details={"problems": problems})
+
+
+# ---- models -------------------------------------------------------------------------------
+
+
+def save_model(conn: Connection, ws: str, data: Any, *, now: datetime) -> ScoringModel:
+    try:
+        model = ScoringModel.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    doc = model.model_dump(mode="json")
+    exists = conn.execute(
+        select(scoring_models.c.key).where(
+            scoring_models.c.workspace_id == ws, scoring_models.c.key == model.key
+        )
+    ).first()
+    if exists:
+        conn.execute(
+            update(scoring_models)
+            .where(scoring_models.c.workspace_id == ws, scoring_models.c.key == model.key)
+            .values(name=model.name, definition=doc, updated_at=now)
+        )
+    else:
+        conn.execute(
+            insert(scoring_models).values(
+                workspace_id=ws,
+                key=model.key,
+                name=model.name,
+                definition=doc,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return model
+
+
+def models(conn: Connection, ws: str) -> list[ScoringModel]:
+    rows = conn.execute(
+        select(scoring_models.c.definition)
+        .where(scoring_models.c.workspace_id == ws)
+        .order_by(scoring_models.c.key)
+    )
+    return [ScoringModel.model_validate(r[0]) for r in rows]
+
+
+def delete_model(conn: Connection, ws: str, key: str) -> None:
+    result = conn.execute(
+        delete(scoring_models).where(scoring_models.c.workspace_id == ws, scoring_models.c.key == key)
+    )
+    if not result.rowcount:
+        raise NotFound("scoring model")
+    conn.execute(
+        delete(profile_scores).where(profile_scores.c.workspace_id == ws, profile_scores.c.model_key == key)
+    )
+
+
+# ---- scores -------------------------------------------------------------------------------
+
+
+def _score(conn: Connection, ws: str, profile_id: str, key: str) -> Score | None:
+    row = conn.execute(
+        select(profile_scores).where(
+            profile_scores.c.workspace_id == ws,
+            profile_scores.c.profile_id == profile_id,
+            profile_scores.c.model_key == key,
+        )
+    ).first()
+    return Score.from_row(row.points, row.as_of, row.caps) if row else None
+
+
+def _store(conn: Connection, ws: str, profile_id: str, key: str, score: Score, existed: bool) -> None:
+    values = {"points": score.points, "as_of": score.as_of, "caps": score.to_json()}
+    if existed:
+        conn.execute(
+            update(profile_scores)
+            .where(
+                profile_scores.c.workspace_id == ws,
+                profile_scores.c.profile_id == profile_id,
+                profile_scores.c.model_key == key,
+            )
+            .values(**values)
+        )
+    else:
+        conn.execute(
+            insert(profile_scores).values(workspace_id=ws, profile_id=profile_id, model_key=key, **values)
+        )
+
+
+def scores_of(conn: Connection, ws: str, profile_id: str, now: datetime) -> dict[str, float]:
+    """Every model's score for the person, decayed to ``now``."""
+    out: dict[str, float] = {}
+    for model in models(conn, ws):
+        score = _score(conn, ws, profile_id, model.key)
+        out[model.key] = round(value_at(score, model.decay.period, now), 6) if score else 0.0
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    crossings: tuple[tuple[str, Crossing], ...]
+    stage_change: tuple[str | None, str] | None
+
+
+def on_event(
+    conn: Connection,
+    ws: str,
+    profile_id: str,
+    *,
+    event: str,
+    properties: Mapping[str, Any],
+    traits_after: Mapping[str, Any],
+    now: datetime,
+    workspace_models: list[ScoringModel],
+    lifecycle: Lifecycle | None,
+) -> Scored:
+    """Apply one event to the person's scores, then to their stage."""
+    crossings: list[tuple[str, Crossing]] = []
+    for model in workspace_models:
+        before = _score(conn, ws, profile_id, model.key)
+        new, crossed = apply(
+            model, before, event=event, properties=properties, traits_after=traits_after, now=now
+        )
+        if new is not None:
+            _store(conn, ws, profile_id, model.key, new, before is not None)
+        crossings.extend((model.key, c) for c in crossed)
+    change = None
+    if lifecycle is not None:
+        current = stage_of(conn, ws, profile_id)
+        scores = scores_of(conn, ws, profile_id, now) if any(r.score_model for r in lifecycle.rules) else {}
+        target = next_stage(lifecycle, current, event=event, properties=properties, scores=scores)
+        if target is not None:
+            set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
+            change = (current, target)
+    return Scored(tuple(crossings), change)
+
+
+# ---- stages -------------------------------------------------------------------------------
+
+
+def save_lifecycle(conn: Connection, ws: str, data: Any, *, now: datetime) -> Lifecycle:
+    try:
+        lifecycle = Lifecycle.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    doc = lifecycle.model_dump(mode="json")
+    if conn.execute(select(lifecycles.c.workspace_id).where(lifecycles.c.workspace_id == ws)).first():
+        conn.execute(
+            update(lifecycles).where(lifecycles.c.workspace_id == ws).values(definition=doc, updated_at=now)
+        )
+    else:
+        conn.execute(insert(lifecycles).values(workspace_id=ws, definition=doc, updated_at=now))
+    return lifecycle
+
+
+def lifecycle_of(conn: Connection, ws: str) -> Lifecycle | None:
+    row = conn.execute(select(lifecycles.c.definition).where(lifecycles.c.workspace_id == ws)).first()
+    return Lifecycle.model_validate(row[0]) if row else None
+
+
+def stage_of(conn: Connection, ws: str, profile_id: str) -> str | None:
+    row = conn.execute(
+        select(profile_stages.c.stage).where(
+            profile_stages.c.workspace_id == ws, profile_stages.c.profile_id == profile_id
+        )
+    ).first()
+    return str(row[0]) if row else None
+
+
+def set_stage(conn: Connection, ws: str, profile_id: str, stage: str, *, source: str, now: datetime) -> bool:
+    """Move the person to ``stage`` (any direction); recorded in the history."""
+    current = stage_of(conn, ws, profile_id)
+    if current == stage:
+        return False
+    if current is None:
+        conn.execute(
+            insert(profile_stages).values(workspace_id=ws, profile_id=profile_id, stage=stage, since=now)
+        )
+    else:
+        conn.execute(
+            update(profile_stages)
+            .where(profile_stages.c.workspace_id == ws, profile_stages.c.profile_id == profile_id)
+            .values(stage=stage, since=now)
+        )
+    conn.execute(
+        insert(stage_history).values(
+            workspace_id=ws, profile_id=profile_id, from_stage=current, to_stage=stage, at=now, source=source
+        )
+    )
+    return True
+
+
+def stage_history_of(conn: Connection, ws: str, profile_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(stage_history)
+        .where(stage_history.c.workspace_id == ws, stage_history.c.profile_id == profile_id)
+        .order_by(stage_history.c.at, stage_history.c.id)
+    )
+    return [{"from": r.from_stage, "to": r.to_stage, "at": r.at, "source": r.source} for r in rows]
+
+
+def funnel(conn: Connection, ws: str) -> dict[str, Any]:
+    """People per stage now, and how many ever reached each stage."""
+    now_counts: dict[str, int] = dict(
+        conn.execute(
+            select(profile_stages.c.stage, func.count())
+            .where(profile_stages.c.workspace_id == ws)
+            .group_by(profile_stages.c.stage)
+        ).all()
+    )
+    reached: dict[str, int] = dict(
+        conn.execute(
+            select(stage_history.c.to_stage, func.count(func.distinct(stage_history.c.profile_id)))
+            .where(stage_history.c.workspace_id == ws)
+            .group_by(stage_history.c.to_stage)
+        ).all()
+    )
+    lifecycle = lifecycle_of(conn, ws)
+    order = lifecycle.stages if lifecycle else sorted(set(now_counts) | set(reached))
+    return {
+        "stages": [
+            {"stage": s, "now": int(now_counts.get(s, 0)), "ever_reached": int(reached.get(s, 0))}
+            for s in order
+        ]
+    }
+
+
+def move_to(conn: Connection, ws: str, from_id: str, into_id: str, now: datetime) -> None:
+    """On a merge: scores add up (each decayed to now), the survivor keeps the later stage."""
+    for model in models(conn, ws):
+        theirs = _score(conn, ws, from_id, model.key)
+        if theirs is None:
+            continue
+        mine = _score(conn, ws, into_id, model.key)
+        total = value_at(theirs, model.decay.period, now) + (
+            value_at(mine, model.decay.period, now) if mine else 0
+        )
+        merged = Score(total, now, dict(mine.periods) if mine else {}, mine.awarded if mine else ())
+        _store(conn, ws, into_id, model.key, merged, mine is not None)
+    lifecycle = lifecycle_of(conn, ws)
+    theirs_stage = stage_of(conn, ws, from_id)
+    if theirs_stage is not None:
+        mine_stage = stage_of(conn, ws, into_id)
+        rank = {s: i for i, s in enumerate(lifecycle.stages)} if lifecycle else {}
+        if mine_stage is None or rank.get(theirs_stage, -1) > rank.get(mine_stage, -1):
+            set_stage(conn, ws, into_id, theirs_stage, source="merge", now=now)
+    forget(conn, ws, [from_id])
+
+
+def forget(conn: Connection, ws: str, profile_ids: list[str]) -> None:
+    conn.execute(
+        delete(profile_scores).where(
+            profile_scores.c.workspace_id == ws, profile_scores.c.profile_id.in_(profile_ids)
+        )
+    )
+    conn.execute(
+        delete(profile_stages).where(
+            profile_stages.c.workspace_id == ws, profile_stages.c.profile_id.in_(profile_ids)
+        )
+    )
+    conn.execute(
+        delete(stage_history).where(
+            stage_history.c.workspace_id == ws, stage_history.c.profile_id.in_(profile_ids)
+        )
+    )

@@ -1,0 +1,152 @@
+"""Lead scoring and lifecycle stages through the pipeline, and a journey that hands a lead
+to sales when a score threshold is crossed, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support.journey_env import JourneyEnv
+from whenthen import profiles, scoring
+from whenthen.api.app import create_app
+
+MODEL = {
+    "key": "interest",
+    "name": "Product interest",
+    "rules": [
+        {"id": "view", "event": "Product Viewed", "points": 10, "cap": {"points": 30, "period": "1d"}},
+        {"id": "demo", "event": "Demo Requested", "points": 20},
+        {"id": "director", "trait": "title", "op": "contains", "value": "director", "points": 15},
+    ],
+    "decay": {"half_life": "7d"},
+    "thresholds": [50],
+}
+LIFECYCLE = {
+    "stages": ["subscriber", "lead", "mql", "sql", "customer"],
+    "rules": [
+        {"stage": "lead", "event": "Form Submitted"},
+        {"stage": "mql", "score_model": "interest", "score_at_least": 50},
+        {"stage": "customer", "event": "Order Completed"},
+    ],
+}
+HANDOFF = {
+    "key": "sales-handoff",
+    "name": "Hand hot leads to sales",
+    "trigger": {
+        "kind": "event",
+        "event": "Score Threshold Crossed",
+        "where": [{"path": "model", "value": "interest"}, {"path": "direction", "value": "up"}],
+    },
+    "start": "mark",
+    "nodes": {
+        "mark": {"kind": "update_profile", "add_tags": ["sales-ready"], "stage": "sql", "next": "tell"},
+        "tell": {
+            "kind": "send_email",
+            "email": {"subject": "Let's talk, {{ traits.first_name }}", "text": "."},
+        },
+    },
+}
+
+
+@pytest.fixture
+def http(env: JourneyEnv) -> Iterator[TestClient]:
+    with TestClient(create_app(env.c, run_worker=False), headers=env.ws.admin_headers) as client:
+        yield client
+
+
+def test_a_hot_lead_is_scored_staged_and_handed_to_sales(env: JourneyEnv, http: TestClient) -> None:
+    assert http.put("/api/v1/scoring/models/interest", json=MODEL).status_code == 200
+    assert http.put("/api/v1/lifecycle", json=LIFECYCLE).status_code == 200
+    env.publish(HANDOFF)
+    env.identify("lea", email="lea@example.com", first_name="Lea", title="Sales Director")
+    env.track("lea", "Form Submitted", form="whitepaper")
+    pid = env.profile("lea").id
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json() == {"scores": {"interest": 15.0}}
+    for n in range(4):  # only three count today: the cap is 30 a day
+        env.track("lea", "Product Viewed", sku=f"p{n}")
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["interest"] == pytest.approx(45)
+    assert env.mail_to("lea@example.com") == []
+    env.track("lea", "Demo Requested")  # 65: crosses 50
+    body = http.get(f"/api/v1/profiles/{pid}/stage").json()
+    assert body["stage"] == "sql"
+    assert [(h["from"], h["to"], h["source"]) for h in body["history"]] == [
+        (None, "lead", "rule:Form Submitted"),
+        ("lead", "mql", "rule:Demo Requested"),
+        ("mql", "sql", "journey:sales-handoff"),
+    ]
+    assert [m.subject for m in env.mail_to("lea@example.com")] == ["Let's talk, Lea"]
+    with env.c.db.read() as conn:
+        assert profiles.tags_of(conn, env.ws.id, pid) == ["sales-ready"]
+    events = http.get(f"/api/v1/profiles/{pid}/events").json()["data"]
+    crossed = [e for e in events if e["event"] == "Score Threshold Crossed"]
+    assert [c["payload"]["properties"]["direction"] for c in crossed] == ["up"]
+    assert crossed[0]["payload"]["properties"]["score"] == pytest.approx(65)
+    assert any(e["event"] == "Lifecycle Stage Changed" for e in events)
+    funnel = {s["stage"]: s for s in http.get("/api/v1/lifecycle/funnel").json()["stages"]}
+    assert (funnel["sql"]["now"], funnel["lead"]["ever_reached"], funnel["customer"]["ever_reached"]) == (
+        1,
+        1,
+        0,
+    )
+    # A week later the score has halved, lazily.
+    env.advance(days=7)
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["interest"] == pytest.approx(32.5)
+
+
+def test_scores_add_up_on_merge_and_go_with_erasure(env: JourneyEnv, http: TestClient) -> None:
+    http.put("/api/v1/scoring/models/interest", json=MODEL)
+    env.calls(
+        {"type": "track", "anonymousId": "anon", "event": "Demo Requested"},
+        {"type": "track", "userId": "kim", "event": "Product Viewed"},
+    )
+    env.calls({"type": "identify", "userId": "kim", "anonymousId": "anon"})
+    pid = env.profile("kim").id
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["interest"] == pytest.approx(30)
+    assert http.post(f"/api/v1/profiles/{pid}/stage", json={"stage": "customer"}).json()["changed"] is True
+    assert http.delete(f"/api/v1/profiles/{pid}").status_code == 200
+    with env.c.db.read() as conn:
+        assert scoring.stage_of(conn, env.ws.id, pid) is None
+        assert scoring.stage_history_of(conn, env.ws.id, pid) == []
+
+
+def test_bad_definitions_are_clear_errors(env: JourneyEnv, http: TestClient) -> None:
+    r = http.put("/api/v1/scoring/models/interest", json={**MODEL, "rules": [{"id": "x", "points": 1}]})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_definition")
+    r = http.put("/api/v1/scoring/models/other", json=MODEL)
+    assert r.status_code == 400
+    r = http.put("/api/v1/lifecycle", content=b"{nope")
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
+    http.put("/api/v1/lifecycle", json=LIFECYCLE)
+    env.identify("x")
+    r = http.post(f"/api/v1/profiles/{env.profile('x').id}/stage", json={"stage": "vip"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "unknown_stage")
+    assert http.delete("/api/v1/scoring/models/nope").status_code == 404
+
+
+def test_emitted_events_are_not_duplicated_when_a_batch_is_replayed(env: JourneyEnv) -> None:
+    """The threshold event's message id derives from its cause: processing the cause again
+    (a retried batch) cannot append it twice."""
+    from whenthen.pipeline.service import emit
+
+    env.identify("z")
+    pid = env.profile("z").id
+    with env.c.db.write() as conn:
+        for _ in range(2):
+            emit(
+                conn,
+                env.ws.id,
+                pid,
+                "Score Threshold Crossed",
+                {"model": "m", "threshold": 1},
+                now=env.clock.now(),
+                cause="c1",
+                partitions=64,
+            )
+    env.c.worker.drain()
+    with env.c.db.read() as conn:
+        _, events = profiles.events_of(conn, env.ws.id, pid, after=None, limit=10)
+    assert [e.event for e in events].count("Score Threshold Crossed") == 1
+    assert env.clock.now() - events[-1].timestamp < timedelta(seconds=1)
