@@ -35,7 +35,10 @@ MODEL = ScoringModel.model_validate(
 )
 
 
-def run(events: list[tuple[datetime, str, dict[str, Any], dict[str, Any]]]) -> tuple[Score | None, list[Any]]:
+Event = tuple[datetime, str, dict[str, Any], dict[str, Any]]
+
+
+def run(events: list[Event]) -> tuple[Score | None, list[Any]]:
     score: Score | None = None
     crossings: list[Any] = []
     profile: dict[str, Any] = {}
@@ -48,7 +51,7 @@ def run(events: list[tuple[datetime, str, dict[str, Any], dict[str, Any]]]) -> t
 
 
 def test_event_rules_filters_and_caps_per_period() -> None:
-    views = [(T0 + timedelta(minutes=i), "Product Viewed", {}, {}) for i in range(5)]
+    views: list[Event] = [(T0 + timedelta(minutes=i), "Product Viewed", {}, {}) for i in range(5)]
     score, _ = run(views)
     assert score is not None
     assert score.points == pytest.approx(15, abs=0.01)  # capped at 15 a day (a few minutes of decay)
@@ -111,7 +114,9 @@ def test_thresholds_up_and_down() -> None:
     )
 )
 def test_decayed_score_never_goes_negative_without_negative_rules(steps: list[tuple[int, str]]) -> None:
-    events = sorted((T0 + timedelta(hours=h), name, {"path": "/pricing"}, {}) for h, name in steps)
+    events: list[Event] = sorted(
+        ((T0 + timedelta(hours=h), name, {"path": "/pricing"}, {}) for h, name in steps), key=lambda e: e[0]
+    )
     score, _ = run(events)
     if score is not None:
         assert score.points >= 0
