@@ -12,6 +12,7 @@ from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
 from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
+from whenthen.segments.compiler import install_sqlite_functions
 from whenthen.settings import Settings, webhook_signing_secret
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
@@ -55,6 +56,7 @@ def build(
     settings choose (tests and demos use this, never patching)."""
     clock = clock or SystemClock()
     db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    install_sqlite_functions(db.engine)  # segments need power() on SQLite builds without math
     if migrate:
         upgrade(db)
     secret = settings.secret_key.get_secret_value().encode("utf-8")

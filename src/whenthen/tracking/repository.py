@@ -13,21 +13,21 @@ from whenthen.tracking.tables import events
 PENDING, PROCESSED, FAILED = 0, 1, 3
 
 
-def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert rows, skipping (workspace, messageId) pairs already stored.
+def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows, skipping (workspace, messageId) pairs already stored; returns how many
+    were inserted.
 
-    Returns the message ids actually inserted.
+    An executemany without RETURNING: with RETURNING, SQLAlchemy renders one huge
+    multi-row statement per batch, which halves the insert rate on PostgreSQL. The row
+    count is kept explicitly (``preserve_rowcount``), since drivers otherwise report -1
+    for ``INSERT .. ON CONFLICT DO NOTHING`` executemany.
     """
     if not rows:
-        return set()
+        return 0
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = (
-        dialect.insert(events)
-        .on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
-        .returning(events.c.message_id)
-    )
-    result = conn.execute(stmt, list(rows))
-    return {r[0] for r in result}
+    stmt = dialect.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
+    result = conn.execute(stmt, list(rows), execution_options={"preserve_rowcount": True})
+    return int(result.rowcount)
 
 
 def pending(conn: Connection, partition: int, limit: int) -> list[Any]:

@@ -189,7 +189,7 @@ def append(
         for ev in accepted
     ]
     inserted = repository.append(conn, rows)
-    return len(inserted), len(rows) - len(inserted)
+    return inserted, len(rows) - inserted
 
 
 def _routing_key(ev: AcceptedEvent) -> str:

@@ -1,0 +1,475 @@
+"""Evaluating a segment definition for one profile, and when its result may next change
+by the passage of time alone. Pure: no database, no clock (``now`` is an argument).
+
+:mod:`whenthen.segments.compiler` computes the same thing in SQL for a whole workspace;
+the two are held together by ``tests/integration/test_segment_compiler.py``. The rules
+they share are listed in ``docs/design/segments.md``; in short:
+
+* a missing trait and a JSON ``null`` are the same: no value. Only ``not_exists``,
+  ``ne`` and ``not_in`` hold for no value (``ne``/``not_in`` are exactly ``not eq``/``not in``);
+* values are typed: numbers equal numbers (``1 == 1.0``), strings equal strings ignoring
+  ASCII case, booleans equal booleans; ``"1"``, ``1`` and ``true`` are all different;
+* ``gt``/``gte``/``lt``/``lte`` need a JSON number (compared as IEEE doubles);
+  ``before``/``after``/``within_last``/``within_next``/``older_than`` need a string in the
+  accepted instant shape (:func:`whenthen.segments.definition.instant_us`);
+* ``within_last d`` is ``[now - d, now]`` inclusive at both ends, ``within_next d`` is
+  ``[now, now + d]``, ``older_than d`` is ``< now - d``; event windows ``from`` .. ``to``
+  are ``[from, to)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from whenthen.kernel.durations import parse_duration
+from whenthen.segments.definition import (
+    NUMERIC_OPS,
+    AndCondition,
+    Condition,
+    EngagementCondition,
+    EventCondition,
+    EventSpec,
+    Filter,
+    ListCondition,
+    NotCondition,
+    Op,
+    OrCondition,
+    PerformedTimeCondition,
+    ScoreCondition,
+    SegmentDefinition,
+    SequenceCondition,
+    StageCondition,
+    TagCondition,
+    TraitCondition,
+    from_us,
+    instant_us,
+    to_us,
+    walk,
+)
+
+#: After this many half-lives a decayed score is exactly 0 (PostgreSQL refuses to
+#: underflow a float to zero, so the SQL needs the cut-off; the evaluator shares it).
+MAX_HALF_LIVES = 1000.0
+
+#: ``next_change`` evaluates the definition at most this many times; past that it answers
+#: the next instant it has not examined (earlier than the true change: conservative).
+MAX_PROBES = 256
+
+_MISSING: Any = object()
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_ONE_US = 1
+
+
+class ViewEvent(NamedTuple):
+    """One tracked event of the profile: its name, its ``properties`` and its timestamp."""
+
+    name: str
+    properties: Mapping[str, Any]
+    timestamp: datetime
+
+
+EventTuple = tuple[str, Mapping[str, Any], datetime]
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """Everything a segment can look at for one profile.
+
+    * ``traits``: the profile's traits (decoded JSON);
+    * ``events``: its track events as ``(name, properties, timestamp)`` (aware datetimes),
+      in any order; engagement is recorded as ``Email Opened`` / ``Email Link Clicked``
+      events with ``message_id``, ``journey_id``, ``node`` and (clicks) ``url`` properties;
+    * ``lists``: keys of the static lists it belongs to; ``tags``: its tags;
+    * ``scores``: model key -> (points, as_of); ``half_lives``: model key -> the model's
+      half-life (``None`` or absent: no decay). The score at ``t`` is
+      ``points * 0.5 ** ((t - as_of) / half_life)``, with ``t - as_of`` taken as 0 when
+      ``as_of`` is later than ``t`` and the score 0 after :data:`MAX_HALF_LIVES`;
+      a model without a score counts as 0 points;
+    * ``stage``: its lifecycle stage, if any.
+    """
+
+    traits: Mapping[str, Any] = field(default_factory=dict)
+    events: Sequence[EventTuple] = ()
+    lists: AbstractSet[str] = frozenset()
+    tags: AbstractSet[str] = frozenset()
+    scores: Mapping[str, tuple[float, datetime]] = field(default_factory=dict)
+    half_lives: Mapping[str, timedelta | None] = field(default_factory=dict)
+    stage: str | None = None
+
+
+# ---- values -------------------------------------------------------------------------
+
+
+def lookup(doc: Mapping[str, Any], path: str) -> Any:
+    """Follow dotted object keys; ``_MISSING`` when a step is absent or not an object."""
+    current: Any = doc
+    for part in path.split("."):
+        if isinstance(current, Mapping) and part in current:
+            current = current[part]
+        else:
+            return _MISSING
+    return current
+
+
+def fold(text: str) -> str:
+    """Lower-case ASCII letters only (what SQLite's ``lower()`` does everywhere)."""
+    return text.translate(_ASCII_LOWER)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _as_float(v: Any) -> float | None:
+    if not _is_number(v):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
+def equals(actual: Any, expected: Any) -> bool:
+    """Typed equality: bool with bool, number with number, string with string (ASCII case ignored)."""
+    if isinstance(expected, bool):
+        return isinstance(actual, bool) and actual is expected
+    if _is_number(expected):
+        a = _as_float(actual)
+        return a is not None and a == float(expected)
+    if isinstance(expected, str):
+        return isinstance(actual, str) and fold(actual) == fold(expected)
+    return False
+
+
+def _instant_of(actual: Any) -> int | None:
+    return instant_us(actual) if isinstance(actual, str) else None
+
+
+def compare(actual: Any, op: Op, expected: Any, now_us: int) -> bool:
+    """Apply one operator to a looked-up value (``_MISSING`` when absent)."""
+    if actual is None:
+        actual = _MISSING  # JSON null is no value
+    if op is Op.EXISTS:
+        return actual is not _MISSING
+    if op is Op.NOT_EXISTS:
+        return actual is _MISSING
+    if op is Op.NE:
+        return not compare(actual, Op.EQ, expected, now_us)
+    if op is Op.NOT_IN:
+        return not compare(actual, Op.IN, expected, now_us)
+    if actual is _MISSING:
+        return False
+    if op is Op.EQ:
+        return equals(actual, expected)
+    if op is Op.IN:
+        return any(equals(actual, e) for e in expected)
+    if op is Op.CONTAINS:
+        if isinstance(actual, str):
+            return isinstance(expected, str) and fold(expected) in fold(actual)
+        if isinstance(actual, list | tuple):
+            return any(equals(a, expected) for a in actual)
+        return False
+    if op is Op.STARTS_WITH:
+        return isinstance(actual, str) and fold(actual).startswith(fold(expected))
+    if op in NUMERIC_OPS:
+        a = _as_float(actual)
+        if a is None:
+            return False
+        b = float(expected)
+        if op is Op.GT:
+            return a > b
+        if op is Op.GTE:
+            return a >= b
+        if op is Op.LT:
+            return a < b
+        return a <= b
+    t = _instant_of(actual)
+    return t is not None and date_holds(t, op, expected, now_us)
+
+
+def date_holds(t: int, op: Op, value: str, now_us: int) -> bool:
+    """A date operator on an instant (epoch microseconds)."""
+    if op is Op.BEFORE:
+        v = instant_us(value)
+        return v is not None and t < v
+    if op is Op.AFTER:
+        v = instant_us(value)
+        return v is not None and t > v
+    d = _duration_us(value)
+    if op is Op.WITHIN_LAST:
+        return now_us - d <= t <= now_us
+    if op is Op.WITHIN_NEXT:
+        return now_us <= t <= now_us + d
+    if op is Op.OLDER_THAN:
+        return t < now_us - d
+    raise ValueError(f"not a date operator: {op}")
+
+
+def _duration_us(text: str) -> int:
+    return parse_duration(text) // timedelta(microseconds=1)
+
+
+def filters_hold(properties: Mapping[str, Any], where: Sequence[Filter], now_us: int) -> bool:
+    return all(compare(lookup(properties, f.path), f.op, f.value, now_us) for f in where)
+
+
+def matching(view: ProfileView, event: str, where: Sequence[Filter], now_us: int) -> list[datetime]:
+    """Timestamps of the profile's events with this name whose properties pass ``where``."""
+    return [ts for name, props, ts in view.events if name == event and filters_hold(props, where, now_us)]
+
+
+def score_value(points: float, as_of: datetime, half_life: timedelta | None, at: datetime) -> float:
+    """The lazily decayed score at ``at`` (see :class:`ProfileView`)."""
+    if half_life is None:
+        return float(points)
+    h = half_life // timedelta(microseconds=1)
+    if h <= 0:
+        raise ValueError("a half-life must be positive")
+    x = max(to_us(at) - to_us(as_of), 0) / h
+    if x >= MAX_HALF_LIVES:
+        return 0.0
+    return float(points) * math.pow(0.5, x)
+
+
+def score_at(view: ProfileView, model: str, at: datetime) -> float:
+    entry = view.scores.get(model)
+    if entry is None:
+        return 0.0
+    points, as_of = entry
+    return score_value(points, as_of, view.half_lives.get(model), at)
+
+
+def _score_holds(cond: ScoreCondition, view: ProfileView, now: datetime) -> bool:
+    v = score_at(view, cond.model, now)
+    t = float(cond.value)
+    if cond.op == "gt":
+        return v > t
+    if cond.op == "gte":
+        return v >= t
+    if cond.op == "lt":
+        return v < t
+    return v <= t
+
+
+# ---- evaluation ---------------------------------------------------------------------
+
+
+def _in_window(cond: EventCondition, ts: datetime, now: datetime) -> bool:
+    if cond.within_last is not None and not (now - parse_duration(cond.within_last) <= ts <= now):
+        return False
+    if cond.from_ is not None and to_us(ts) < _instant(cond.from_):
+        return False
+    return not (cond.to is not None and to_us(ts) >= _instant(cond.to))
+
+
+def _instant(text: str) -> int:
+    us = instant_us(text)
+    assert us is not None  # validated with the definition
+    return us
+
+
+def _event_holds(cond: EventCondition, view: ProfileView, now: datetime) -> bool:
+    now_us = to_us(now)
+    n = sum(1 for ts in matching(view, cond.event, cond.where, now_us) if _in_window(cond, ts, now))
+    low, high = cond.count_bounds()
+    return n >= low and (high is None or n <= high)
+
+
+def _performed_time_holds(cond: PerformedTimeCondition, view: ProfileView, now: datetime) -> bool:
+    now_us = to_us(now)
+    times = matching(view, cond.event, cond.where, now_us)
+    if not times:
+        return False
+    t = min(times) if cond.kind == "first_performed" else max(times)
+    return date_holds(to_us(t), Op(cond.op), cond.value, now_us)
+
+
+def _firsts(cond: SequenceCondition, view: ProfileView, now: datetime) -> list[datetime]:
+    firsts = matching(view, cond.first.event, cond.first.where, to_us(now))
+    if cond.first_within_last is not None:
+        w = parse_duration(cond.first_within_last)
+        firsts = [a for a in firsts if now - w <= a <= now]
+    return firsts
+
+
+def _sequence_holds(cond: SequenceCondition, view: ProfileView, now: datetime) -> bool:
+    firsts = _firsts(cond, view, now)
+    spec: EventSpec = cond.then if cond.then is not None else _required(cond.then_not)
+    seconds = matching(view, spec.event, spec.where, to_us(now))
+    within = parse_duration(cond.within) if cond.within is not None else None
+
+    def followed(a: datetime) -> bool:
+        return any(a < b and (within is None or b <= a + within) for b in seconds)
+
+    if cond.then is not None:
+        return any(followed(a) for a in firsts)
+    assert within is not None
+    return any(a + within <= now and not followed(a) for a in firsts)
+
+
+def _required(spec: EventSpec | None) -> EventSpec:
+    assert spec is not None
+    return spec
+
+
+def holds(cond: Condition, view: ProfileView, now: datetime) -> bool:
+    """Whether one condition holds for the profile at ``now``."""
+    if isinstance(cond, AndCondition):
+        return all(holds(c, view, now) for c in cond.conditions)
+    if isinstance(cond, OrCondition):
+        return any(holds(c, view, now) for c in cond.conditions)
+    if isinstance(cond, NotCondition):
+        return not holds(cond.condition, view, now)
+    if isinstance(cond, TraitCondition):
+        return compare(lookup(view.traits, cond.path), cond.op, cond.value, to_us(now))
+    if isinstance(cond, EventCondition):
+        return _event_holds(cond, view, now)
+    if isinstance(cond, EngagementCondition):
+        return any(_event_holds(c, view, now) for c in cond.as_events())
+    if isinstance(cond, PerformedTimeCondition):
+        return _performed_time_holds(cond, view, now)
+    if isinstance(cond, SequenceCondition):
+        return _sequence_holds(cond, view, now)
+    if isinstance(cond, ListCondition):
+        return cond.list in view.lists
+    if isinstance(cond, TagCondition):
+        return cond.tag in view.tags
+    if isinstance(cond, StageCondition):
+        return view.stage is not None and view.stage in cond.in_
+    if isinstance(cond, ScoreCondition):
+        return _score_holds(cond, view, now)
+    raise TypeError(f"unknown condition: {cond!r}")
+
+
+def evaluate(definition: SegmentDefinition, view: ProfileView, now: datetime) -> bool:
+    """Whether the profile is in the segment at ``now``."""
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    return holds(definition.condition, view, now)
+
+
+# ---- when the result may change -----------------------------------------------------
+
+
+def _date_candidates(t: int, op: Op, value: str) -> list[int]:
+    """Instants (epoch microseconds) at which a date operator on ``t`` flips."""
+    if op in (Op.BEFORE, Op.AFTER):
+        return []
+    d = _duration_us(value)
+    if op is Op.WITHIN_LAST:  # true on [t, t + d]
+        return [t, t + d + _ONE_US]
+    if op is Op.WITHIN_NEXT:  # true on [t - d, t]
+        return [t - d, t + _ONE_US]
+    return [t + d + _ONE_US]  # older_than: true from t + d + 1us on
+
+
+def _leaf_candidates(cond: Any, view: ProfileView, now: datetime) -> list[int]:
+    now_us = to_us(now)
+    if isinstance(cond, TraitCondition) and cond.op in (Op.WITHIN_LAST, Op.WITHIN_NEXT, Op.OLDER_THAN):
+        actual = lookup(view.traits, cond.path)
+        t = _instant_of(actual)
+        return [] if t is None else _date_candidates(t, cond.op, str(cond.value))
+    if isinstance(cond, EventCondition | EngagementCondition):
+        out: list[int] = []
+        for c in cond.as_events() if isinstance(cond, EngagementCondition) else (cond,):
+            if c.within_last is None:
+                continue
+            d = _duration_us(c.within_last)
+            for ts in matching(view, c.event, c.where, now_us):
+                t = to_us(ts)
+                out += [t, t + d + _ONE_US]  # counted on [ts, ts + d]
+        return out
+    if isinstance(cond, PerformedTimeCondition):
+        times = matching(view, cond.event, cond.where, now_us)
+        if not times:
+            return []
+        t = to_us(min(times) if cond.kind == "first_performed" else max(times))
+        return _date_candidates(t, Op(cond.op), cond.value)
+    if isinstance(cond, SequenceCondition):
+        out = []
+        for ts in matching(view, cond.first.event, cond.first.where, now_us):
+            t = to_us(ts)
+            if cond.first_within_last is not None:
+                out += [t, t + _duration_us(cond.first_within_last) + _ONE_US]
+            if cond.then_not is not None and cond.within is not None:
+                out.append(t + _duration_us(cond.within))  # the wait for then_not is over
+        return out
+    if isinstance(cond, ScoreCondition):
+        flip = _score_flip(cond, view, now)
+        return [] if flip is None else [flip]
+    return []
+
+
+_LATEST_US = 253402300799999999  # 9999-12-31T23:59:59.999999Z
+
+
+def _score_flip(cond: ScoreCondition, view: ProfileView, now: datetime) -> int | None:
+    """The first instant after ``now`` at which the comparison differs from now: a decayed
+    score moves monotonically towards 0, so the comparison flips at most once; a binary
+    search over microseconds finds the exact instant under the evaluator's own arithmetic."""
+    if view.half_lives.get(cond.model) is None or cond.model not in view.scores:
+        return None
+    now_us = to_us(now)
+    start = _score_holds(cond, view, now)
+
+    def differs(us: int) -> bool:
+        at = from_us(us)
+        assert at is not None
+        return _score_holds(cond, view, at) != start
+
+    lo, hi = now_us, _LATEST_US  # differs(lo) is False
+    if hi <= lo or not differs(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if differs(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def next_change(definition: SegmentDefinition, view: ProfileView, now: datetime) -> datetime | None:
+    """The earliest instant after ``now`` at which :func:`evaluate` gives another answer
+    with no new data, or ``None`` when it never will.
+
+    Every leaf that depends on time lists the instants at which it can flip (an event or a
+    date entering or leaving a window, a sequence's wait ending, a decaying score crossing
+    its threshold). The answer is the first of those instants at which the whole definition
+    evaluates differently, so it is exact; when more than :data:`MAX_PROBES` instants would
+    need checking, the first unchecked one is returned instead (never later than the truth).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    now_us = to_us(now)
+    candidates: set[int] = set()
+    for cond in walk(definition.condition):
+        candidates.update(c for c in _leaf_candidates(cond, view, now) if now_us < c <= _LATEST_US)
+    if not candidates:
+        return None
+    ordered = sorted(candidates)
+    current = evaluate(definition, view, now)
+    for i, us in enumerate(ordered):
+        at = from_us(us)
+        assert at is not None
+        if i >= MAX_PROBES or evaluate(definition, view, at) != current:
+            return at
+    return None
+
+
+def changes(
+    definition: SegmentDefinition, view: ProfileView, start: datetime, end: datetime
+) -> list[tuple[datetime, bool]]:
+    """Every (instant, new result) in ``(start, end]`` with no new data: follows
+    :func:`next_change` (handy for previews and tests)."""
+    out: list[tuple[datetime, bool]] = []
+    at: datetime | None = next_change(definition, view, start)
+    while at is not None and at <= end:
+        out.append((at, evaluate(definition, view, at)))
+        at = next_change(definition, view, at)
+    return out
