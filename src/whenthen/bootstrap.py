@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from whenthen.imports.tasks import ListImportJob
 from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers
@@ -12,7 +13,9 @@ from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
 from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
+from whenthen.pipeline.service import emit
 from whenthen.segments.compiler import install_sqlite_functions
+from whenthen.segments.service import timer_step as segment_timers
 from whenthen.settings import Settings, webhook_signing_secret
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
@@ -89,6 +92,9 @@ def build(
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
     worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.run_once])
+    worker.steps.append(
+        lambda: segment_timers(db, clock, partial(emit, partitions=settings.pipeline.partitions))
+    )
     return Container(
         settings=settings,
         clock=clock,

@@ -16,6 +16,7 @@ from whenthen.api.auth import admin, container
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
 from whenthen.profiles import Merge, Profile
+from whenthen.segments import service as segments
 from whenthen.tracking import StoredEvent
 from whenthen.workspaces import Principal
 
@@ -218,6 +219,7 @@ async def erase_profile(request: Request, principal: Admin, profile_id: str) -> 
             # Journeys and messages of the person go in the same transaction.
             journeys.forget(conn, principal.workspace_id, list(done.profile_ids))
             scoring.forget(conn, principal.workspace_id, list(done.profile_ids))
+            segments.forget(conn, principal.workspace_id, list(done.profile_ids))
 
         return {
             "erased": True,

@@ -9,6 +9,7 @@ one person are applied in order. See docs/adr/0002-event-log-pipeline.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen import journeys, profiles, scoring, tracking
 from whenthen.pipeline.tables import pipeline_leases
+from whenthen.segments import service as segments
 from whenthen.tracking import StoredEvent
 
 
@@ -128,6 +130,8 @@ def process_events(
     active: dict[str, list[Any]] = {}
     scoring_models: dict[str, list[scoring.ScoringModel]] = {}
     lifecycle: dict[str, scoring.Lifecycle | None] = {}
+    workspace_segments: dict[str, list[segments.Segment]] = {}
+    half_lives: dict[str, dict[str, timedelta | None]] = {}
     for event in events:
         ws = event.workspace_id
         if ws not in erasures:
@@ -135,6 +139,8 @@ def process_events(
             active[ws] = journeys.active_journeys(conn, ws)
             scoring_models[ws] = scoring.models(conn, ws)
             lifecycle[ws] = scoring.lifecycle_of(conn, ws)
+            workspace_segments[ws] = segments.all_segments(conn, ws)
+            half_lives[ws] = segments.half_lives_of(conn, ws) if workspace_segments[ws] else {}
         applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=erasures[ws])
         if applied.suppressed:
             suppressed.append(event.seq)
@@ -145,6 +151,8 @@ def process_events(
             redirects[applied.merged_from] = applied.profile_id
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
+            if workspace_segments[ws]:
+                segments.on_merge(conn, ws, applied.merged_from, applied.profile_id, now)
         if scoring_models[ws] or lifecycle[ws] is not None:
             _score(
                 conn,
@@ -156,10 +164,21 @@ def process_events(
                 lifecycle[ws],
                 partitions,
             )
-        if active[ws]:
-            # Journeys' conditions count the person's events: this one (and the batch's
-            # earlier ones) must already be theirs.
+        if active[ws] or workspace_segments[ws]:
+            # Journeys' conditions and segments count the person's events: this one (and
+            # the batch's earlier ones) must already be theirs.
             tracking.attribute_event(conn, event.seq, applied.profile_id)
+        if workspace_segments[ws]:
+            _segments(
+                conn,
+                event,
+                applied.profile_id,
+                applied.merged_from is not None,
+                now,
+                partitions,
+                workspace_segments[ws],
+                half_lives[ws],
+            )
         journeys.on_event(
             conn,
             event,
@@ -173,6 +192,33 @@ def process_events(
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
     return BatchOutcome(partition=partition, processed=len(processed), suppressed=len(suppressed))
+
+
+def _segments(
+    conn: Connection,
+    event: StoredEvent,
+    profile_id: str,
+    merged: bool,
+    now: datetime,
+    partitions: int,
+    workspace_segments: list[segments.Segment],
+    half_lives: dict[str, timedelta | None],
+) -> None:
+    """Re-evaluate the person in the segments this event can affect (all of them after a
+    merge or a call other than track); entries and exits become events in their log."""
+
+    track = event.type.value == "track" and event.event is not None
+    segments.on_change(
+        conn,
+        event.workspace_id,
+        profile_id,
+        now,
+        segments=workspace_segments,
+        event_name=event.event if track and not merged else None,
+        emit=functools.partial(emit, partitions=partitions),
+        cause=event.message_id,
+        half_lives=half_lives,
+    )
 
 
 def _score(

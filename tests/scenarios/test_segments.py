@@ -1,0 +1,248 @@
+"""Segment membership kept up to date by the pipeline, by timers and by saving a segment,
+and the segments admin API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from tests.support.journey_env import JourneyEnv
+from tests.support.workspace import make_workspace
+from whenthen.api.app import create_app
+from whenthen.tracking.tables import events
+
+PRICING_FANS = {
+    "name": "Viewed pricing twice this week",
+    "definition": {
+        "condition": {
+            "kind": "event",
+            "event": "Page Viewed",
+            "where": [{"path": "name", "value": "Pricing"}],
+            "at_least": 2,
+            "within_last": "7d",
+        }
+    },
+}
+PRO = {"name": "Pro plan", "definition": {"condition": {"kind": "trait", "path": "plan", "value": "pro"}}}
+
+
+@pytest.fixture
+def http(env: JourneyEnv) -> Iterator[TestClient]:
+    with TestClient(create_app(env.c, run_worker=False), headers=env.ws.admin_headers) as client:
+        yield client
+
+
+def system_events(env: JourneyEnv, name: str) -> list[dict[str, Any]]:
+    with env.c.db.read() as conn:
+        rows = conn.execute(
+            select(events.c.payload)
+            .where(events.c.workspace_id == env.ws.id, events.c.event == name)
+            .order_by(events.c.seq)
+        )
+        return [{"user": r[0].get("userId"), **r[0]["properties"]} for r in rows]
+
+
+def member_ids(http: TestClient, key: str) -> list[str]:
+    return [m["profile_id"] for m in http.get(f"/api/v1/segments/{key}/members").json()["data"]]
+
+
+def test_recent_pricing_viewers_enter_on_events_and_leave_when_the_window_ends(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    assert http.put("/api/v1/segments/pricing-fans", json=PRICING_FANS).status_code == 200
+    env.identify("ann", email="ann@example.com")
+    pid = env.profile("ann").id
+    env.track("ann", "Page Viewed", name="Pricing")
+    env.track("ann", "Page Viewed", name="Home")
+    assert member_ids(http, "pricing-fans") == []
+    env.advance(hours=1)
+    env.track("ann", "Page Viewed", name="Pricing")
+    assert member_ids(http, "pricing-fans") == [pid]
+    assert system_events(env, "Segment Entered") == [{"user": "ann", "segment": "pricing-fans"}]
+    body = http.get(f"/api/v1/profiles/{pid}/segments").json()
+    assert [s["segment"] for s in body["segments"]] == ["pricing-fans"]
+    assert [(h["segment"], h["exited_at"]) for h in body["history"]] == [("pricing-fans", None)]
+
+    env.advance(days=6, hours=22)  # the first view is still within the last 7 days
+    assert member_ids(http, "pricing-fans") == [pid]
+    env.advance(hours=2)  # no new event: the first view has left the window
+    assert member_ids(http, "pricing-fans") == []
+    assert system_events(env, "Segment Exited") == [{"user": "ann", "segment": "pricing-fans"}]
+    body = http.get(f"/api/v1/profiles/{pid}/segments").json()
+    assert body["segments"] == []
+    assert body["history"][0]["exited_at"] is not None
+
+
+def test_a_trait_segment_follows_identify(env: JourneyEnv, http: TestClient) -> None:
+    http.put("/api/v1/segments/pro", json=PRO)
+    env.identify("bob", plan="free")
+    pid = env.profile("bob").id
+    assert member_ids(http, "pro") == []
+    env.identify("bob", plan="PRO")  # strings compare ignoring ASCII case
+    assert member_ids(http, "pro") == [pid]
+    env.identify("bob", plan="team")
+    assert member_ids(http, "pro") == []
+    history = http.get(f"/api/v1/profiles/{pid}/segments").json()["history"]
+    assert len(history) == 1
+    assert history[0]["exited_at"] is not None
+    assert [e["segment"] for e in system_events(env, "Segment Exited")] == ["pro"]
+
+
+def test_saving_recomputes_membership_preview_pages_and_export(env: JourneyEnv, http: TestClient) -> None:
+    for n, country in enumerate(["DE", "DE", "FR", "DE", "AT"]):
+        env.identify(f"u{n}", email=f"u{n}@example.com", country=country)
+    ids = {f"u{n}": env.profile(f"u{n}").id for n in range(5)}
+    germans = {"condition": {"kind": "trait", "path": "country", "value": "DE"}}
+    preview = http.post("/api/v1/segments/preview", json={"definition": germans}).json()
+    assert preview == {"count": 3, "sample": sorted([ids["u0"], ids["u1"], ids["u3"]])}
+    assert http.get("/api/v1/segments").json() == {"data": []}  # a preview saves nothing
+
+    saved = http.put("/api/v1/segments/germans", json={"name": "Germans", "definition": germans}).json()
+    assert (saved["version"], saved["entered"], saved["exited"]) == (1, 3, 0)
+    first = http.get("/api/v1/segments/germans/members", params={"limit": 2}).json()
+    second = http.get(
+        "/api/v1/segments/germans/members", params={"limit": 2, "cursor": first["next_cursor"]}
+    ).json()
+    assert second["next_cursor"] is None
+    paged = [m["profile_id"] for m in first["data"] + second["data"]]
+    assert paged == sorted([ids["u0"], ids["u1"], ids["u3"]])
+
+    csv = http.get("/api/v1/segments/germans/export.csv")
+    assert csv.headers["content-type"].startswith("text/csv")
+    lines = csv.text.splitlines()
+    assert lines[0] == "profile_id,user_id,email,since"
+    assert sorted(line.split(",")[1:3] for line in lines[1:]) == [
+        ["u0", "u0@example.com"],
+        ["u1", "u1@example.com"],
+        ["u3", "u3@example.com"],
+    ]
+
+    dach = {"condition": {"kind": "trait", "path": "country", "op": "in", "value": ["DE", "AT"]}}
+    saved = http.put("/api/v1/segments/germans", json={"name": "DACH-ish", "definition": dach}).json()
+    assert (saved["version"], saved["entered"], saved["exited"]) == (2, 1, 0)
+    saved = http.put(
+        "/api/v1/segments/germans",
+        json={
+            "name": "Austria",
+            "definition": {"condition": {"kind": "trait", "path": "country", "value": "AT"}},
+        },
+    ).json()
+    assert (saved["version"], saved["entered"], saved["exited"]) == (3, 0, 3)
+    assert member_ids(http, "germans") == [ids["u4"]]
+    assert sorted(e["user"] for e in system_events(env, "Segment Exited")) == ["u0", "u1", "u3"]
+    assert [s["key"] for s in http.get("/api/v1/segments").json()["data"]] == ["germans"]
+
+    assert http.delete("/api/v1/segments/germans").json() == {"deleted": True}
+    assert http.get("/api/v1/segments/germans/members").status_code == 404
+    assert http.get(f"/api/v1/profiles/{ids['u4']}/segments").json()["history"] == []
+
+
+def test_a_journey_triggered_by_entering_a_segment_sends_an_email(env: JourneyEnv, http: TestClient) -> None:
+    env.publish(
+        {
+            "key": "pricing-nudge",
+            "name": "Nudge people who keep looking at pricing",
+            "trigger": {
+                "kind": "event",
+                "event": "Segment Entered",
+                "where": [{"path": "segment", "value": "pricing-fans"}],
+            },
+            "start": "mail",
+            "nodes": {
+                "mail": {"kind": "send_email", "email": {"subject": "Questions about plans?", "text": "."}}
+            },
+        }
+    )
+    http.put("/api/v1/segments/pricing-fans", json=PRICING_FANS)
+    env.identify("cy", email="cy@example.com")
+    env.track("cy", "Page Viewed", name="Pricing")
+    env.advance(minutes=1)  # calls at the same instant with the same content are one call
+    assert env.mail_to("cy@example.com") == []
+    env.track("cy", "Page Viewed", name="Pricing")
+    env.advance(minutes=1)
+    assert [m.subject for m in env.mail_to("cy@example.com")] == ["Questions about plans?"]
+    env.track("cy", "Page Viewed", name="Pricing")  # already in: no second entry
+    env.advance(minutes=1)
+    assert len(env.mail_to("cy@example.com")) == 1
+
+
+def test_every_endpoint_is_confined_to_its_workspace(env: JourneyEnv, http: TestClient) -> None:
+    http.put("/api/v1/segments/pro", json=PRO)
+    env.identify("dee", plan="pro")
+    pid = env.profile("dee").id
+    other = make_workspace(env.c, "Other")
+    with TestClient(create_app(env.c, run_worker=False), headers=other.admin_headers) as them:
+        assert them.get("/api/v1/segments").json() == {"data": []}
+        assert them.get("/api/v1/segments/pro").status_code == 404
+        assert them.get("/api/v1/segments/pro/members").status_code == 404
+        assert them.get("/api/v1/segments/pro/export.csv").status_code == 404
+        assert them.delete("/api/v1/segments/pro").status_code == 404
+        assert them.get(f"/api/v1/profiles/{pid}/segments").status_code == 404
+        assert them.post("/api/v1/segments/preview", json=PRO["definition"]).json() == {
+            "count": 0,
+            "sample": [],
+        }
+        # The same key in another workspace is another segment.
+        assert them.put("/api/v1/segments/pro", json=PRO).json()["entered"] == 0
+        assert them.delete("/api/v1/segments/pro").status_code == 200
+    assert member_ids(http, "pro") == [pid]
+    assert http.get("/api/v1/segments/nope/export.csv").status_code == 404
+
+
+def test_bad_input_is_a_clear_error(env: JourneyEnv, http: TestClient) -> None:
+    bad = {
+        "name": "x",
+        "definition": {"condition": {"kind": "trait", "path": "age", "op": "gt", "value": "x"}},
+    }
+    r = http.put("/api/v1/segments/x", json=bad)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_definition")
+    assert r.json()["error"]["problems"][0]["path"].startswith("condition")
+    for body in (b"{nope", b"[]", b'{"name": 3, "definition": {}}', b'{"definition": null}'):
+        r = http.put("/api/v1/segments/x", content=body)
+        assert r.status_code == 400, body
+    assert http.put("/api/v1/segments/bad%20key", json=PRO).status_code == 400
+    assert http.put("/api/v1/segments/" + "k" * 81, json=PRO).status_code == 400
+    assert http.post("/api/v1/segments/preview", json={"condition": {"kind": "nope"}}).status_code == 400
+    assert http.post("/api/v1/segments/preview", content=b"\xff").status_code == 400
+    http.put("/api/v1/segments/pro", json=PRO)
+    assert http.get("/api/v1/segments/pro/members", params={"limit": 0}).status_code == 400
+    assert http.get("/api/v1/segments/pro/members", params={"limit": "x"}).status_code == 400
+    assert http.get("/api/v1/profiles/nobody/segments").status_code == 404
+    assert http.get("/api/v1/segments").json()["data"][0]["key"] == "pro"
+
+
+def test_merge_and_erasure_keep_memberships_right(env: JourneyEnv, http: TestClient) -> None:
+    http.put("/api/v1/segments/pricing-fans", json=PRICING_FANS)
+    env.calls(
+        {"type": "track", "anonymousId": "anon", "event": "Page Viewed", "properties": {"name": "Pricing"}},
+        {"type": "track", "userId": "kim", "event": "Page Viewed", "properties": {"name": "Pricing"}},
+    )
+    assert member_ids(http, "pricing-fans") == []
+    env.calls(
+        {"type": "identify", "userId": "kim", "anonymousId": "anon", "traits": {"email": "k@example.com"}}
+    )
+    pid = env.profile("kim").id
+    assert member_ids(http, "pricing-fans") == [pid]  # two views between the two profiles
+    assert [e["segment"] for e in system_events(env, "Segment Entered")] == ["pricing-fans"]
+    body = http.get(f"/api/v1/profiles/{pid}/segments").json()
+    assert [s["segment"] for s in body["segments"]] == ["pricing-fans"]
+
+    assert http.delete(f"/api/v1/profiles/{pid}").status_code == 200
+    assert member_ids(http, "pricing-fans") == []
+    assert http.get("/api/v1/segments/pricing-fans/export.csv").text.splitlines() == [
+        "profile_id,user_id,email,since"
+    ]
+    assert http.get(f"/api/v1/profiles/{pid}/segments").status_code == 404
+    env.advance(days=8)  # the timer of the erased person is dropped, not fired
+    assert system_events(env, "Segment Exited") == []
+    from sqlalchemy import select
+
+    from whenthen.segments.tables import segment_history, segment_members, segment_timers
+
+    with env.c.db.read() as conn:  # no trace left, not merely hidden
+        for table in (segment_members, segment_timers, segment_history):
+            assert conn.execute(select(table).where(table.c.profile_id == pid)).all() == []
