@@ -91,7 +91,7 @@ def build(
         },
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
-    worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.run_once])
+    worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.drain_for])
     worker.steps.append(
         lambda: segment_timers(db, clock, partial(emit, partitions=settings.pipeline.partitions))
     )

@@ -32,8 +32,9 @@ class IngestSettings(BaseModel):
 class PipelineSettings(BaseModel):
     #: Number of virtual partitions the event log is split into; fixed once data exists.
     partitions: int = 64
-    #: How many pending events one claim takes from a partition.
-    batch_size: int = 500
+    #: How many pending events one claim takes from a partition. Small enough that a batch
+    #: (one transaction) does not keep API writers waiting long on SQLite.
+    batch_size: int = 100
     #: How long a partition lease lasts before another worker may take it over.
     lease_seconds: float = 30.0
     #: Idle poll interval of the background worker.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,6 +76,17 @@ class Dispatcher:
         self.handlers = dict(handlers)
         self.batch = batch
         self.lease = lease
+
+    def drain_for(self, budget_seconds: float = 0.25) -> int:
+        """Run batches until the outbox has nothing ready or the time budget is spent, so
+        delivery keeps pace with the pipeline instead of one batch per worker pass."""
+        started = time.monotonic()
+        total = 0
+        while True:
+            done = self.run_once()
+            total += done
+            if done < self.batch or time.monotonic() - started >= budget_seconds:
+                return total
 
     def run_once(self) -> int:
         with self.db.write() as conn:
