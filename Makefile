@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-postgres lint types ci bench clean
+.PHONY: install run test test-postgres lint types ci bench bench-journeys clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ ci: lint types
 
 bench: install
 	$(BIN)/python -m bench.ingest
+
+bench-journeys: install
+	$(BIN)/python -m bench.journeys
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
