@@ -435,6 +435,90 @@ def journeys_simulate(
             console.print(f"  {step['at']}  {step['kind']}{node} {escape(str(extra)) if extra else ''}")
 
 
+# ---- segments --------------------------------------------------------------------------
+
+segments_app = typer.Typer(help="Real-time segments: push, preview, members, export.", no_args_is_help=True)
+app.add_typer(segments_app, name="segments")
+
+
+def _segment_file(path: Path) -> tuple[str, str, Any]:
+    doc = _load_document(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or "definition" not in doc:
+        raise DomainError("invalid_definition", f"{path}: a segment file has key, name and definition")
+    return doc["key"], str(doc.get("name") or doc["key"]), doc["definition"]
+
+
+@segments_app.command("push")
+def segments_push(files: list[Path], workspace: WorkspaceOpt = None) -> None:
+    """Create or update segments from YAML/JSON files ({key, name, definition}); each save
+    recomputes membership and announces entries and exits."""
+    from functools import partial
+
+    from whenthen.pipeline.service import emit
+    from whenthen.segments import service as segments
+
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        for f in files:
+            key, name, definition = _segment_file(f)
+            with c.db.write() as conn:
+                seg, counts = segments.save_segment(
+                    conn, ws, key, name, definition, c.clock.now(),
+                    emit=partial(emit, partitions=c.settings.pipeline.partitions),
+                )  # fmt: skip
+            console.print(
+                f"{seg.key}: version {seg.version}, entered {counts['entered']}, exited {counts['exited']}"
+            )
+
+
+@segments_app.command("preview")
+def segments_preview(file: Path, workspace: WorkspaceOpt = None) -> None:
+    """How many people a definition selects now, with a sample; nothing is saved."""
+    from whenthen.segments import service as segments
+
+    _, _, definition = _segment_file(file)
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            result = segments.preview(conn, ws, definition, c.clock.now())
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@segments_app.command("list")
+def segments_list(workspace: WorkspaceOpt = None) -> None:
+    from whenthen.segments import service as segments
+
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            rows = [s.info() for s in segments.all_segments(conn, ws)]
+    typer.echo(json.dumps(rows, indent=2, default=str))
+
+
+@segments_app.command("members")
+def segments_members(
+    key: str, workspace: WorkspaceOpt = None, limit: int = 100, cursor: str | None = None
+) -> None:
+    from whenthen.segments import service as segments
+
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            data, next_cursor = segments.members(conn, ws, key, after=cursor, limit=limit)
+    typer.echo(json.dumps({"data": data, "next_cursor": next_cursor}, indent=2, default=str))
+
+
+@segments_app.command("export")
+def segments_export(key: str, workspace: WorkspaceOpt = None) -> None:
+    """Members as CSV on standard output."""
+    from whenthen.segments import service as segments
+
+    with _container() as c:
+        ws = _workspace_id(c, workspace)
+        with c.db.read() as conn:
+            typer.echo(segments.export_csv(conn, ws, key), nl=False)
+
+
 @app.command()
 def mailbox(
     workspace: WorkspaceOpt = None,
