@@ -348,7 +348,8 @@ def bench_target(args: argparse.Namespace, target: Target, workdir: Path) -> Res
         label=target.label,
         kind=target.kind,
         synchronous=target.synchronous,
-        server=f"{mode}, pipeline worker {'on' if args.worker else 'off'}",
+        server=f"{mode}, {args.api_workers} API process(es), pipeline worker "
+        f"{'on' if args.worker else 'off'}",
     )
     _say(f"\n== {target.label}: {result.server}")
     wait_quiet(args.wait_quiet, "before the phases")
@@ -360,6 +361,7 @@ def bench_target(args: argparse.Namespace, target: Target, workdir: Path) -> Res
         mode=args.server,
         worker=args.worker,
         log_path=workdir / f"server-{target.kind}-{target.synchronous}.log",
+        api_workers=args.api_workers,
     )
     try:
         counted = _run_async(drive(args, result, server, workspace.write_key))
@@ -562,6 +564,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="app: the app under uvicorn with the access log off (default); cli: `whenthen serve` as shipped",
     )
     p.add_argument("--worker", action="store_true", help="run the embedded pipeline worker in the server")
+    p.add_argument(
+        "--api-workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers, `serve --workers`); default 1",
+    )
     p.add_argument(
         "--wait-quiet",
         type=float,

@@ -9,6 +9,7 @@ production deployment behind a proxy that logs requests would run it. The bench 
 from __future__ import annotations
 
 import argparse
+import os
 
 import uvicorn
 
@@ -21,7 +22,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--worker", action="store_true", help="run the embedded pipeline worker")
+    parser.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
     args = parser.parse_args()
+    if args.workers > 1:
+        os.environ["WHENTHEN_SERVER__EMBEDDED_WORKER"] = "true" if args.worker else "false"
+        uvicorn.run(
+            "whenthen.api.app:create_app_from_environment",
+            factory=True,
+            workers=args.workers,
+            host="127.0.0.1",
+            port=args.port,
+            access_log=False,
+            log_level="warning",
+        )
+        return
     container = build(load_settings())
     app = create_app(container, run_worker=args.worker)
     uvicorn.run(app, host="127.0.0.1", port=args.port, access_log=False, log_level="warning")

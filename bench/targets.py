@@ -138,7 +138,9 @@ class ServerProcess:
     way, with uvicorn's access log off.
     """
 
-    def __init__(self, env: dict[str, str], *, mode: str, worker: bool, log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], *, mode: str, worker: bool, log_path: Path, api_workers: int = 1
+    ) -> None:
         self.port = free_port()
         if mode == "cli":
             cmd = [str(BIN / "whenthen"), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -148,6 +150,8 @@ class ServerProcess:
             cmd = [sys.executable, "-m", "bench.server", "--port", str(self.port)]
             if worker:
                 cmd.append("--worker")
+        if api_workers > 1:
+            cmd += ["--workers", str(api_workers)]
         self.command = cmd
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")

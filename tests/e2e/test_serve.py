@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -20,7 +21,8 @@ def free_port() -> int:
         return port
 
 
-def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path: Path, workers: int) -> None:
     port = free_port()
     env = {
         **os.environ,
@@ -30,7 +32,7 @@ def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path
         "COLUMNS": "200",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "whenthen.cli.main", "serve"],
+        [sys.executable, "-m", "whenthen.cli.main", "serve", "--workers", str(workers)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

@@ -63,3 +63,13 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
         return JSONBody({"status": "ok", "version": __version__})
 
     return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """The app factory for several API processes (``whenthen serve --workers N``): each
+    process builds its own container from the ``WHENTHEN_*`` settings (the parent has
+    migrated the database already)."""
+    from whenthen.bootstrap import build
+    from whenthen.settings import load_settings
+
+    return create_app(build(load_settings(), migrate=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -63,14 +64,19 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Run the API only.")] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (costs CPU).")] = False,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="API processes (each with its own worker).")
+    ] = 1,
 ) -> None:
     """Run the API (and, by default, the pipeline worker) in this process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _container() as c:
-        _serve(c, host, port, no_worker, access_log)
+        _serve(c, host, port, no_worker, access_log, workers)
 
 
-def _serve(c: Container, host: str | None, port: int | None, no_worker: bool, access_log: bool) -> None:
+def _serve(
+    c: Container, host: str | None, port: int | None, no_worker: bool, access_log: bool, workers: int
+) -> None:
     import uvicorn
 
     from whenthen.api.app import create_app
@@ -87,6 +93,20 @@ def _serve(c: Container, host: str | None, port: int | None, no_worker: bool, ac
     host = host or c.settings.server.host
     port = port or c.settings.server.port
     console.print(f"whenthen listening on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
+    if workers > 1:
+        # Several processes, each building its app from the environment: one core each
+        # (the GIL bounds one process to one). Their pipeline workers share the partitions.
+        os.environ["WHENTHEN_SERVER__EMBEDDED_WORKER"] = "false" if no_worker else "true"
+        uvicorn.run(
+            "whenthen.api.app:create_app_from_environment",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=access_log,
+        )
+        return
     app_ = create_app(c, run_worker=not no_worker)
     _freeze_heap()
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=access_log)
