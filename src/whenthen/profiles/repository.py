@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, or_, select, update
 
 from whenthen.kernel.ids import ProfileId, WorkspaceId
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
@@ -117,22 +117,40 @@ def attach_identity(
     )
 
 
+#: Built once (see journeys/repository.py ``_SAVE_STATE``): this runs for every event.
+_SAVE_STATE = (
+    update(profiles)
+    .where(profiles.c.id == bindparam("b_id"))
+    .values(
+        traits=bindparam("b_traits"),
+        trait_times=bindparam("b_trait_times"),
+        email=bindparam("b_email"),
+        phone=bindparam("b_phone"),
+        timezone=bindparam("b_timezone"),
+        first_seen=bindparam("b_first_seen"),
+        last_seen=bindparam("b_last_seen"),
+        event_count=bindparam("b_event_count"),
+        updated_at=bindparam("b_updated_at"),
+        version=profiles.c.version + 1,
+    )
+)
+
+
 def save_state(conn: Connection, profile: Profile, now: datetime) -> None:
     conn.execute(
-        update(profiles)
-        .where(profiles.c.id == profile.id)
-        .values(
-            traits=profile.traits,
-            trait_times=profile.trait_times,
-            email=profile.email,
-            phone=profile.phone,
-            timezone=profile.timezone,
-            first_seen=profile.first_seen,
-            last_seen=profile.last_seen,
-            event_count=profile.event_count,
-            updated_at=now,
-            version=profiles.c.version + 1,
-        )
+        _SAVE_STATE,
+        {
+            "b_id": profile.id,
+            "b_traits": profile.traits,
+            "b_trait_times": profile.trait_times,
+            "b_email": profile.email,
+            "b_phone": profile.phone,
+            "b_timezone": profile.timezone,
+            "b_first_seen": profile.first_seen,
+            "b_last_seen": profile.last_seen,
+            "b_event_count": profile.event_count,
+            "b_updated_at": now,
+        },
     )
 
 
