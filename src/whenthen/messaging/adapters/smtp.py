@@ -63,13 +63,17 @@ class SmtpSender:
 
     def _run(self, session: Coroutine[Any, Any, T]) -> T:
         try:
-            return self._loop.run_until_complete(session)
+            result = self._loop.run_until_complete(session)
         except BaseException:
             # A failed session leaves transport close callbacks scheduled (after STARTTLS the
             # socket is only released on the next loop iterations): let them run. Only on
             # failure: a 10 ms pause after every email capped delivery at ~65 a second.
             self._loop.run_until_complete(asyncio.sleep(0.01))
             raise
+        # One loop iteration runs the close callbacks QUIT scheduled, so the socket is
+        # released now rather than at garbage collection.
+        self._loop.run_until_complete(asyncio.sleep(0))
+        return result
 
     async def _session(
         self, sender: str, recipients: list[str], data: bytes, utf8: bool, security: str
@@ -94,6 +98,7 @@ class SmtpSender:
             )
 
     def close(self) -> None:
+        self._loop.run_until_complete(asyncio.sleep(0.01))  # anything still closing
         self._loop.close()
 
 
