@@ -4,29 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from whenthen import profiles, scoring
 from whenthen.api.auth import admin, container
+from whenthen.api.bodies import read_json
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
 from whenthen.workspaces import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["scoring"])
 Admin = Annotated[Principal, Depends(admin)]
-
-
-async def _json(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > 1_000_000:
-        raise DomainError("payload_too_large", "a definition may be at most 1 MB", status=413)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise DomainError("invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
 @router.get("/scoring/models")
@@ -44,7 +34,7 @@ async def list_models(request: Request, principal: Admin) -> JSONBody:
 async def save_model(request: Request, principal: Admin, key: str) -> JSONBody:
     """Create or replace a model. Existing scores are kept and read with the new rules."""
     c = container(request)
-    data = await _json(request)
+    data = await read_json(request)
     if not isinstance(data, dict) or data.get("key", key) != key:
         raise DomainError("invalid_definition", "the body must be a model whose key matches the URL")
     data = {**data, "key": key}
@@ -98,7 +88,7 @@ async def get_lifecycle(request: Request, principal: Admin) -> JSONBody:
 @router.put("/lifecycle")
 async def put_lifecycle(request: Request, principal: Admin) -> JSONBody:
     c = container(request)
-    data = await _json(request)
+    data = await read_json(request)
 
     def run() -> dict[str, Any]:
         with c.db.write() as conn:

@@ -6,13 +6,13 @@ import re
 from functools import partial
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from whenthen import profiles
 from whenthen.api.auth import admin, container
+from whenthen.api.bodies import read_json
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
 from whenthen.pipeline.service import emit
@@ -23,16 +23,6 @@ router = APIRouter(prefix="/api/v1", tags=["segments"])
 Admin = Annotated[Principal, Depends(admin)]
 
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
-
-
-async def _json(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > 1_000_000:
-        raise DomainError("payload_too_large", "a definition may be at most 1 MB", status=413)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise DomainError("invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
 def _check_key(key: str) -> None:
@@ -59,7 +49,7 @@ async def save_segment(request: Request, principal: Admin, key: str) -> JSONBody
     entries and exits are announced as ``Segment Entered`` / ``Segment Exited`` events."""
     _check_key(key)
     c = container(request)
-    data = await _json(request)
+    data = await read_json(request)
     if not isinstance(data, dict) or "definition" not in data:
         raise DomainError("invalid_definition", "the body must be {name, definition}")
     name = data.get("name", key)
@@ -90,7 +80,7 @@ async def preview(request: Request, principal: Admin) -> JSONBody:
     """How many profiles a definition selects now, with a sample; nothing is saved. The
     body is ``{definition}`` (or the definition itself)."""
     c = container(request)
-    data = await _json(request)
+    data = await read_json(request)
     if isinstance(data, dict) and "definition" in data and "condition" not in data:
         data = data["definition"]
 
