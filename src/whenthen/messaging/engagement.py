@@ -20,9 +20,6 @@ from whenthen.kernel.errors import NotFound
 from whenthen.kernel.ids import new_secret
 from whenthen.messaging import service
 from whenthen.messaging.links import BadToken, verify
-from whenthen.tracking import CallType
-from whenthen.tracking import service as tracking_service
-from whenthen.tracking.model import AcceptedEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +52,6 @@ def record(
     message_id: str | None = None,
 ) -> bool:
     """Append the engagement event for the link's person; False when they no longer exist."""
-    try:
-        profile = profiles.get_profile(conn, link.workspace_id, link.profile_id)
-    except NotFound:
-        return False
-    user_id = profile.user_ids[0] if profile.user_ids else None
-    anonymous_id = None if user_id else (profile.anonymous_ids[0] if profile.anonymous_ids else None)
-    if user_id is None and anonymous_id is None:
-        return False
     msg = service.message(conn, link.message_id)
     props = {
         "message_id": link.message_id,
@@ -71,32 +60,17 @@ def record(
         "channel": "email",
         **properties,
     }
-    mid = message_id or f"wt-{event.lower().replace(' ', '-')}-{new_secret(12)}"
-    payload: dict[str, Any] = {
-        "type": "track",
-        "event": event,
-        "messageId": mid,
-        "properties": props,
-        "timestamp": now.isoformat(),
-        "receivedAt": now.isoformat(),
-        "context": {"library": {"name": "whenthen-links"}},
-    }
-    if user_id:
-        payload["userId"] = user_id
-    if anonymous_id:
-        payload["anonymousId"] = anonymous_id
-    accepted = AcceptedEvent(
-        message_id=mid,
-        type=CallType.TRACK,
-        event=event,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        timestamp=now,
-        received_at=now,
-        payload=payload,
+    return profiles.emit_event(
+        conn,
+        link.workspace_id,
+        link.profile_id,
+        event,
+        props,
+        message_id=message_id or f"wt-{event.lower().replace(' ', '-')}-{new_secret(12)}",
+        library="whenthen-links",
+        now=now,
+        partitions=partitions,
     )
-    tracking_service.append(conn, link.workspace_id, [accepted], partitions=partitions)
-    return True
 
 
 def click_target(conn: Connection, link: Link) -> str:

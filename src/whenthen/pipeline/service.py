@@ -288,34 +288,15 @@ def emit(
 ) -> None:
     """Append an event the system observed about a person to their log. Its message id is
     derived from the cause, so reprocessing the cause cannot emit it twice."""
-    profile = profiles.get_profile(conn, ws, profile_id)
-    user_id = profile.user_ids[0] if profile.user_ids else None
-    anonymous_id = None if user_id else (profile.anonymous_ids[0] if profile.anonymous_ids else None)
-    if user_id is None and anonymous_id is None:
-        return
     key = hashlib.sha256(f"{cause}\x1f{name}\x1f{sorted(properties.items())}".encode()).hexdigest()[:32]
-    message_id = f"wt-sys-{key}"
-    payload: dict[str, Any] = {
-        "type": "track",
-        "event": name,
-        "messageId": message_id,
-        "properties": properties,
-        "timestamp": now.isoformat(),
-        "receivedAt": now.isoformat(),
-        "context": {"library": {"name": "whenthen"}},
-    }
-    if user_id:
-        payload["userId"] = user_id
-    else:
-        payload["anonymousId"] = anonymous_id
-    tracking.emit(
+    profiles.emit_event(
         conn,
         ws,
-        message_id=message_id,
-        event=name,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        payload=payload,
+        profile_id,
+        name,
+        properties,
+        message_id=f"wt-sys-{key}",
+        library="whenthen",
         now=now,
         partitions=partitions,
     )

@@ -375,3 +375,53 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
     return Erasure(
         profile_id=profile.id, profiles_deleted=len(ids), events_deleted=deleted, profile_ids=tuple(ids)
     )
+
+
+def emit_event(
+    conn: Connection,
+    workspace_id: str,
+    profile_id: str,
+    name: str,
+    properties: dict[str, Any],
+    *,
+    message_id: str,
+    library: str,
+    now: datetime,
+    partitions: int,
+) -> bool:
+    """Append an event the system observed about a person (an email click, a score
+    threshold, a segment entry) to their log, under one of their ids so the pipeline
+    attributes it to them. False when the person no longer exists or has no id."""
+    try:
+        profile = get_profile(conn, workspace_id, profile_id)
+    except NotFound:
+        return False
+    user_id = profile.user_ids[0] if profile.user_ids else None
+    anonymous_id = None if user_id else (profile.anonymous_ids[0] if profile.anonymous_ids else None)
+    if user_id is None and anonymous_id is None:
+        return False
+    payload: dict[str, Any] = {
+        "type": "track",
+        "event": name,
+        "messageId": message_id,
+        "properties": properties,
+        "timestamp": now.isoformat(),
+        "receivedAt": now.isoformat(),
+        "context": {"library": {"name": library}},
+    }
+    if user_id:
+        payload["userId"] = user_id
+    else:
+        payload["anonymousId"] = anonymous_id
+    tracking.emit(
+        conn,
+        workspace_id,
+        message_id=message_id,
+        event=name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        payload=payload,
+        now=now,
+        partitions=partitions,
+    )
+    return True
