@@ -16,7 +16,7 @@ MAX_ROWS = 200_000
 
 
 class BadCsv(ValueError):
-    pass
+    """The file cannot be imported; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ DST rules (table-tested in tests/unit/test_journey_calendar.py):
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,10 +18,8 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 def zone(name: str | None) -> ZoneInfo:
     if name:
-        try:
+        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
             return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
     return ZoneInfo("UTC")
 
 

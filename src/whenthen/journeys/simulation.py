@@ -53,7 +53,7 @@ _EFFECT_KINDS = {"send_email", "webhook", "update_profile", "add_to_list", "remo
 
 
 class SimulationError(ValueError):
-    pass
+    """The events given cannot be simulated; the message says which and why."""
 
 
 @dataclass

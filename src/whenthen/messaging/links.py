@@ -15,7 +15,7 @@ import orjson
 
 
 class BadToken(ValueError):
-    pass
+    """A tracking-link token that is malformed or not signed by this server."""
 
 
 def _b64(data: bytes) -> str:
