@@ -55,15 +55,11 @@ def _resolve(conn: Any, ws: str, people: People) -> tuple[list[str], list[dict[s
         ("profile_id", people.profile_ids),
     ):
         for value in values:
-            try:
-                if kind == "user_id":
-                    found.append(profiles.lookup(conn, ws, user_id=value).id)
-                elif kind == "email":
-                    found.append(profiles.lookup(conn, ws, email=value).id)
-                else:
-                    found.append(profiles.get_profile(conn, ws, value).id)
-            except NotFound:
+            pid = profiles.find(conn, ws, kind, value)
+            if pid is None:
                 missing.append({kind: value})
+            else:
+                found.append(pid)
     return list(dict.fromkeys(found)), missing
 
 

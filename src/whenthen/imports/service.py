@@ -44,19 +44,6 @@ def start(conn: Connection, ws: str, list_key: str, rows: list[Row], *, now: dat
     return import_id
 
 
-def _resolve(conn: Connection, ws: str, kind: str, value: str) -> str | None:
-    try:
-        if kind == "user_id":
-            return profiles.lookup(conn, ws, user_id=value).id
-        if kind == "anonymous_id":
-            return profiles.lookup(conn, ws, anonymous_id=value).id
-        if kind == "email":
-            return profiles.lookup(conn, ws, email=value).id
-        return profiles.get_profile(conn, ws, value).id
-    except NotFound:
-        return None
-
-
 def process_chunk(conn: Connection, job_payload: dict[str, Any], ws: str, *, now: datetime) -> dict[str, Any]:
     """Handle the next chunk of rows; returns the payload to keep (``offset`` moves on)."""
     import_id = job_payload["import_id"]
@@ -75,7 +62,7 @@ def process_chunk(conn: Connection, job_payload: dict[str, Any], ws: str, *, now
         elif kind == "email" and normalise_email(value) is None:
             reason = f"invalid email {value!r}"
         else:
-            pid = _resolve(conn, ws, kind, value)
+            pid = profiles.find(conn, ws, kind, value)
             if pid is None:
                 reason = f"no person with {kind} {value!r} (send them through the tracking API first)"
             elif lists.add_member(conn, ws, state.list_key, pid, source=f"import:{import_id}", now=now):

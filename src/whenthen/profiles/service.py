@@ -290,6 +290,23 @@ def lookup(
     return get_profile(conn, workspace_id, pid)
 
 
+def find(conn: Connection, workspace_id: str, kind: str, value: str) -> ProfileId | None:
+    """The (merged) profile of a ``user_id``, ``anonymous_id``, ``email`` or ``profile_id``,
+    or ``None``: for imports and APIs that name people by any of their ids."""
+    try:
+        if kind == "user_id":
+            return lookup(conn, workspace_id, user_id=value).id
+        if kind == "anonymous_id":
+            return lookup(conn, workspace_id, anonymous_id=value).id
+        if kind == "email":
+            return lookup(conn, workspace_id, email=value).id
+        if kind == "profile_id":
+            return get_profile(conn, workspace_id, value).id
+    except NotFound:
+        return None
+    raise ValueError(f"unknown identifier kind {kind!r}")
+
+
 def events_of(
     conn: Connection,
     workspace_id: str,
