@@ -118,6 +118,13 @@ class Dispatcher:
         return len(jobs)
 
 
+def _unsent(conn: Any, message_id: str) -> Any:
+    """The message row if it still waits to be sent; ``None`` when it was erased or an
+    earlier run already recorded its outcome (a job run twice never sends twice)."""
+    msg = service.message(conn, message_id)
+    return msg if msg is not None and msg.status in ("queued", "retrying") else None
+
+
 def _profile(conn: Any, ws: str, profile_id: str) -> Profile | None:
     try:
         return profiles.get_profile(conn, ws, profile_id)
@@ -168,9 +175,9 @@ class EmailJob:
         mid = payload["message_id"]
         attempt = attempt_of(job)
         with self.db.read() as conn:
-            msg = service.message(conn, mid)
-            if msg is None or msg.status not in ("queued", "retrying"):
-                return Outcome()  # erased, or already handled by an earlier run
+            msg = _unsent(conn, mid)
+            if msg is None:
+                return Outcome()
             profile = _profile(conn, msg.workspace_id, msg.profile_id)
             # The survivor's consent: the profile may have been merged since the message was queued.
             consent = (
@@ -296,8 +303,8 @@ class WebhookJob:
         mid = payload["message_id"]
         attempt = attempt_of(job)
         with self.db.read() as conn:
-            msg = service.message(conn, mid)
-            if msg is None or msg.status not in ("queued", "retrying"):
+            msg = _unsent(conn, mid)
+            if msg is None:
                 return Outcome()
             profile = _profile(conn, msg.workspace_id, msg.profile_id)
         if profile is None:
