@@ -15,6 +15,7 @@ from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
 from whenthen.pipeline.service import emit
 from whenthen.segments.compiler import install_sqlite_functions
+from whenthen.segments.rechecks import recheck_step as segment_rechecks
 from whenthen.segments.service import timer_step as segment_timers
 from whenthen.settings import Settings, webhook_signing_secret
 from whenthen.storage import Database
@@ -94,6 +95,9 @@ def build(
     worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.drain_for])
     worker.steps.append(
         lambda: segment_timers(db, clock, partial(emit, partitions=settings.pipeline.partitions))
+    )
+    worker.steps.append(
+        lambda: segment_rechecks(db, clock, partial(emit, partitions=settings.pipeline.partitions))
     )
     return Container(
         settings=settings,

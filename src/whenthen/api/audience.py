@@ -126,6 +126,8 @@ async def add_members(request: Request, principal: Admin, key: str, body: People
             added = sum(
                 lists.add_member(conn, principal.workspace_id, key, pid, source="api", now=now) for pid in ids
             )
+            profiles.mark_for_recheck(conn, principal.workspace_id, ids, "list", now)
+        c.worker.notify()
         return {"added": added, "already_members": len(ids) - added, "not_found": missing}
 
     return JSONBody(await run_in_threadpool(run))
@@ -139,7 +141,10 @@ async def remove_member(request: Request, principal: Admin, key: str, profile_id
         with c.db.write() as conn:
             _existing(conn, principal.workspace_id, key)
             pid = profiles.get_profile(conn, principal.workspace_id, profile_id).id
-            return {"removed": lists.remove_member(conn, principal.workspace_id, key, pid)}
+            removed = lists.remove_member(conn, principal.workspace_id, key, pid)
+            profiles.mark_for_recheck(conn, principal.workspace_id, [pid], "list", c.clock.now())
+        c.worker.notify()
+        return {"removed": removed}
 
     return JSONBody(await run_in_threadpool(run))
 
@@ -207,7 +212,10 @@ async def add_tags(request: Request, principal: Admin, profile_id: str, body: Ta
         with c.db.write() as conn:
             pid = profiles.get_profile(conn, principal.workspace_id, profile_id).id
             profiles.add_tags(conn, principal.workspace_id, pid, body.tags, c.clock.now())
-            return {"tags": profiles.tags_of(conn, principal.workspace_id, pid)}
+            profiles.mark_for_recheck(conn, principal.workspace_id, [pid], "tags", c.clock.now())
+            tags = profiles.tags_of(conn, principal.workspace_id, pid)
+        c.worker.notify()
+        return {"tags": tags}
 
     return JSONBody(await run_in_threadpool(run))
 
@@ -220,6 +228,9 @@ async def remove_tag(request: Request, principal: Admin, profile_id: str, tag: s
         with c.db.write() as conn:
             pid = profiles.get_profile(conn, principal.workspace_id, profile_id).id
             profiles.remove_tags(conn, principal.workspace_id, pid, [tag])
-            return {"tags": profiles.tags_of(conn, principal.workspace_id, pid)}
+            profiles.mark_for_recheck(conn, principal.workspace_id, [pid], "tags", c.clock.now())
+            tags = profiles.tags_of(conn, principal.workspace_id, pid)
+        c.worker.notify()
+        return {"tags": tags}
 
     return JSONBody(await run_in_threadpool(run))

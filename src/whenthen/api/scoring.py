@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -139,9 +140,24 @@ async def set_stage(request: Request, principal: Admin, profile_id: str, body: S
             lc = scoring.lifecycle_of(conn, principal.workspace_id)
             if lc is not None and body.stage not in lc.stages:
                 raise DomainError("unknown_stage", f"{body.stage!r} is not a stage of the lifecycle")
-            changed = scoring.set_stage(
-                conn, principal.workspace_id, pid, body.stage, source="api", now=c.clock.now()
-            )
-            return {"stage": body.stage, "changed": changed}
+            now = c.clock.now()
+            before = scoring.stage_of(conn, principal.workspace_id, pid)
+            changed = scoring.set_stage(conn, principal.workspace_id, pid, body.stage, source="api", now=now)
+            if changed:
+                # As a rule's move would: journeys can trigger on it, segments follow.
+                profiles.emit_event(
+                    conn,
+                    principal.workspace_id,
+                    pid,
+                    "Lifecycle Stage Changed",
+                    {"from": before, "to": body.stage},
+                    message_id=f"wt-sys-{uuid.uuid4().hex}",
+                    library="whenthen",
+                    now=now,
+                    partitions=c.settings.pipeline.partitions,
+                )
+                profiles.mark_for_recheck(conn, principal.workspace_id, [pid], "stage", now)
+        c.worker.notify()
+        return {"stage": body.stage, "changed": changed}
 
     return JSONBody(await run_in_threadpool(run))

@@ -55,6 +55,7 @@ def process_chunk(conn: Connection, job_payload: dict[str, Any], ws: str, *, now
     added = already = 0
     rejected: list[dict[str, Any]] = list(state.rejected or [])
     extra_rejected = 0
+    joined: list[str] = []
     for number, kind, value in chunk:
         reason = None
         if kind is None or value is None:
@@ -67,6 +68,7 @@ def process_chunk(conn: Connection, job_payload: dict[str, Any], ws: str, *, now
                 reason = f"no person with {kind} {value!r} (send them through the tracking API first)"
             elif lists.add_member(conn, ws, state.list_key, pid, source=f"import:{import_id}", now=now):
                 added += 1
+                joined.append(pid)
             else:
                 already += 1
         if reason is not None:
@@ -74,6 +76,8 @@ def process_chunk(conn: Connection, job_payload: dict[str, Any], ws: str, *, now
                 rejected.append({"row": number, "reason": reason})
             else:
                 extra_rejected += 1
+    # Segments reading the list follow through the worker's recheck step.
+    profiles.mark_for_recheck(conn, ws, joined, "list", now)
     processed = offset + len(chunk)
     finished = processed >= len(job_payload["rows"])
     conn.execute(

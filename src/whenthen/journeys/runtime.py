@@ -203,6 +203,8 @@ def _persist(
                 scoring.set_stage(
                     conn, ws, profile_id, effect.stage, source=f"journey:{journey.key}", now=now
                 )
+            # Segments reading traits, tags or the stage follow (the worker's recheck step).
+            profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, ChangeList):
             if effect.add:
                 lists.add_member(
@@ -210,6 +212,7 @@ def _persist(
                 )
             else:
                 lists.remove_member(conn, ws, effect.list_key, profile_id)
+            profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
             _jump(conn, ws, journey, state, effect, profile_id, now, depth)
 

@@ -10,6 +10,8 @@ from whenthen.profiles.consent import (
     update_traits,
 )
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
+from whenthen.profiles.rechecks import Recheck
+from whenthen.profiles.rechecks import mark as mark_for_recheck
 from whenthen.profiles.service import (
     Applied,
     Erasure,
@@ -34,6 +36,7 @@ __all__ = [
     "IdentityKind",
     "Merge",
     "Profile",
+    "Recheck",
     "add_tags",
     "apply_event",
     "consent_status",
@@ -47,6 +50,7 @@ __all__ = [
     "groups_of",
     "has_erasures",
     "lookup",
+    "mark_for_recheck",
     "merges_of",
     "remove_tags",
     "search",

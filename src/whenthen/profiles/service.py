@@ -26,7 +26,7 @@ from whenthen import lists, tracking
 from whenthen.kernel.errors import NotFound
 from whenthen.kernel.ids import ProfileId, new_profile_id
 from whenthen.kernel.keyed_hash import keyed_hash
-from whenthen.profiles import consent
+from whenthen.profiles import consent, rechecks
 from whenthen.profiles import repository as repo
 from whenthen.profiles.model import (
     Identity,
@@ -388,6 +388,7 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
     deleted = tracking.delete_events_of_person(conn, workspace_id, ids, user_ids, anonymous_ids)
     consent.delete_for(conn, workspace_id, ids)
     lists.delete_for(conn, workspace_id, ids)
+    rechecks.forget(conn, workspace_id, ids)
     repo.delete_person(conn, workspace_id, ids)
     return Erasure(
         profile_id=profile.id, profiles_deleted=len(ids), events_deleted=deleted, profile_ids=tuple(ids)

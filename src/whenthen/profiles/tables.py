@@ -103,3 +103,16 @@ consents = Table(
     Column("source", String(200), nullable=False),
     Column("changed_at", UTCDateTime(), nullable=False),
 )
+
+#: People whose lists, tags, stage or traits changed outside the event pipeline (admin
+#: API, CSV import, journey actions, tag rules): a worker step re-evaluates their segments.
+#: One row per person; marking again moves ``queued_at`` forward.
+profile_rechecks = Table(
+    "profile_rechecks",
+    metadata,
+    Column("workspace_id", String(40), primary_key=True),
+    Column("profile_id", String(40), primary_key=True),
+    Column("reason", String(40), nullable=False),
+    Column("queued_at", UTCDateTime(), nullable=False),
+    Index("ix_profile_rechecks_queued", "queued_at"),
+)

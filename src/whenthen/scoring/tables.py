@@ -61,3 +61,15 @@ lifecycles = Table(
     Column("definition", JsonDoc, nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
+
+#: When decay alone will carry a person's score in a model across one of its thresholds;
+#: a worker step then emits the crossing (and sets the next timer).
+score_timers = Table(
+    "score_timers",
+    metadata,
+    Column("workspace_id", String(40), primary_key=True),
+    Column("profile_id", String(40), primary_key=True),
+    Column("model_key", String(80), primary_key=True),
+    Column("due_at", UTCDateTime(), nullable=False),
+    Index("ix_score_timers_due", "due_at"),
+)
