@@ -14,6 +14,7 @@ from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
 from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
 from whenthen.pipeline.service import emit
+from whenthen.scoring import decay_step as score_decay
 from whenthen.segments.compiler import install_sqlite_functions
 from whenthen.segments.rechecks import recheck_step as segment_rechecks
 from whenthen.segments.service import timer_step as segment_timers
@@ -98,6 +99,9 @@ def build(
     )
     worker.steps.append(
         lambda: segment_rechecks(db, clock, partial(emit, partitions=settings.pipeline.partitions))
+    )
+    worker.steps.append(
+        lambda: score_decay(db, clock, partial(emit, partitions=settings.pipeline.partitions))
     )
     return Container(
         settings=settings,

@@ -150,3 +150,108 @@ def test_emitted_events_are_not_duplicated_when_a_batch_is_replayed(env: Journey
         _, events = profiles.events_of(conn, env.ws.id, pid, after=None, limit=10)
     assert [e.event for e in events].count("Score Threshold Crossed") == 1
     assert env.clock.now() - events[-1].timestamp < timedelta(seconds=1)
+
+
+COOLING = {
+    "key": "cooling-lead",
+    "name": "A lead cooled down",
+    "trigger": {
+        "kind": "event",
+        "event": "Score Threshold Crossed",
+        "where": [{"path": "model", "value": "interest"}, {"path": "direction", "value": "down"}],
+    },
+    "start": "mark",
+    "nodes": {"mark": {"kind": "update_profile", "add_tags": ["cooling"]}},
+}
+
+
+def crossings(http: TestClient, pid: str) -> list[dict[str, object]]:
+    events = http.get(f"/api/v1/profiles/{pid}/events").json()["data"]
+    return [
+        {**e["payload"]["properties"], "at": e["timestamp"]}
+        for e in sorted(events, key=lambda e: e["timestamp"])
+        if e["event"] == "Score Threshold Crossed"
+    ]
+
+
+def test_decay_alone_carries_a_score_below_a_threshold_on_time(env: JourneyEnv, http: TestClient) -> None:
+    """75 points with a 7-day half-life fall below 50 after 7d * log2(75/50) = 4.09 days,
+    with no event: a timer announces it then, and a journey can act on it."""
+    assert http.put("/api/v1/scoring/models/interest", json=MODEL).status_code == 200
+    env.publish(COOLING)
+    env.identify("lea", email="lea@example.com", title="Sales Director")  # 15
+    env.track("lea", "Demo Requested", n=1)  # 35
+    env.track("lea", "Demo Requested", n=2)  # 55: up
+    env.track("lea", "Demo Requested", n=3)  # 75
+    pid = env.profile("lea").id
+    assert [c["direction"] for c in crossings(http, pid)] == ["up"]
+    # 75 -> 50 takes 7d * log2(1.5) = 4.094 days.
+    env.advance(days=4)
+    assert [c["direction"] for c in crossings(http, pid)] == ["up"]
+    with env.c.db.read() as conn:
+        assert profiles.tags_of(conn, env.ws.id, pid) == []
+    env.advance(hours=3)
+    got = crossings(http, pid)
+    assert [c["direction"] for c in got] == ["up", "down"]
+    assert got[1]["threshold"] == 50
+    assert 49.5 < float(str(got[1]["score"])) < 50
+    with env.c.db.read() as conn:
+        assert profiles.tags_of(conn, env.ws.id, pid) == ["cooling"]
+    # No other threshold lies between the score and 0: nothing more, however long.
+    env.advance(days=60)
+    assert len(crossings(http, pid)) == 2
+
+
+def test_several_thresholds_passed_by_decay_are_announced_in_order(env: JourneyEnv, http: TestClient) -> None:
+    model = {**MODEL, "thresholds": [10, 30, 50]}
+    assert http.put("/api/v1/scoring/models/interest", json=model).status_code == 200
+    env.identify("max", email="max@example.com")
+    for n in range(3):
+        env.track("max", "Demo Requested", n=n)  # 60: up across 10, 30, 50
+    pid = env.profile("max").id
+    assert [(c["direction"], c["threshold"]) for c in crossings(http, pid)] == [
+        ("up", 10),
+        ("up", 30),
+        ("up", 50),
+    ]
+    # The worker was away for a month: every threshold passed meanwhile is announced, in
+    # the order decay passed them.
+    env.clock.advance(timedelta(days=30))
+    env.c.worker.drain()
+    assert [(c["direction"], c["threshold"]) for c in crossings(http, pid)][3:] == [
+        ("down", 50),
+        ("down", 30),
+        ("down", 10),
+    ]
+
+
+def test_an_event_arriving_before_the_decay_timer_fired_announces_the_crossing_first(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    assert http.put("/api/v1/scoring/models/interest", json=MODEL).status_code == 200
+    env.identify("noa", email="noa@example.com")
+    for n in range(3):
+        env.track("noa", "Demo Requested", n=n)  # 60
+    pid = env.profile("noa").id
+    env.clock.advance(timedelta(days=7))  # 30 now; the timer is due but no worker ran
+    with env.c.db.write() as conn:
+        models = scoring.models(conn, env.ws.id)
+        scored = scoring.on_event(
+            conn,
+            env.ws.id,
+            pid,
+            event="Demo Requested",
+            properties={},
+            traits_after={},
+            now=env.clock.now(),
+            workspace_models=models,
+            lifecycle=None,
+        )
+    # Down across 50 by decay, then up again across 50 by the event (30 + 20 = 50).
+    assert [(k, c.direction, c.threshold) for k, c in scored.crossings] == [
+        ("interest", "down", 50),
+        ("interest", "up", 50),
+    ]
+    # The timer was re-armed from the new score: the worker announces nothing twice.
+    env.c.worker.drain()
+    assert [c["direction"] for c in crossings(http, pid)] == ["up"]

@@ -10,7 +10,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from whenthen import __version__
-from whenthen.api import audience, errors, journeys, links, profiles, scoring, segments, tracking, workspaces
+from whenthen.api import (
+    audience,
+    errors,
+    journeys,
+    links,
+    profiles,
+    scoring,
+    segments,
+    tagging,
+    tracking,
+    workspaces,
+)
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 
@@ -57,6 +68,7 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
     app.include_router(audience.router)
     app.include_router(scoring.router)
     app.include_router(segments.router)
+    app.include_router(tagging.router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> JSONBody:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from whenthen import journeys, profiles, scoring, tracking
+from whenthen import journeys, profiles, scoring, tagging, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.segments import service as segments
 from whenthen.tracking import StoredEvent
@@ -132,6 +132,7 @@ def process_events(
     lifecycle: dict[str, scoring.Lifecycle | None] = {}
     workspace_segments: dict[str, list[segments.Segment]] = {}
     half_lives: dict[str, dict[str, timedelta | None]] = {}
+    tag_rules: dict[str, list[tagging.TagRule]] = {}
     for event in events:
         ws = event.workspace_id
         if ws not in erasures:
@@ -141,6 +142,7 @@ def process_events(
             lifecycle[ws] = scoring.lifecycle_of(conn, ws)
             workspace_segments[ws] = segments.all_segments(conn, ws)
             half_lives[ws] = segments.half_lives_of(conn, ws) if workspace_segments[ws] else {}
+            tag_rules[ws] = tagging.rules(conn, ws)
         applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=erasures[ws])
         if applied.suppressed:
             suppressed.append(event.seq)
@@ -164,10 +166,21 @@ def process_events(
                 lifecycle[ws],
                 partitions,
             )
-        if active[ws] or workspace_segments[ws]:
-            # Journeys' conditions and segments count the person's events: this one (and
-            # the batch's earlier ones) must already be theirs.
+        if active[ws] or workspace_segments[ws] or tag_rules[ws]:
+            # Journeys' conditions, segments and tag rules' conditions count the person's
+            # events: this one (and the batch's earlier ones) must already be theirs.
             tracking.attribute_event(conn, event.seq, applied.profile_id)
+        if tag_rules[ws] and event.type.value == "track" and event.event is not None:
+            tagging.on_event(
+                conn,
+                ws,
+                applied.profile_id,
+                event=event.event,
+                properties=event.payload.get("properties") or {},
+                now=now,
+                workspace_rules=tag_rules[ws],
+                half_lives=half_lives[ws] or None,
+            )
         if workspace_segments[ws]:
             _segments(
                 conn,

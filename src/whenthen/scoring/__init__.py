@@ -2,8 +2,12 @@
 
 from whenthen.scoring.model import Crossing, Lifecycle, Score, ScoringModel
 from whenthen.scoring.service import (
+    Announce,
     Scored,
+    crossing_properties,
+    decay_step,
     delete_model,
+    fire_decay_timers,
     forget,
     funnel,
     lifecycle_of,
@@ -19,12 +23,16 @@ from whenthen.scoring.service import (
 )
 
 __all__ = [
+    "Announce",
     "Crossing",
     "Lifecycle",
     "Score",
     "Scored",
     "ScoringModel",
+    "crossing_properties",
+    "decay_step",
     "delete_model",
+    "fire_decay_timers",
     "forget",
     "funnel",
     "lifecycle_of",

@@ -5,9 +5,9 @@
   adds its points while it holds (given when it starts holding, taken back when it stops).
 * Decay is lazy: a score is stored as ``points`` at ``as_of`` and read as
   ``points * 0.5 ** ((t - as_of) / half_life)``; no nightly rescan.
-* Thresholds: crossing one (up or down) when an event changes the score emits a
-  ``Score Threshold Crossed`` event. A crossing caused by decay alone is seen at the
-  person's next scored event (documented gap: no timer yet).
+* Thresholds: crossing one (up or down) emits a ``Score Threshold Crossed`` event, when
+  an event changes the score and when decay alone carries it across (a timer per score,
+  :func:`next_decay_crossing`, fired by a worker step).
 * Lifecycle: ordered stages and rules that move people forward (an event, or a score
   reaching a value); journeys and the API may set any stage. Every move is recorded.
 """
@@ -181,12 +181,51 @@ def apply(
         return None, ()
     after = before + delta
     new = replace(current, points=after, as_of=now, periods=periods, awarded=tuple(sorted(awarded)))
-    crossings = tuple(
-        Crossing(t, "up" if after >= t else "down", after)
-        for t in sorted(model.thresholds)
-        if (before < t <= after) or (after < t <= before)
-    )
-    return new, crossings
+    return new, crossings_between(model, before, after)
+
+
+def crossings_between(model: ScoringModel, before: float, after: float) -> tuple[Crossing, ...]:
+    """The thresholds passed going from ``before`` to ``after``: up when the score reaches
+    one, down when it falls below one; in the order they are passed."""
+    passed = [t for t in sorted(model.thresholds) if (before < t <= after) or (after < t <= before)]
+    if after < before:
+        passed.reverse()
+    return tuple(Crossing(t, "up" if after >= t else "down", after) for t in passed)
+
+
+def next_decay_crossing(model: ScoringModel, score: Score, start: float) -> datetime | None:
+    """When decay alone carries the score past its next threshold, counting from the value
+    ``start`` (the score's value when this is computed; thresholds between ``start`` and
+    the stored points were already passed). ``None``: never (no decay, or no threshold
+    between the score and 0; decay moves towards 0 and never reaches it)."""
+    half_life = model.decay.period
+    p = score.points
+    if half_life is None or p == 0 or start == 0:
+        return None
+    if p > 0:  # falls: the next threshold below, reached when the value drops under it
+        ahead = [t for t in model.thresholds if 0 < t <= start]
+        if not ahead:
+            return None
+        target = max(ahead)
+    else:  # rises towards 0: the next threshold above, reached when the value gets to it
+        ahead = [t for t in model.thresholds if start < t < 0]
+        if not ahead:
+            return None
+        target = min(ahead)
+    halvings = math.log2(p / target)
+    try:
+        due = score.as_of + timedelta(seconds=halvings * half_life.total_seconds())
+    except OverflowError:
+        return None
+    # The instant the value has passed the target under ``value_at``'s own arithmetic.
+    step = timedelta(microseconds=1)
+    for _ in range(64):
+        v = value_at(score, half_life, due)
+        if (p > 0 and v < target) or (p < 0 and v >= target):
+            return due
+        due += step
+        step *= 2
+    return due
 
 
 class StageRule(_M):

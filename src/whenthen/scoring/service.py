@@ -5,14 +5,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, delete, func, insert, select, update
 
+from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import DomainError, NotFound
-from whenthen.scoring.model import Crossing, Lifecycle, Score, ScoringModel, apply, next_stage, value_at
+from whenthen.scoring.model import (
+    Crossing,
+    Lifecycle,
+    Score,
+    ScoringModel,
+    apply,
+    crossings_between,
+    next_decay_crossing,
+    next_stage,
+    value_at,
+)
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
+from whenthen.storage import Database
 
 
 def _invalid(exc: ValidationError) -> DomainError:
@@ -77,19 +89,33 @@ def delete_model(conn: Connection, ws: str, key: str) -> None:
 # ---- scores -------------------------------------------------------------------------------
 
 
-def _score(conn: Connection, ws: str, profile_id: str, key: str) -> Score | None:
-    row = conn.execute(
+def _row(conn: Connection, ws: str, profile_id: str, key: str) -> Any:
+    return conn.execute(
         select(profile_scores).where(
             profile_scores.c.workspace_id == ws,
             profile_scores.c.profile_id == profile_id,
             profile_scores.c.model_key == key,
         )
     ).first()
+
+
+def _score(conn: Connection, ws: str, profile_id: str, key: str) -> Score | None:
+    row = _row(conn, ws, profile_id, key)
     return Score.from_row(row.points, row.as_of, row.caps) if row else None
 
 
-def _store(conn: Connection, ws: str, profile_id: str, key: str, score: Score, existed: bool) -> None:
-    values = {"points": score.points, "as_of": score.as_of, "caps": score.to_json()}
+def _store(
+    conn: Connection, ws: str, profile_id: str, model: ScoringModel, score: Score, existed: bool
+) -> None:
+    """Save the score as of its ``as_of``, with the timer for its next decay crossing."""
+    key = model.key
+    values = {
+        "points": score.points,
+        "as_of": score.as_of,
+        "caps": score.to_json(),
+        "decay_due_at": next_decay_crossing(model, score, score.points),
+        "decay_from": score.points,
+    }
     if existed:
         conn.execute(
             update(profile_scores)
@@ -136,13 +162,22 @@ def on_event(
     """Apply one event to the person's scores, then to their stage."""
     crossings: list[tuple[str, Crossing]] = []
     for model in workspace_models:
-        before = _score(conn, ws, profile_id, model.key)
+        row = _row(conn, ws, profile_id, model.key)
+        before = Score.from_row(row.points, row.as_of, row.caps) if row else None
+        decayed: tuple[Crossing, ...] = ()
+        if row is not None and row.decay_due_at is not None and row.decay_due_at <= now:
+            # Decay carried the score across a threshold before this event and the timer
+            # has not fired yet: announce that first, as the timer would have.
+            value = value_at(before, model.decay.period, now) if before else 0.0
+            decayed = crossings_between(model, float(row.decay_from), value)
         new, crossed = apply(
             model, before, event=event, properties=properties, traits_after=traits_after, now=now
         )
         if new is not None:
-            _store(conn, ws, profile_id, model.key, new, before is not None)
-        crossings.extend((model.key, c) for c in crossed)
+            _store(conn, ws, profile_id, model, new, before is not None)
+        elif decayed and before is not None:
+            _rearm(conn, ws, profile_id, model, before, value_at(before, model.decay.period, now))
+        crossings.extend((model.key, c) for c in (*decayed, *crossed))
     change = None
     if lifecycle is not None:
         current = stage_of(conn, ws, profile_id)
@@ -152,6 +187,99 @@ def on_event(
             set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
             change = (current, target)
     return Scored(tuple(crossings), change)
+
+
+def _rearm(
+    conn: Connection, ws: str, profile_id: str, model: ScoringModel, score: Score, value: float
+) -> None:
+    """Count the next decay crossing from ``value`` (the thresholds up to it were announced)."""
+    conn.execute(
+        update(profile_scores)
+        .where(
+            profile_scores.c.workspace_id == ws,
+            profile_scores.c.profile_id == profile_id,
+            profile_scores.c.model_key == model.key,
+        )
+        .values(decay_due_at=next_decay_crossing(model, score, value), decay_from=value)
+    )
+
+
+class Announce(Protocol):
+    """Append a system event to the person's log (the pipeline's ``emit`` with its
+    partitions bound is one); ``cause`` makes its message id."""
+
+    def __call__(
+        self,
+        conn: Connection,
+        ws: str,
+        profile_id: str,
+        name: str,
+        properties: dict[str, Any],
+        *,
+        now: datetime,
+        cause: str,
+    ) -> None: ...
+
+
+def crossing_properties(model_key: str, crossing: Crossing) -> dict[str, Any]:
+    """The properties of a ``Score Threshold Crossed`` event."""
+    return {
+        "model": model_key,
+        "threshold": crossing.threshold,
+        "direction": crossing.direction,
+        "score": round(crossing.value, 6),
+    }
+
+
+def fire_decay_timers(conn: Connection, now: datetime, announce: Announce, *, limit: int = 500) -> int:
+    """Announce the thresholds that decay alone carried scores across, for the scores whose
+    timer is due, and set their next timer. Returns how many timers were handled."""
+    due = conn.execute(
+        select(profile_scores)
+        .where(profile_scores.c.decay_due_at <= now)
+        .order_by(profile_scores.c.decay_due_at)
+        .limit(limit)
+    ).all()
+    by_ws: dict[str, dict[str, ScoringModel]] = {}
+    for row in due:
+        if row.workspace_id not in by_ws:
+            by_ws[row.workspace_id] = {m.key: m for m in models(conn, row.workspace_id)}
+        model = by_ws[row.workspace_id].get(row.model_key)
+        score = Score.from_row(row.points, row.as_of, row.caps)
+        if model is None:
+            _clear_timer(conn, row)
+            continue
+        value = value_at(score, model.decay.period, now)
+        for crossing in crossings_between(model, float(row.decay_from), value):
+            announce(
+                conn,
+                row.workspace_id,
+                row.profile_id,
+                "Score Threshold Crossed",
+                crossing_properties(model.key, crossing),
+                now=now,
+                cause=f"score-decay:{row.profile_id}:{row.model_key}:{row.decay_due_at.isoformat()}:{crossing.threshold}",
+            )
+        _rearm(conn, row.workspace_id, row.profile_id, model, score, value)
+    return len(due)
+
+
+def _clear_timer(conn: Connection, row: Any) -> None:
+    conn.execute(
+        update(profile_scores)
+        .where(
+            profile_scores.c.workspace_id == row.workspace_id,
+            profile_scores.c.profile_id == row.profile_id,
+            profile_scores.c.model_key == row.model_key,
+        )
+        .values(decay_due_at=None)
+    )
+
+
+def decay_step(db: Database, clock: Clock, announce: Announce, *, limit: int = 500) -> int:
+    """A worker step: fire the due decay timers in one transaction."""
+    with db.write() as conn:
+        return fire_decay_timers(conn, clock.now(), announce, limit=limit)
 
 
 # ---- stages -------------------------------------------------------------------------------
@@ -255,7 +383,7 @@ def move_to(conn: Connection, ws: str, from_id: str, into_id: str, now: datetime
             value_at(mine, model.decay.period, now) if mine else 0
         )
         merged = Score(total, now, dict(mine.periods) if mine else {}, mine.awarded if mine else ())
-        _store(conn, ws, into_id, model.key, merged, mine is not None)
+        _store(conn, ws, into_id, model, merged, mine is not None)
     lifecycle = lifecycle_of(conn, ws)
     theirs_stage = stage_of(conn, ws, from_id)
     if theirs_stage is not None:

@@ -27,7 +27,12 @@ profile_scores = Table(
     Column("as_of", UTCDateTime(), nullable=False),
     # Points earned per rule in the current cap period: {"rule-id": [period_start, points]}.
     Column("caps", JsonDoc, nullable=False),
+    # When decay alone will carry the score across one of the model's thresholds (a worker
+    # step then emits the crossing), and the value it decays from as of that computation.
+    Column("decay_due_at", UTCDateTime(), nullable=True),
+    Column("decay_from", Float, nullable=True),
     Index("ix_profile_scores_model", "workspace_id", "model_key", "points"),
+    Index("ix_profile_scores_decay_due", "decay_due_at"),
 )
 
 profile_stages = Table(
@@ -60,16 +65,4 @@ lifecycles = Table(
     Column("workspace_id", String(40), primary_key=True),
     Column("definition", JsonDoc, nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
-)
-
-#: When decay alone will carry a person's score in a model across one of its thresholds;
-#: a worker step then emits the crossing (and sets the next timer).
-score_timers = Table(
-    "score_timers",
-    metadata,
-    Column("workspace_id", String(40), primary_key=True),
-    Column("profile_id", String(40), primary_key=True),
-    Column("model_key", String(80), primary_key=True),
-    Column("due_at", UTCDateTime(), nullable=False),
-    Index("ix_score_timers_due", "due_at"),
 )

@@ -5,7 +5,8 @@
   re-evaluates their segments.
 * ``tag_rules``: add or remove a tag when an event (with filters) happens and an optional
   condition holds.
-* ``score_timers``: when decay alone will carry a score across a threshold.
+* ``profile_scores.decay_due_at``: when decay alone will carry a score across a
+  threshold (a worker step emits the crossing then).
 
 Revision ID: 0006
 Revises: 0005
@@ -43,20 +44,17 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("workspace_id", "key", name=op.f("pk_tag_rules")),
     )
-    op.create_table(
-        "score_timers",
-        sa.Column("workspace_id", sa.String(length=40), nullable=False),
-        sa.Column("profile_id", sa.String(length=40), nullable=False),
-        sa.Column("model_key", sa.String(length=80), nullable=False),
-        sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("workspace_id", "profile_id", "model_key", name=op.f("pk_score_timers")),
-    )
-    op.create_index("ix_score_timers_due", "score_timers", ["due_at"], unique=False)
+    # When decay alone will carry the score across a threshold, and the value it was
+    # decaying from when that was computed (crossings are counted from there).
+    op.add_column("profile_scores", sa.Column("decay_due_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("profile_scores", sa.Column("decay_from", sa.Float(), nullable=True))
+    op.create_index("ix_profile_scores_decay_due", "profile_scores", ["decay_due_at"], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_score_timers_due", table_name="score_timers")
-    op.drop_table("score_timers")
+    op.drop_index("ix_profile_scores_decay_due", table_name="profile_scores")
+    op.drop_column("profile_scores", "decay_from")
+    op.drop_column("profile_scores", "decay_due_at")
     op.drop_table("tag_rules")
     op.drop_index("ix_profile_rechecks_queued", table_name="profile_rechecks")
     op.drop_table("profile_rechecks")
