@@ -450,3 +450,26 @@ def test_a_token_body_is_sorted_json() -> None:
     token = sign(SECRET, {"b": 1, "a": 2})
     body = token.split(".")[0]
     assert base64.urlsafe_b64decode(body + "==") == orjson.dumps({"a": 2, "b": 1})
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '{{ (1..100000000) | join: "," | size }}',
+        "{{ (1..50000000) | sort | first }}",
+        "{{ (1..9999999) | reverse | first }}",
+        "{% assign r = (1..100000000) %}{{ r | last }}",
+        "{% for i in (1..100000000) %}{{ i }}{% endfor %}",
+    ],
+)
+def test_templates_cannot_build_huge_ranges(source: str) -> None:
+    """A template cannot hang the worker: filters refuse ranges over 10,000 items and
+    loops stop at the iteration limit; the error names the cause."""
+    with pytest.raises(TemplateError) as info:
+        render(source, {})
+    assert "range" in str(info.value) or "limit" in str(info.value)
+
+
+def test_small_ranges_still_work() -> None:
+    assert render('{{ (1..5) | join: "," }}', {}) == "1,2,3,4,5"
+    assert render("{{ (1..10000) | size }}", {}) == "10000"

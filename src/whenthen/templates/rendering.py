@@ -9,6 +9,8 @@ nesting are capped so a template cannot hang a worker or exhaust memory.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -24,8 +26,36 @@ class LimitedEnvironment(Environment):
     context_depth_limit: ClassVar[int] = 20
 
 
-_ENV = LimitedEnvironment(autoescape=False)
-_HTML_ENV = LimitedEnvironment(autoescape=True)
+#: The longest range a filter may take: ``(1..100000000) | join`` would build a gigabyte
+#: string, ``| sort`` a list of a hundred million, before any output limit could see it.
+#: Loops over ranges are already capped by ``loop_iteration_limit``.
+MAX_RANGE = 10_000
+
+
+class RangeTooLong(ValueError):
+    """A filter was given a range longer than :data:`MAX_RANGE`."""
+
+
+def _guard(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(f)
+    def guarded(left: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(left, range) and len(left) > MAX_RANGE:
+            raise RangeTooLong(
+                f"filter {name!r} was given a range of {len(left)} items (at most {MAX_RANGE})"
+            )
+        return f(left, *args, **kwargs)
+
+    return guarded
+
+
+def _limited(autoescape: bool) -> LimitedEnvironment:
+    env = LimitedEnvironment(autoescape=autoescape)
+    env.filters = {name: _guard(name, f) for name, f in env.filters.items()}
+    return env
+
+
+_ENV = _limited(False)
+_HTML_ENV = _limited(True)
 
 
 class TemplateError(ValueError):
@@ -60,5 +90,5 @@ def render(source: str, context: dict[str, Any], *, html: bool = False) -> str:
     template = _compile(source, html)
     try:
         return template.render(**context)
-    except LiquidError as exc:
+    except (LiquidError, RangeTooLong) as exc:
         raise TemplateError(str(exc).splitlines()[0]) from None
