@@ -41,8 +41,8 @@ Part 2, timers ("one million waiting enrollments"). In this process, per databas
 5. wake-up lag: ``--due`` enrollments are set to fall due at one instant a second ahead,
    then (a) the timer step alone runs as the worker loop runs it (poll interval from the
    settings while idle) and (b) a second set is caught by the real ``PipelineWorker``
-   thread, which also runs the pipeline, the outbox dispatcher (email captured, no SMTP)
-   and any further steps on every pass; its timer step (``steps[0]``, as
+   thread, which also runs the pipeline and any further steps on every pass, with the
+   outbox dispatcher (email captured, no SMTP) in its background thread; its timer step (``steps[0]``, as
    ``bootstrap.build`` adds it) is wrapped to timestamp each batch. Lag of an enrollment =
    wall time after the commit of the batch that advanced it minus the due instant.
    (``--quick`` runs (a) only, with 5,000 due.)
@@ -1125,8 +1125,8 @@ def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, 
 
 
 def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: float) -> Lag:
-    """The real worker thread (pipeline, timers, outbox dispatcher on every pass), with
-    its timer step wrapped to timestamp each batch after its commit."""
+    """The real worker (pipeline and timers on every pass, the outbox dispatcher in its own
+    thread), with its timer step wrapped to timestamp each batch after its commit."""
     batches: list[tuple[float, int]] = []
     lock = threading.Lock()
     timers = container.worker.steps[0]
@@ -1154,7 +1154,7 @@ def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: flo
     finally:
         container.worker.steps[0] = timers
     return _lags(
-        batches, due_at, len(ids), "real worker thread (pipeline + timers + outbox on each pass)", cpu
+        batches, due_at, len(ids), "real worker (pipeline + timers each pass, outbox in its own thread)", cpu
     )
 
 

@@ -93,7 +93,9 @@ def build(
         },
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
-    worker.steps.extend([lambda: fire_timers(db, clock), dispatcher.drain_for])
+    worker.steps.append(lambda: fire_timers(db, clock))
+    # Its own thread while the worker runs: emails do not wait behind pipeline passes.
+    worker.background.append(dispatcher.drain_for)
     worker.steps.append(
         lambda: segment_timers(db, clock, partial(emit, partitions=settings.pipeline.partitions))
     )

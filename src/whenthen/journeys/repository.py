@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, select, update
 
 from whenthen.journeys.model import JournalEntry, State, Status
 from whenthen.journeys.tables import (
@@ -30,8 +30,11 @@ def journey_by_key(conn: Connection, ws: str, key: str, *, lock: bool = False) -
     return conn.execute(_locking(conn, stmt) if lock else stmt).first()
 
 
+_JOURNEY_BY_ID = select(journeys).where(journeys.c.id == bindparam("b_id"))
+
+
 def journey_by_id(conn: Connection, journey_id: str) -> Any:
-    return conn.execute(select(journeys).where(journeys.c.id == journey_id)).first()
+    return conn.execute(_JOURNEY_BY_ID, {"b_id": journey_id}).first()
 
 
 def list_journeys(conn: Connection, ws: str) -> list[Any]:
@@ -123,6 +126,42 @@ def to_state(row: Any) -> State:
     )
 
 
+#: Statements on the hot paths (every event, every timer) are built once with bind
+#: parameters: constructing ``insert().values(**kw)`` / ``select().where(...)`` per call
+#: cost several times the statement itself (docs/benchmarks.md, "Journeys").
+_INSERT_ENROLLMENT = insert(enrollments)
+_INSERT_JOURNAL = insert(enrollment_journal)
+
+
+def enrollment_row(
+    *,
+    ws: str,
+    journey_id: str,
+    version: int,
+    profile_id: str,
+    state: State,
+    entry_key: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "id": state.enrollment_id,
+        "workspace_id": ws,
+        "journey_id": journey_id,
+        "version": version,
+        "profile_id": profile_id,
+        "status": state.status.value,
+        "node": state.node,
+        "wake_at": state.wake_at,
+        "entered_at": state.entered_at,
+        "ended_at": now if state.status.ended else None,
+        "steps": state.steps,
+        "context": dict(state.context),
+        "reason": state.reason,
+        "entry_key": entry_key,
+        "updated_at": now,
+    }
+
+
 def insert_enrollment(
     conn: Connection,
     *,
@@ -135,23 +174,16 @@ def insert_enrollment(
     now: datetime,
 ) -> None:
     conn.execute(
-        insert(enrollments).values(
-            id=state.enrollment_id,
-            workspace_id=ws,
+        _INSERT_ENROLLMENT,
+        enrollment_row(
+            ws=ws,
             journey_id=journey_id,
             version=version,
             profile_id=profile_id,
-            status=state.status.value,
-            node=state.node,
-            wake_at=state.wake_at,
-            entered_at=state.entered_at,
-            ended_at=now if state.status.ended else None,
-            steps=state.steps,
-            context=dict(state.context),
-            reason=state.reason,
+            state=state,
             entry_key=entry_key,
-            updated_at=now,
-        )
+            now=now,
+        ),
     )
 
 
@@ -173,21 +205,28 @@ _SAVE_STATE = (
 )
 
 
+def state_params(state: State, now: datetime) -> dict[str, Any]:
+    return {
+        "b_id": state.enrollment_id,
+        "b_status": state.status.value,
+        "b_node": state.node,
+        "b_wake_at": state.wake_at,
+        "b_ended_at": now if state.status.ended else None,
+        "b_steps": state.steps,
+        "b_context": dict(state.context),
+        "b_reason": state.reason,
+        "b_updated_at": now,
+    }
+
+
 def save_state(conn: Connection, state: State, now: datetime) -> None:
-    conn.execute(
-        _SAVE_STATE,
-        {
-            "b_id": state.enrollment_id,
-            "b_status": state.status.value,
-            "b_node": state.node,
-            "b_wake_at": state.wake_at,
-            "b_ended_at": now if state.status.ended else None,
-            "b_steps": state.steps,
-            "b_context": dict(state.context),
-            "b_reason": state.reason,
-            "b_updated_at": now,
-        },
-    )
+    conn.execute(_SAVE_STATE, state_params(state, now))
+
+
+def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
+    """Many ``save_state`` at once (one executemany), from :func:`state_params`."""
+    if params:
+        conn.execute(_SAVE_STATE, list(params))
 
 
 def enrollment(conn: Connection, enrollment_id: str, *, lock: bool = False) -> Any:
@@ -195,17 +234,21 @@ def enrollment(conn: Connection, enrollment_id: str, *, lock: bool = False) -> A
     return conn.execute(_locking(conn, stmt) if lock else stmt).first()
 
 
-def active_for_profile(conn: Connection, ws: str, profile_id: str) -> list[Any]:
-    stmt = (
-        select(enrollments)
-        .where(
-            enrollments.c.workspace_id == ws,
-            enrollments.c.profile_id == profile_id,
-            enrollments.c.status == Status.ACTIVE.value,
-        )
-        .order_by(enrollments.c.entered_at, enrollments.c.id)
+_ACTIVE_FOR_PROFILE = (
+    select(enrollments)
+    .where(
+        enrollments.c.workspace_id == bindparam("b_ws"),
+        enrollments.c.profile_id == bindparam("b_profile"),
+        enrollments.c.status == Status.ACTIVE.value,
     )
-    return list(conn.execute(_locking(conn, stmt)))
+    .order_by(enrollments.c.entered_at, enrollments.c.id)
+)
+_ACTIVE_FOR_PROFILE_LOCKED = _ACTIVE_FOR_PROFILE.with_for_update()
+
+
+def active_for_profile(conn: Connection, ws: str, profile_id: str) -> list[Any]:
+    stmt = _ACTIVE_FOR_PROFILE_LOCKED if conn.dialect.name == "postgresql" else _ACTIVE_FOR_PROFILE
+    return list(conn.execute(stmt, {"b_ws": ws, "b_profile": profile_id}))
 
 
 def active_for_journey(conn: Connection, journey_id: str, limit: int) -> list[Any]:
@@ -218,30 +261,33 @@ def active_for_journey(conn: Connection, journey_id: str, limit: int) -> list[An
     return list(conn.execute(_locking(conn, stmt)))
 
 
+_DUE = (
+    select(enrollments)
+    .where(
+        enrollments.c.status == Status.ACTIVE.value,
+        enrollments.c.wake_at.is_not(None),
+        enrollments.c.wake_at <= bindparam("b_now"),
+    )
+    .order_by(enrollments.c.wake_at)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+_DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
+
+
 def due(conn: Connection, now: datetime, limit: int) -> list[Any]:
     """Active enrollments whose timer has fallen due, oldest first; locked, skipping rows
     another worker holds (PostgreSQL)."""
-    stmt = (
-        select(enrollments)
-        .where(
-            enrollments.c.status == Status.ACTIVE.value,
-            enrollments.c.wake_at.is_not(None),
-            enrollments.c.wake_at <= now,
-        )
-        .order_by(enrollments.c.wake_at)
-        .limit(limit)
-    )
-    return list(conn.execute(_locking(conn, stmt, skip_locked=True)))
+    stmt = _DUE_LOCKED if conn.dialect.name == "postgresql" else _DUE
+    return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
+
+
+_PREVIOUS_ENTRIES = select(enrollments.c.entry_key, enrollments.c.entered_at, enrollments.c.status).where(
+    enrollments.c.journey_id == bindparam("b_journey"), enrollments.c.profile_id == bindparam("b_profile")
+)
 
 
 def previous_entries(conn: Connection, journey_id: str, profile_id: str) -> list[Any]:
-    return list(
-        conn.execute(
-            select(enrollments.c.entry_key, enrollments.c.entered_at, enrollments.c.status).where(
-                enrollments.c.journey_id == journey_id, enrollments.c.profile_id == profile_id
-            )
-        )
-    )
+    return list(conn.execute(_PREVIOUS_ENTRIES, {"b_journey": journey_id, "b_profile": profile_id}))
 
 
 def count_active(conn: Connection, journey_id: str) -> int:
@@ -294,6 +340,24 @@ def delete_for_profiles(conn: Connection, ws: str, profile_ids: Sequence[str]) -
     )
 
 
+def journal_rows(
+    *, ws: str, journey_id: str, enrollment_id: str, profile_id: str, entries: Sequence[JournalEntry]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "workspace_id": ws,
+            "journey_id": journey_id,
+            "enrollment_id": enrollment_id,
+            "profile_id": profile_id,
+            "at": e.at,
+            "kind": e.kind,
+            "node": e.node,
+            "detail": dict(e.detail),
+        }
+        for e in entries
+    ]
+
+
 def write_journal(
     conn: Connection,
     *,
@@ -303,24 +367,23 @@ def write_journal(
     profile_id: str,
     entries: Sequence[JournalEntry],
 ) -> None:
-    if not entries:
-        return
-    conn.execute(
-        insert(enrollment_journal),
-        [
-            {
-                "workspace_id": ws,
-                "journey_id": journey_id,
-                "enrollment_id": enrollment_id,
-                "profile_id": profile_id,
-                "at": e.at,
-                "kind": e.kind,
-                "node": e.node,
-                "detail": dict(e.detail),
-            }
-            for e in entries
-        ],
-    )
+    if entries:
+        insert_journal_rows(
+            conn,
+            journal_rows(
+                ws=ws,
+                journey_id=journey_id,
+                enrollment_id=enrollment_id,
+                profile_id=profile_id,
+                entries=entries,
+            ),
+        )
+
+
+def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Journal rows of many enrollments at once (one executemany), from :func:`journal_rows`."""
+    if rows:
+        conn.execute(_INSERT_JOURNAL, list(rows))
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:

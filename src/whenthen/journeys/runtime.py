@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from whenthen import lists, messaging, profiles, scoring, tracking
 from whenthen.journeys import repository as repo
@@ -155,41 +156,20 @@ def _persist(
         profile_id=profile_id,
         entries=transition.journal,
     )
-    trigger = dict(state.context.get("trigger") or {})
-    if "event" in trigger:
-        trigger.setdefault("name", trigger["event"])  # templates say {{ event.name }}
-    render_context = {
-        "event": trigger,
-        "payload": state.context.get("payload") or {},
-        "journey": {"key": journey.key, "name": journey.name},
-    }
     for effect in transition.effects:
         if isinstance(effect, SendEmail | CallWebhook):
-            if isinstance(effect, SendEmail):
-                channel = "email"
-                payload: dict[str, Any] = {
-                    "email": effect.email.model_dump(mode="json", by_alias=True),
-                    "marketing": effect.marketing,
-                }
-            else:
-                channel = "webhook"
-                payload = {
-                    "url": effect.url,
-                    "body": dict(effect.body) if effect.body is not None else None,
-                    "headers": dict(effect.headers),
-                    "map_response": dict(effect.map_response),
-                }
+            q = _queued(ws, journey, state, profile_id, effect)
             messaging.enqueue(
                 conn,
-                ws=ws,
-                channel=channel,
-                message_id=message_id_for(effect.idempotency_key),
-                idempotency_key=effect.idempotency_key,
-                profile_id=profile_id,
-                journey_id=journey.id,
-                enrollment_id=state.enrollment_id,
-                node=effect.node,
-                payload={**payload, "context": render_context},
+                ws=q.ws,
+                channel=q.channel,
+                message_id=q.message_id,
+                idempotency_key=q.idempotency_key,
+                profile_id=q.profile_id,
+                journey_id=q.journey_id,
+                enrollment_id=q.enrollment_id,
+                node=q.node,
+                payload=q.payload,
                 now=now,
             )
         elif isinstance(effect, UpdateProfile):
@@ -215,6 +195,60 @@ def _persist(
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
             _jump(conn, ws, journey, state, effect, profile_id, now, depth)
+
+
+def _render_context(journey: Any, state: State) -> dict[str, Any]:
+    trigger = dict(state.context.get("trigger") or {})
+    if "event" in trigger:
+        trigger.setdefault("name", trigger["event"])  # templates say {{ event.name }}
+    return {
+        "event": trigger,
+        "payload": state.context.get("payload") or {},
+        "journey": {"key": journey.key, "name": journey.name},
+    }
+
+
+#: A published email template, dumped for the outbox once per node rather than per send.
+_TEMPLATES: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _template(effect: SendEmail) -> dict[str, Any]:
+    cached = _TEMPLATES.get(id(effect.email))
+    if cached is not None and cached[0] is effect.email:
+        return cached[1]
+    dumped = effect.email.model_dump(mode="json", by_alias=True)
+    if len(_TEMPLATES) > 4000:
+        _TEMPLATES.clear()
+    _TEMPLATES[id(effect.email)] = (effect.email, dumped)
+    return dumped
+
+
+def _queued(
+    ws: str, journey: Any, state: State, profile_id: str, effect: SendEmail | CallWebhook
+) -> messaging.Queued:
+    """The message (and outbox job) a send or webhook effect queues."""
+    if isinstance(effect, SendEmail):
+        channel = "email"
+        payload: dict[str, Any] = {"email": _template(effect), "marketing": effect.marketing}
+    else:
+        channel = "webhook"
+        payload = {
+            "url": effect.url,
+            "body": dict(effect.body) if effect.body is not None else None,
+            "headers": dict(effect.headers),
+            "map_response": dict(effect.map_response),
+        }
+    return messaging.Queued(
+        ws=ws,
+        channel=channel,
+        message_id=message_id_for(effect.idempotency_key),
+        idempotency_key=effect.idempotency_key,
+        profile_id=profile_id,
+        journey_id=journey.id,
+        enrollment_id=state.enrollment_id,
+        node=effect.node,
+        payload={**payload, "context": _render_context(journey, state)},
+    )
 
 
 def _jump(
@@ -294,6 +328,8 @@ def _may_enter(
 ) -> str | None:
     """Why the person may not enter now, or ``None`` when they may."""
     entry = definition.entry
+    if entry.frequency is Frequency.EVERY_TIME:
+        return None  # concurrent enrollments allowed: the person's history does not matter
     previous = repo.previous_entries(conn, journey.id, profile_id)
     if entry.frequency is Frequency.ONCE and previous:
         return "already entered once"
@@ -471,30 +507,114 @@ def forget(conn: Connection, ws: str, profile_ids: list[str]) -> None:
 # ---- timers ---------------------------------------------------------------------------
 
 
-def fire_due(conn: Connection, now: datetime, *, limit: int) -> int:
+def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = False) -> int:
     """Advance enrollments whose timers are due. An enrollment that keeps failing is
-    retried with backoff and, after ``MAX_FAILURES``, dead-lettered with the reason."""
+    retried with backoff and, after ``MAX_FAILURES``, dead-lettered with the reason.
+
+    The transitions are computed one by one with the pure engine and written together, one
+    executemany per table (enrollments, journal, messages, outbox); a transition with an
+    effect inside the database (traits, tags, lists, a jump) is written on its own, in
+    order, after the ones before it. A database error anywhere fails the whole call: the
+    caller runs it again with ``careful=True``, which advances each enrollment in its own
+    savepoint, so one bad row cannot hold the others back (``tasks.fire_timers``)."""
     rows = repo.due(conn, now, limit)
     fired = 0
     journeys: dict[str, Any] = {}
+    batch = _TimerBatch()
     for row in rows:
-        journey = journeys.get(row.journey_id) or repo.journey_by_id(conn, row.journey_id)
-        journeys[row.journey_id] = journey
+        if row.journey_id not in journeys:
+            journeys[row.journey_id] = repo.journey_by_id(conn, row.journey_id)
+        journey = journeys[row.journey_id]
         if journey is None or journey.status != "active":
             # Paused: hold the timer; it fires once the journey resumes.
             repo.save_state(conn, repo.to_state(row), now)
             _hold(conn, row.id, now)
             continue
+        if careful:
+            savepoint = conn.begin_nested()
+            try:
+                _advance_row(conn, row, journey, Wake(row.wake_at), now)
+                savepoint.commit()
+                fired += 1
+            except Exception as exc:
+                savepoint.rollback()
+                log.exception("enrollment %s failed on wake", row.id)
+                _record_failure(conn, row, now, f"{type(exc).__name__}: {exc}")
+            continue
+        try:
+            definition = definition_of(conn, journey.id, row.version)
+            state = repo.to_state(row)
+            t = advance(
+                definition,
+                state,
+                Wake(row.wake_at),
+                now=now,
+                facts=DbFacts(conn, row.workspace_id, row.profile_id),
+            )
+        except DBAPIError:
+            raise  # the transaction may be unusable: the careful pass takes over
+        except Exception as exc:
+            log.exception("enrollment %s failed on wake", row.id)
+            _record_failure(conn, row, now, f"{type(exc).__name__}: {exc}")
+            continue
+        if t.state == state and not t.journal:
+            fired += 1  # an early or stale wake: nothing to write
+            continue
+        if all(isinstance(e, SendEmail | CallWebhook) for e in t.effects):
+            batch.add(row, journey, t, now)
+            fired += 1
+            continue
+        batch.write(conn, now)  # the transitions before this one first, in order
         savepoint = conn.begin_nested()
         try:
-            _advance_row(conn, row, journey, Wake(row.wake_at), now)
+            _persist(
+                conn,
+                ws=row.workspace_id,
+                journey=journey,
+                version=row.version,
+                profile_id=row.profile_id,
+                transition=t,
+                now=now,
+                new=False,
+            )
             savepoint.commit()
             fired += 1
         except Exception as exc:
             savepoint.rollback()
             log.exception("enrollment %s failed on wake", row.id)
             _record_failure(conn, row, now, f"{type(exc).__name__}: {exc}")
+    batch.write(conn, now)
     return fired
+
+
+class _TimerBatch:
+    """Transitions of due enrollments whose only effects are messages, written together."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Any]] = []
+        self.journal: list[dict[str, Any]] = []
+        self.queued: list[messaging.Queued] = []
+
+    def add(self, row: Any, journey: Any, t: Transition, now: datetime) -> None:
+        self.states.append(repo.state_params(t.state, now))
+        self.journal.extend(
+            repo.journal_rows(
+                ws=row.workspace_id,
+                journey_id=journey.id,
+                enrollment_id=t.state.enrollment_id,
+                profile_id=row.profile_id,
+                entries=t.journal,
+            )
+        )
+        for effect in t.effects:
+            assert isinstance(effect, SendEmail | CallWebhook)
+            self.queued.append(_queued(row.workspace_id, journey, t.state, row.profile_id, effect))
+
+    def write(self, conn: Connection, now: datetime) -> None:
+        repo.save_states(conn, self.states)
+        repo.insert_journal_rows(conn, self.journal)
+        messaging.enqueue_many(conn, self.queued, now)
+        self.states, self.journal, self.queued = [], [], []
 
 
 def _hold(conn: Connection, enrollment_id: str, now: datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from whenthen.journeys import runtime
@@ -11,12 +12,25 @@ from whenthen.messaging.dispatch import Outcome
 from whenthen.storage import Database
 
 SIGNAL_PAGE = 500
+log = logging.getLogger("whenthen.journeys")
 
 
 def fire_timers(db: Database, clock: Clock, limit: int = 500) -> int:
+    """One batch of due timers and date triggers, in one transaction. The batch is written
+    with one statement per table; when anything in it fails (the database refuses a row),
+    it is done again with a savepoint per enrollment, so the faulty one is retried later
+    (and dead-lettered in the end) while the others go on."""
+    try:
+        with db.write() as conn:
+            now = clock.now()
+            return runtime.fire_due(conn, now, limit=limit) + runtime.fire_due_dates(conn, now, limit=limit)
+    except Exception as exc:
+        log.warning("timer batch failed (%r); again with a savepoint per enrollment", exc)
     with db.write() as conn:
         now = clock.now()
-        return runtime.fire_due(conn, now, limit=limit) + runtime.fire_due_dates(conn, now, limit=limit)
+        return runtime.fire_due(conn, now, limit=limit, careful=True) + runtime.fire_due_dates(
+            conn, now, limit=limit
+        )
 
 
 class SignalJob:

@@ -14,10 +14,11 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from email.message import EmailMessage
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -26,7 +27,7 @@ from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound
 from whenthen.messaging import service
 from whenthen.messaging.email import Addressing, build_email, unsubscribe_url
-from whenthen.messaging.ports import EmailSender, WebhookCaller
+from whenthen.messaging.ports import Delivery, EmailBatchSender, EmailSender, WebhookCaller
 from whenthen.profiles.model import Profile
 from whenthen.settings import EmailSettings, WebhookSettings
 from whenthen.storage import Database
@@ -37,14 +38,29 @@ log = logging.getLogger("whenthen.dispatch")
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """``done``; or ``retry_at`` with the error; or ``failed`` (permanent) with the error."""
+    """``done``; or ``retry_at`` with the error; or ``failed`` (permanent) with the error.
+
+    ``record``: (message id, columns) to write to the message row in the transaction that
+    closes the job (batch handlers), so a batch costs one commit, not two per message."""
 
     done: bool = True
     retry_at: datetime | None = None
     error: str | None = None
+    record: tuple[str, Mapping[str, Any]] | None = None
 
 
 JobHandler = Callable[[Any], Outcome]
+
+
+@runtime_checkable
+class BatchHandler(Protocol):
+    """A handler that performs many jobs of its kind at once; one outcome per job."""
+
+    def run_batch(self, jobs: Sequence[Any]) -> list[Outcome]:
+        """Perform the jobs (the records they need go in the outcomes)."""
+        raise NotImplementedError
+
+
 #: Attempts after which a job whose handler keeps raising is failed for good.
 MAX_CRASHES = 8
 
@@ -89,40 +105,87 @@ class Dispatcher:
                 return total
 
     def run_once(self) -> int:
+        """Claim a batch of ready jobs, perform them (those of a batch handler together),
+        and record every outcome in one transaction."""
         with self.db.write() as conn:
             jobs = service.claim(conn, self.clock.now(), limit=self.batch, lease=self.lease)
+        if not jobs:
+            return 0
+        outcomes: dict[int, Outcome] = {}
+        by_kind: dict[str, list[Any]] = {}
         for job in jobs:
-            handler = self.handlers.get(job.kind)
-            try:
-                if handler is None:
-                    outcome = Outcome(done=False, error=f"no handler for job kind {job.kind!r}")
-                else:
-                    outcome = handler(job)
-            except Exception as exc:
-                log.exception("job %s (%s) failed", job.id, job.kind)
-                # A handler that keeps raising is a bug, not a busy provider: give up after a few.
-                gave_up = job.attempts + 1 >= MAX_CRASHES
-                outcome = Outcome(
-                    done=False,
-                    retry_at=None if gave_up else backoff(job.attempts + 1, self.clock.now()),
-                    error=f"{'gave up after repeated errors: ' if gave_up else ''}{exc!r}",
-                )
-            with self.db.write() as conn:
-                now = self.clock.now()
-                if outcome.done:
-                    service.finish_job(conn, job.id, now)
-                elif outcome.retry_at is not None:
-                    service.retry_job(conn, job.id, outcome.retry_at, outcome.error or "")
-                else:
-                    service.fail_job(conn, job.id, now, outcome.error or "failed")
+            by_kind.setdefault(job.kind, []).append(job)
+        for kind, group in by_kind.items():
+            handler = self.handlers.get(kind)
+            if isinstance(handler, BatchHandler):
+                try:
+                    for job, outcome in zip(group, handler.run_batch(group), strict=True):
+                        outcomes[job.id] = outcome
+                    continue
+                except Exception:
+                    log.exception("batch of %s %s jobs failed; one by one", len(group), kind)
+            for job in group:
+                outcomes[job.id] = self._perform(handler, job)
+        self._close(jobs, outcomes)
         return len(jobs)
+
+    def _perform(self, handler: JobHandler | None, job: Any) -> Outcome:
+        try:
+            if handler is None:
+                return Outcome(done=False, error=f"no handler for job kind {job.kind!r}")
+            return handler(job)
+        except Exception as exc:
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            # A handler that keeps raising is a bug, not a busy provider: give up after a few.
+            gave_up = job.attempts + 1 >= MAX_CRASHES
+            return Outcome(
+                done=False,
+                retry_at=None if gave_up else backoff(job.attempts + 1, self.clock.now()),
+                error=f"{'gave up after repeated errors: ' if gave_up else ''}{exc!r}",
+            )
+
+    def _close(self, jobs: Sequence[Any], outcomes: Mapping[int, Outcome]) -> None:
+        """Write the messages' records and close the jobs: one transaction for the batch,
+        else (should that fail) one per job, so one bad row does not lose the others."""
+        try:
+            with self.db.write() as conn:
+                _write_outcomes(conn, [(job, outcomes[job.id]) for job in jobs], self.clock.now())
+            return
+        except Exception:
+            log.exception("recording a batch of %s jobs failed; one by one", len(jobs))
+        for job in jobs:
+            try:
+                with self.db.write() as conn:
+                    _write_outcomes(conn, [(job, outcomes[job.id])], self.clock.now())
+            except Exception:
+                # The job runs again when its lease ends; its message row says what to do.
+                log.exception("recording job %s failed", job.id)
+
+
+def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datetime) -> None:
+    service.record_many(conn, [o.record for _, o in closed if o.record is not None])
+    service.close_jobs(
+        conn,
+        finished=[
+            (job.id, now, None if o.done else (o.error or "failed"))
+            for job, o in closed
+            if o.done or o.retry_at is None
+        ],
+        retried=[
+            (job.id, o.retry_at, o.error or "") for job, o in closed if not o.done and o.retry_at is not None
+        ],
+    )
+
+
+#: Message states that still wait to be sent; any other was recorded by an earlier run.
+STILL_TO_SEND = ("queued", "retrying")
 
 
 def _unsent(conn: Any, message_id: str) -> Any:
     """The message row if it still waits to be sent; ``None`` when it was erased or an
     earlier run already recorded its outcome (a job run twice never sends twice)."""
     msg = service.message(conn, message_id)
-    return msg if msg is not None and msg.status in ("queued", "retrying") else None
+    return msg if msg is not None and msg.status in STILL_TO_SEND else None
 
 
 def _profile(conn: Any, ws: str, profile_id: str) -> Profile | None:
@@ -150,8 +213,21 @@ def render_context(profile: Profile, payload: Mapping[str, Any], message_id: str
     return context
 
 
+@dataclass(slots=True)
+class _Pending:
+    """An email built and waiting to be handed to the server."""
+
+    index: int
+    mid: str
+    attempt: int
+    message: EmailMessage
+    details: dict[str, Any]
+
+
 class EmailJob:
-    """Render, check consent, build and send (or capture) one email."""
+    """Render, check consent, build and send (or capture) emails: a batch of jobs at a
+    time (one read transaction, the sends concurrent when the sender can, the records
+    written with the jobs' outcomes by the dispatcher)."""
 
     def __init__(
         self,
@@ -171,25 +247,86 @@ class EmailJob:
         self.sender = sender
 
     def __call__(self, job: Any) -> Outcome:
-        payload = job.payload
-        mid = payload["message_id"]
-        attempt = attempt_of(job)
+        """One job on its own, its record written here."""
+        outcome = self.run_batch([job])[0]
+        if outcome.record is not None:
+            mid, values = outcome.record
+            with self.db.write() as conn:
+                service.record(conn, mid, **values)
+        return replace(outcome, record=None)
+
+    def run_batch(self, jobs: Sequence[Any]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        mids = [job.payload["message_id"] for job in jobs]
         with self.db.read() as conn:
-            msg = _unsent(conn, mid)
-            if msg is None:
-                return Outcome()
-            profile = _profile(conn, msg.workspace_id, msg.profile_id)
-            # The survivor's consent: the profile may have been merged since the message was queued.
-            consent = (
-                profiles.consent_status(conn, msg.workspace_id, profile.id, "email") if profile else None
-            )
+            rows = service.messages_by_id(conn, sorted(set(mids)))
+            people: dict[tuple[str, str], tuple[Profile | None, str | None]] = {}
+            for mid in mids:
+                msg = rows.get(mid)
+                if msg is None or msg.status not in STILL_TO_SEND:
+                    continue
+                key = (msg.workspace_id, msg.profile_id)
+                if key not in people:
+                    profile = _profile(conn, msg.workspace_id, msg.profile_id)
+                    # The survivor's consent: the profile may have been merged since it was queued.
+                    consent = (
+                        profiles.consent_status(conn, msg.workspace_id, profile.id, "email")
+                        if profile
+                        else None
+                    )
+                    people[key] = (profile, consent)
+        pending: list[_Pending] = []
+        seen: set[str] = set()
         now = self.clock.now()
+        for i, job in enumerate(jobs):
+            mid = mids[i]
+            msg = rows.get(mid)
+            if msg is None or msg.status not in STILL_TO_SEND or mid in seen:
+                # Erased, already recorded by an earlier run, or twice in this batch: never twice.
+                outcomes[i] = Outcome()
+                continue
+            seen.add(mid)
+            profile, consent = people[(msg.workspace_id, msg.profile_id)]
+            built = self._build(job, msg, profile, consent, now)
+            if isinstance(built, Outcome):
+                outcomes[i] = built
+            else:
+                built.index = i
+                pending.append(built)
+        if pending and self.sender is None:
+            for p in pending:
+                outcomes[p.index] = _recorded(
+                    p.mid,
+                    "captured",
+                    reason="no SMTP server configured: not delivered",
+                    sent_at=now,
+                    attempts=p.attempt,
+                    **p.details,
+                )
+        elif pending:
+            assert self.sender is not None
+            messages = [p.message for p in pending]
+            if isinstance(self.sender, EmailBatchSender):
+                deliveries = self.sender.send_many(messages)
+            else:
+                deliveries = [self.sender.send(m) for m in messages]
+            sent_at = self.clock.now()
+            for p, delivery in zip(pending, deliveries, strict=True):
+                outcomes[p.index] = self._delivered(p, delivery, sent_at, now)
+        return [o if o is not None else Outcome() for o in outcomes]
+
+    def _build(
+        self, job: Any, msg: Any, profile: Profile | None, consent: str | None, now: datetime
+    ) -> Outcome | _Pending:
+        payload = job.payload
+        mid = msg.id
+        attempt = attempt_of(job)
         if profile is None:
-            return self._record(mid, "skipped", reason="profile erased")
+            return _recorded(mid, "skipped", reason="profile erased")
         if not profile.email:
-            return self._record(mid, "skipped", reason="no email address")
+            return _recorded(mid, "skipped", reason="no email address")
         if payload.get("marketing", True) and consent == "unsubscribed":
-            return self._record(mid, "skipped", reason="unsubscribed")
+            return _recorded(mid, "skipped", reason="unsubscribed")
         a = Addressing(
             public_url=self.public_url,
             secret=self.secret,
@@ -205,7 +342,7 @@ class EmailJob:
             html = render(template["html"], context, html=True) if template.get("html") else None
             text = render(template["text"], context) if template.get("text") else None
         except TemplateError as exc:
-            return self._record(mid, "failed", reason=f"template: {exc}", failed=True, attempts=attempt)
+            return _recorded(mid, "failed", reason=f"template: {exc}", failed=True, attempts=attempt)
         built = build_email(
             a=a,
             sender=template.get("from") or self.settings.from_address,
@@ -224,39 +361,39 @@ class EmailJob:
             "body_text": built.message.get_body(("plain",)).get_content() if text else None,  # type: ignore[union-attr]
             "links": list(built.links),
         }
-        if self.sender is None:
-            return self._record(
-                mid,
-                "captured",
-                reason="no SMTP server configured: not delivered",
-                sent_at=now,
-                attempts=attempt,
-                **details,
-            )
-        delivery = self.sender.send(built.message)
-        if delivery.accepted:
-            return self._record(
-                mid,
-                "sent",
-                sent_at=self.clock.now(),
-                attempts=attempt,
-                response={"smtp": delivery.detail},
-                **details,
-            )
-        if delivery.permanent or attempt >= self.settings.max_attempts:
-            return self._record(
-                mid, "failed", reason=delivery.detail, failed=True, attempts=attempt, **details
-            )
-        with self.db.write() as conn:
-            service.record(conn, mid, status="retrying", reason=delivery.detail, attempts=attempt)
-        return Outcome(done=False, retry_at=backoff(attempt, now), error=delivery.detail)
+        return _Pending(index=-1, mid=mid, attempt=attempt, message=built.message, details=details)
 
-    def _record(
-        self, mid: str, status: str, *, reason: str | None = None, failed: bool = False, **values: Any
-    ) -> Outcome:
-        with self.db.write() as conn:
-            service.record(conn, mid, status=status, reason=reason, **values)
-        return Outcome(done=not failed, error=reason if failed else None)
+    def _delivered(self, p: _Pending, delivery: Delivery, sent_at: datetime, now: datetime) -> Outcome:
+        if delivery.accepted:
+            return _recorded(
+                p.mid,
+                "sent",
+                sent_at=sent_at,
+                attempts=p.attempt,
+                response={"smtp": delivery.detail},
+                **p.details,
+            )
+        if delivery.permanent or p.attempt >= self.settings.max_attempts:
+            return _recorded(
+                p.mid, "failed", reason=delivery.detail, failed=True, attempts=p.attempt, **p.details
+            )
+        return Outcome(
+            done=False,
+            retry_at=backoff(p.attempt, now),
+            error=delivery.detail,
+            record=(p.mid, {"status": "retrying", "reason": delivery.detail, "attempts": p.attempt}),
+        )
+
+
+def _recorded(
+    mid: str, status: str, *, reason: str | None = None, failed: bool = False, **values: Any
+) -> Outcome:
+    """The outcome of a job whose message ends (or is skipped) with ``status``."""
+    return Outcome(
+        done=not failed,
+        error=reason if failed else None,
+        record=(mid, {"status": status, "reason": reason, **values}),
+    )
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,20 @@ class Delivery:
 class EmailSender(Protocol):
     def send(self, message: EmailMessage) -> Delivery:
         """Hand one message to the provider."""
+        raise NotImplementedError
+
+
+@runtime_checkable
+class EmailBatchSender(Protocol):
+    """A sender that can hand over many messages at once (concurrently, over kept-open
+    sessions); the dispatcher uses it when the sender offers it."""
+
+    def send(self, message: EmailMessage) -> Delivery:
+        """Hand one message to the provider."""
+        raise NotImplementedError
+
+    def send_many(self, messages: Sequence[EmailMessage]) -> list[Delivery]:
+        """Hand the messages to the provider: one answer per message, in their order."""
         raise NotImplementedError
 
 

@@ -4,25 +4,99 @@ transaction as the decision, performed after the commit by the dispatcher. Never
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.messaging.tables import messages, outbox
 
+# Statements run for every message and job are built once, with bind parameters: building
+# ``insert().values(**row)`` per call cost several times the statement (docs/benchmarks.md).
+# RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+_INSERT_MESSAGE = {
+    name: d.insert(messages).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    for name, d in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_INSERT_MESSAGE_RETURNING = {name: stmt.returning(messages.c.id) for name, stmt in _INSERT_MESSAGE.items()}
+_INSERT_OUTBOX = insert(outbox)
+_EXISTING_KEYS = select(messages.c.idempotency_key).where(
+    messages.c.idempotency_key.in_(bindparam("b_keys", expanding=True))
+)
+_MESSAGE = select(messages).where(messages.c.id == bindparam("b_id"))
+_MESSAGES = select(messages).where(messages.c.id.in_(bindparam("b_ids", expanding=True)))
+_READY = (
+    select(outbox)
+    .where(outbox.c.done_at.is_(None), outbox.c.available_at <= bindparam("b_now"))
+    .order_by(outbox.c.available_at, outbox.c.id)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+_READY_LOCKED = _READY.with_for_update(skip_locked=True)
+_HIDE = (
+    update(outbox)
+    .where(outbox.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(available_at=bindparam("b_until"), attempts=outbox.c.attempts + 1)
+)
+_FINISH = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"))
+    .values(done_at=bindparam("b_done"), last_error=bindparam("b_error"))
+)
+_RETRY = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"))
+    .values(available_at=bindparam("b_at"), last_error=bindparam("b_error"))
+)
+#: ``UPDATE messages SET <the parameters' keys> WHERE id = :b_id``.
+_RECORD = update(messages).where(messages.c.id == bindparam("b_id"))
+
 
 def _insert_message(conn: Connection, row: dict[str, Any]) -> bool:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-    result = conn.execute(
-        dialect.insert(messages)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(messages.c.id)
-    )
+    result = conn.execute(_INSERT_MESSAGE_RETURNING[conn.dialect.name], row)
     return result.first() is not None
+
+
+def _message_row(
+    *,
+    ws: str,
+    channel: str,
+    message_id: str,
+    idempotency_key: str,
+    profile_id: str,
+    journey_id: str | None,
+    enrollment_id: str | None,
+    node: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "workspace_id": ws,
+        "profile_id": profile_id,
+        "journey_id": journey_id,
+        "enrollment_id": enrollment_id,
+        "node": node,
+        "channel": channel,
+        "idempotency_key": idempotency_key,
+        "status": "queued",
+        "links": [],
+        "attempts": 0,
+        "created_at": now,
+    }
+
+
+def _job_row(
+    ws: str, channel: str, message_id: str, payload: Mapping[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {
+        "workspace_id": ws,
+        "kind": channel,
+        "payload": {"message_id": message_id, **payload},
+        "available_at": now,
+        "attempts": 0,
+        "created_at": now,
+    }
 
 
 def enqueue(
@@ -43,33 +117,76 @@ def enqueue(
     idempotency key exists already: it is never queued twice."""
     created = _insert_message(
         conn,
-        {
-            "id": message_id,
-            "workspace_id": ws,
-            "profile_id": profile_id,
-            "journey_id": journey_id,
-            "enrollment_id": enrollment_id,
-            "node": node,
-            "channel": channel,
-            "idempotency_key": idempotency_key,
-            "status": "queued",
-            "links": [],
-            "attempts": 0,
-            "created_at": now,
-        },
+        _message_row(
+            ws=ws,
+            channel=channel,
+            message_id=message_id,
+            idempotency_key=idempotency_key,
+            profile_id=profile_id,
+            journey_id=journey_id,
+            enrollment_id=enrollment_id,
+            node=node,
+            now=now,
+        ),
     )
     if created:
-        conn.execute(
-            insert(outbox).values(
-                workspace_id=ws,
-                kind=channel,
-                payload={"message_id": message_id, **payload},
-                available_at=now,
-                attempts=0,
-                created_at=now,
-            )
-        )
+        conn.execute(_INSERT_OUTBOX, _job_row(ws, channel, message_id, payload, now))
     return created
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One message to queue with :func:`enqueue_many` (the arguments of :func:`enqueue`)."""
+
+    ws: str
+    channel: str
+    message_id: str
+    idempotency_key: str
+    profile_id: str
+    journey_id: str | None
+    enrollment_id: str | None
+    node: str | None
+    payload: Mapping[str, Any]
+
+
+def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> int:
+    """Queue many messages with one executemany per table; a message whose idempotency key
+    exists already is skipped, as in :func:`enqueue`. Returns how many were queued.
+
+    The caller must hold what makes the keys its own (the enrollments' rows, locked or
+    written in this transaction), so no other transaction can insert one of these keys
+    between the look-up and the insert; the insert ignores conflicts all the same."""
+    if not items:
+        return 0
+    keys = [q.idempotency_key for q in items]
+    existing = {r[0] for r in conn.execute(_EXISTING_KEYS, {"b_keys": keys})}
+    fresh: dict[str, Queued] = {}
+    for q in items:
+        if q.idempotency_key not in existing:
+            fresh.setdefault(q.idempotency_key, q)
+    if not fresh:
+        return 0
+    conn.execute(
+        _INSERT_MESSAGE[conn.dialect.name],
+        [
+            _message_row(
+                ws=q.ws,
+                channel=q.channel,
+                message_id=q.message_id,
+                idempotency_key=q.idempotency_key,
+                profile_id=q.profile_id,
+                journey_id=q.journey_id,
+                enrollment_id=q.enrollment_id,
+                node=q.node,
+                now=now,
+            )
+            for q in fresh.values()
+        ],
+    )
+    conn.execute(
+        _INSERT_OUTBOX, [_job_row(q.ws, q.channel, q.message_id, q.payload, now) for q in fresh.values()]
+    )
+    return len(fresh)
 
 
 def enqueue_job(conn: Connection, ws: str, kind: str, payload: Mapping[str, Any], now: datetime) -> int:
@@ -88,34 +205,39 @@ def claim(conn: Connection, now: datetime, *, limit: int, lease: timedelta) -> l
     """Take up to ``limit`` ready jobs and hide them for ``lease`` while they run.
 
     A job whose worker dies is retried when the lease ends (at-least-once)."""
-    stmt = (
-        select(outbox)
-        .where(outbox.c.done_at.is_(None), outbox.c.available_at <= now)
-        .order_by(outbox.c.available_at, outbox.c.id)
-        .limit(limit)
-    )
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    rows = list(conn.execute(stmt))
+    stmt = _READY_LOCKED if conn.dialect.name == "postgresql" else _READY
+    rows = list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
     if rows:
-        conn.execute(
-            update(outbox)
-            .where(outbox.c.id.in_([r.id for r in rows]))
-            .values(available_at=now + lease, attempts=outbox.c.attempts + 1)
-        )
+        conn.execute(_HIDE, {"b_ids": [r.id for r in rows], "b_until": now + lease})
     return rows
 
 
 def finish_job(conn: Connection, job_id: int, now: datetime) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == job_id).values(done_at=now, last_error=None))
+    conn.execute(_FINISH, {"b_id": job_id, "b_done": now, "b_error": None})
 
 
 def retry_job(conn: Connection, job_id: int, at: datetime, error: str) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == job_id).values(available_at=at, last_error=error[:2000]))
+    conn.execute(_RETRY, {"b_id": job_id, "b_at": at, "b_error": error[:2000]})
 
 
 def fail_job(conn: Connection, job_id: int, now: datetime, error: str) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == job_id).values(done_at=now, last_error=error[:2000]))
+    conn.execute(_FINISH, {"b_id": job_id, "b_done": now, "b_error": error[:2000]})
+
+
+def close_jobs(
+    conn: Connection,
+    finished: Sequence[tuple[int, datetime, str | None]],
+    retried: Sequence[tuple[int, datetime, str]],
+) -> None:
+    """Record the outcome of many jobs: ``finished`` (id, done at, error or None: done or
+    failed for good) and ``retried`` (id, when to run again, error), an executemany each."""
+    if finished:
+        conn.execute(
+            _FINISH,
+            [{"b_id": i, "b_done": at, "b_error": None if e is None else e[:2000]} for i, at, e in finished],
+        )
+    if retried:
+        conn.execute(_RETRY, [{"b_id": i, "b_at": at, "b_error": e[:2000]} for i, at, e in retried])
 
 
 def replace_payload(conn: Connection, job_id: int, payload: Mapping[str, Any], at: datetime) -> None:
@@ -123,11 +245,26 @@ def replace_payload(conn: Connection, job_id: int, payload: Mapping[str, Any], a
 
 
 def message(conn: Connection, message_id: str) -> Any:
-    return conn.execute(select(messages).where(messages.c.id == message_id)).first()
+    return conn.execute(_MESSAGE, {"b_id": message_id}).first()
+
+
+def messages_by_id(conn: Connection, message_ids: Sequence[str]) -> dict[str, Any]:
+    if not message_ids:
+        return {}
+    return {r.id: r for r in conn.execute(_MESSAGES, {"b_ids": list(message_ids)})}
 
 
 def record(conn: Connection, message_id: str, **values: Any) -> None:
-    conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+    conn.execute(_RECORD, {"b_id": message_id, **values})
+
+
+def record_many(conn: Connection, records: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Many :func:`record` calls: one executemany per set of columns written."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for message_id, values in records:
+        groups.setdefault(tuple(sorted(values)), []).append({"b_id": message_id, **values})
+    for params in groups.values():
+        conn.execute(_RECORD, params)
 
 
 def log_for_profile(conn: Connection, ws: str, profile_ids: Sequence[str], limit: int) -> list[Any]:

@@ -10,9 +10,13 @@ Lines may be up to 998 characters (RFC 5322), so such headers are sent as they a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import email.policy
-from collections.abc import Coroutine
+import threading
+import time
+import zlib
+from collections.abc import Coroutine, Sequence
 from email.message import EmailMessage
 from typing import Any, TypeVar
 
@@ -25,41 +29,135 @@ from whenthen.settings import EmailSettings
 T = TypeVar("T")
 
 
-class SmtpSender:
-    """Sends each message over its own SMTP session, on an event loop owned by this sender
-    (the dispatcher calls it from its worker thread)."""
+#: Sessions kept open to the SMTP server, each sending its share of a batch in turn.
+CONNECTIONS = 8
+#: A session unused for longer than this is closed rather than reused (servers drop idle
+#: sessions after a while; RFC 5321 asks them to wait at least 5 minutes).
+IDLE_SECONDS = 30.0
 
-    def __init__(self, settings: EmailSettings) -> None:
+_Prepared = tuple[str, list[str], bytes, bool]
+
+
+class SmtpSender:
+    """Sends messages over SMTP sessions that stay open between messages (MAIL, RCPT,
+    DATA per message; no connect, EHLO, STARTTLS, AUTH and QUIT each time), up to
+    ``connections`` of them at once, on an event loop owned by this sender (the
+    dispatcher calls it from its worker thread).
+
+    ``send_many`` sends a batch concurrently over the sessions; the messages to one
+    recipient go over one session, in order. A session that fails is closed; a message
+    that fails on a reused session which the server had dropped is sent again once over a
+    new one (nothing was accepted)."""
+
+    def __init__(
+        self, settings: EmailSettings, *, connections: int = CONNECTIONS, idle_seconds: float = IDLE_SECONDS
+    ) -> None:
         if not settings.smtp_host:
             raise ValueError("SmtpSender needs email.smtp_host")
         self.settings = settings
+        self.connections = max(1, connections)
+        self.idle_seconds = idle_seconds
         self._loop = asyncio.new_event_loop()
+        #: One caller at a time drives the loop (the dispatcher thread; tests' drain()).
+        self._lock = threading.Lock()
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
     def send(self, message: EmailMessage) -> Delivery:
+        return self.send_many([message])[0]
+
+    def send_many(self, messages: Sequence[EmailMessage]) -> list[Delivery]:
+        """Hand the messages to the server; one answer per message, in their order."""
+        results: list[Delivery | None] = [None] * len(messages)
+        prepared: dict[int, _Prepared] = {}
+        for i, message in enumerate(messages):
+            try:
+                prepared[i] = serialise(message)
+            except ValueError as exc:
+                results[i] = Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
+        if prepared:
+            with self._lock:
+                self._run(self._send_all(prepared, results))
+        return [r if r is not None else Delivery(accepted=False, detail="not sent") for r in results]
+
+    async def _send_all(self, prepared: dict[int, _Prepared], results: list[Delivery | None]) -> None:
+        lanes: list[list[int]] = [[] for _ in range(min(self.connections, len(prepared)))]
+        for i, (_, recipients, _, _) in prepared.items():
+            lanes[zlib.crc32(",".join(recipients).encode()) % len(lanes)].append(i)
+        await asyncio.gather(*(self._lane(lane, prepared, results) for lane in lanes if lane))
+
+    async def _lane(
+        self, lane: list[int], prepared: dict[int, _Prepared], results: list[Delivery | None]
+    ) -> None:
+        client: aiosmtplib.SMTP | None = None
+        try:
+            for i in lane:
+                results[i], client = await self._one(client, prepared[i])
+        finally:
+            if client is not None:
+                self._idle.append((client, time.monotonic()))
+
+    async def _one(
+        self, client: aiosmtplib.SMTP | None, item: _Prepared
+    ) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+        sender, recipients, data, utf8 = item
+        for fresh_only in (False, True):
+            reused = False
+            try:
+                if client is None:
+                    client, reused = await self._acquire(fresh_only)
+                else:
+                    reused = True
+                errors, response = await client.sendmail(
+                    sender, recipients, data, mail_options=["SMTPUTF8"] if utf8 else None
+                )
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                await self._discard(client)
+                client = None
+                if reused and not fresh_only:
+                    continue  # the server had closed the idle session: once more on a new one
+                return _refusal(exc), None
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await self._discard(client)
+                return _refusal(exc), None
+            if errors:
+                return Delivery(accepted=False, detail=f"refused: {errors}", permanent=True), client
+            return Delivery(accepted=True, detail=response), client
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire(self, fresh_only: bool) -> tuple[aiosmtplib.SMTP, bool]:
+        """An open session (``True``: reused) or a new one, connected and logged in."""
+        while self._idle and not fresh_only:
+            client, since = self._idle.pop()
+            if client.is_connected and time.monotonic() - since < self.idle_seconds:
+                return client, True
+            await self._discard(client, quit=client.is_connected)
         s = self.settings
-        security = s.smtp_security.lower()
+        client = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            use_tls=s.smtp_security.lower() == "tls",
+            start_tls=s.smtp_security.lower() == "starttls",
+            timeout=s.smtp_timeout_seconds,
+            cert_bundle=s.smtp_ca_file,
+        )
         try:
-            sender, recipients, data, utf8 = serialise(message)
-        except ValueError as exc:
-            return Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
-        try:
-            errors, response = self._run(self._session(sender, recipients, data, utf8, security))
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            # 4xx at RCPT (greylisting, mailbox busy) is temporary: only 5xx is final.
-            permanent = all(500 <= r.code < 600 for r in exc.recipients)
-            answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-            return Delivery(accepted=False, detail=f"recipient refused: {answers}", permanent=permanent)
-        except aiosmtplib.SMTPResponseException as exc:
-            return Delivery(
-                accepted=False, detail=f"{exc.code} {exc.message}", permanent=500 <= exc.code < 600
-            )
-        except aiosmtplib.SMTPNotSupported as exc:  # e.g. SMTPUTF8 needed, not offered
-            return Delivery(accepted=False, detail=f"not supported by the server: {exc}", permanent=True)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return Delivery(accepted=False, detail=f"{type(exc).__name__}: {exc}")
-        if errors:
-            return Delivery(accepted=False, detail=f"refused: {errors}", permanent=True)
-        return Delivery(accepted=True, detail=response)
+            await client.connect()
+            if s.smtp_username:
+                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
+                await client.login(s.smtp_username, password)
+        except BaseException:
+            # ``aiosmtplib.send`` leaves the connection open when AUTH fails: close it here.
+            await self._discard(client)
+            raise
+        return client, False
+
+    async def _discard(self, client: aiosmtplib.SMTP | None, *, quit: bool = False) -> None:
+        if client is None:
+            return
+        if quit:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit()
+        client.close()
 
     def _run(self, session: Coroutine[Any, Any, T]) -> T:
         try:
@@ -70,36 +168,36 @@ class SmtpSender:
             # failure: a 10 ms pause after every email capped delivery at ~65 a second.
             self._loop.run_until_complete(asyncio.sleep(0.01))
             raise
-        # One loop iteration runs the close callbacks QUIT scheduled, so the socket is
-        # released now rather than at garbage collection.
+        # One loop iteration runs the close callbacks of sessions closed meanwhile, so
+        # their sockets are released now rather than at garbage collection.
         self._loop.run_until_complete(asyncio.sleep(0))
         return result
 
-    async def _session(
-        self, sender: str, recipients: list[str], data: bytes, utf8: bool, security: str
-    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-        """One SMTP session; the connection is closed whatever happens (``aiosmtplib.send``
-        leaves it open when AUTH fails)."""
-        s = self.settings
-        client = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port,
-            use_tls=security == "tls",
-            start_tls=security == "starttls",
-            timeout=s.smtp_timeout_seconds,
-            cert_bundle=s.smtp_ca_file,
-        )
-        async with client:
-            if s.smtp_username:
-                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
-                await client.login(s.smtp_username, password)
-            return await client.sendmail(
-                sender, recipients, data, mail_options=["SMTPUTF8"] if utf8 else None
-            )
+    async def _close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            await self._discard(client, quit=client.is_connected)
 
     def close(self) -> None:
-        self._loop.run_until_complete(asyncio.sleep(0.01))  # anything still closing
-        self._loop.close()
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._close_idle())
+            self._loop.run_until_complete(asyncio.sleep(0.01))  # anything still closing
+            self._loop.close()
+
+
+def _refusal(exc: BaseException) -> Delivery:
+    """What a failed SMTP exchange means: permanent (5xx, unsupported) or temporary."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        # 4xx at RCPT (greylisting, mailbox busy) is temporary: only 5xx is final.
+        permanent = all(500 <= r.code < 600 for r in exc.recipients)
+        answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+        return Delivery(accepted=False, detail=f"recipient refused: {answers}", permanent=permanent)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return Delivery(accepted=False, detail=f"{exc.code} {exc.message}", permanent=500 <= exc.code < 600)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):  # e.g. SMTPUTF8 needed, not offered
+        return Delivery(accepted=False, detail=f"not supported by the server: {exc}", permanent=True)
+    return Delivery(accepted=False, detail=f"{type(exc).__name__}: {exc}")
 
 
 def serialise(message: EmailMessage) -> tuple[str, list[str], bytes, bool]:
