@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-postgres lint types ci bench bench-journeys clean
+.PHONY: install run test test-postgres lint types ci bench bench-journeys bench-audience clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: install
 
 bench-journeys: install
 	$(BIN)/python -m bench.journeys
+
+bench-audience: install
+	$(BIN)/python -m bench.audience
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
 from whenthen.messaging.dispatch import Dispatcher, EmailJob, WebhookJob
 from whenthen.messaging.ports import EmailSender, WebhookCaller
-from whenthen.pipeline.service import emit
+from whenthen.pipeline.service import announce, emit
 from whenthen.scoring import decay_step as score_decay
 from whenthen.segments.compiler import install_sqlite_functions
 from whenthen.segments.rechecks import recheck_step as segment_rechecks
@@ -97,7 +97,12 @@ def build(
     # Its own thread while the worker runs: emails do not wait behind pipeline passes.
     worker.background.append(dispatcher.drain_for)
     worker.steps.append(
-        lambda: segment_timers(db, clock, partial(emit, partitions=settings.pipeline.partitions))
+        lambda: segment_timers(
+            db,
+            clock,
+            partial(emit, partitions=settings.pipeline.partitions),
+            announce=partial(announce, partitions=settings.pipeline.partitions),
+        )
     )
     worker.steps.append(
         lambda: segment_rechecks(db, clock, partial(emit, partitions=settings.pipeline.partitions))

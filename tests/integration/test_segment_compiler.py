@@ -29,7 +29,7 @@ from whenthen.profiles.tables import profile_tags, profiles
 from whenthen.scoring.tables import profile_scores, profile_stages
 from whenthen.segments.compiler import _power, add_sqlite_functions, compile_segment, members_query
 from whenthen.segments.definition import SegmentDefinition, parse_segment
-from whenthen.segments.evaluator import ProfileView, evaluate, next_change
+from whenthen.segments.evaluator import DecaySpec, ProfileView, evaluate, next_change
 from whenthen.storage import Database
 from whenthen.tracking.tables import events
 
@@ -37,7 +37,13 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 WS = "ws-1"
 OTHER_WS = "ws-2"
 US = timedelta(microseconds=1)
-HALF_LIVES: dict[str, timedelta | None] = {"m1": timedelta(days=1), "m2": None, "m3": timedelta(hours=1)}
+#: m4 loses 3 points each 2-day period boundary (fixed-amount decay), never past 0.
+HALF_LIVES: dict[str, DecaySpec] = {
+    "m1": timedelta(days=1),
+    "m2": None,
+    "m3": timedelta(hours=1),
+    "m4": (3.0, timedelta(days=2)),
+}
 
 
 # ---- the population ---------------------------------------------------------------
@@ -287,7 +293,7 @@ props = st.dictionaries(st.sampled_from(PROP_KEYS), json_values, max_size=3)
 EVENT_NAMES = ["A", "B", "Email Opened", "Email Link Clicked"]
 person_events = st.lists(st.tuples(st.sampled_from(EVENT_NAMES), props, moments), max_size=6)
 scores = st.dictionaries(
-    st.sampled_from(["m1", "m2", "m3"]),
+    st.sampled_from(["m1", "m2", "m3", "m4"]),
     st.tuples(st.sampled_from([0.0, 5.0, 10.0, 2.5, -4.0, 100.0, 1e-3]), moments),
     max_size=3,
 )
@@ -431,7 +437,7 @@ leaves = st.one_of(
     st.builds(lambda t: {"kind": "tag", "tag": t}, st.sampled_from(["vip", "VIP", "new"])),
     st.builds(
         lambda m, op, v: {"kind": "score", "model": m, "op": op, "value": v},
-        st.sampled_from(["m1", "m2", "m3", "m9"]),
+        st.sampled_from(["m1", "m2", "m3", "m4", "m9"]),
         st.sampled_from(["gt", "gte", "lt", "lte"]),
         st.sampled_from([0, 5, 2.5, 1.25, 10, -1, -2, 1e-300, 100]),
     ),
@@ -673,6 +679,24 @@ def test_scores_decay_lists_tags_stages_and_engagement(db: Database) -> None:
         "ancient",
         "clicker",
     }
+    # m4: NOW is 1.5 days into its 2-day period: 10 points stored 2 days before NOW have
+    # passed one boundary: 7. A score of -4 two boundaries back is at 0 (not past it).
+    fixed = [
+        Person("f-one", scores={"m4": (10.0, NOW - timedelta(days=2))}),
+        Person("f-neg", scores={"m4": (-4.0, NOW - timedelta(days=4))}),
+        Person("f-new", scores={"m4": (10.0, NOW)}),
+    ]
+    store(db, people + fixed)
+    assert agree(db, people + fixed, seg({"kind": "score", "model": "m4", "op": "gte", "value": 7})) == {
+        "f-one",
+        "f-new",
+    }
+    assert agree(db, people + fixed, seg({"kind": "score", "model": "m4", "op": "gt", "value": 7})) == {
+        "f-new"
+    }
+    assert "f-neg" in agree(
+        db, people + fixed, seg({"kind": "score", "model": "m4", "op": "gte", "value": 0})
+    )
     assert agree(db, people, seg({"kind": "tag", "tag": "VIP"})) == set()
     assert agree(db, people, seg({"kind": "list", "list": "l1"})) == {"fresh"}
     assert agree(db, people, seg({"kind": "stage", "in": ["lead", "customer"]})) == {"half"}

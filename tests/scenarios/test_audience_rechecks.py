@@ -14,7 +14,6 @@ from sqlalchemy import select
 from tests.support.journey_env import JourneyEnv
 from whenthen.api.app import create_app
 from whenthen.profiles.tables import profile_rechecks
-from whenthen.tracking.tables import events
 
 
 @pytest.fixture
@@ -30,16 +29,6 @@ def save(http: TestClient, key: str, condition: dict[str, Any]) -> None:
 
 def members(http: TestClient, key: str) -> list[str]:
     return [m["profile_id"] for m in http.get(f"/api/v1/segments/{key}/members").json()["data"]]
-
-
-def system_events(env: JourneyEnv, name: str) -> list[dict[str, Any]]:
-    with env.c.db.read() as conn:
-        rows = conn.execute(
-            select(events.c.payload)
-            .where(events.c.workspace_id == env.ws.id, events.c.event == name)
-            .order_by(events.c.seq)
-        )
-        return [{"user": r[0].get("userId"), **r[0]["properties"]} for r in rows]
 
 
 def queued(env: JourneyEnv) -> int:
@@ -60,12 +49,12 @@ def test_list_members_added_and_removed_over_the_api_enter_and_leave(
     env.advance(seconds=1)
     assert sorted(members(http, "vips")) == sorted([ann, bob])
     assert queued(env) == 0
-    assert sorted(e["user"] for e in system_events(env, "Segment Entered")) == ["ann", "bob"]
+    assert sorted(e["user"] for e in env.system_events("Segment Entered")) == ["ann", "bob"]
 
     assert http.delete(f"/api/v1/lists/vip/members/{bob}").json() == {"removed": True}
     env.advance(seconds=1)
     assert members(http, "vips") == [ann]
-    assert system_events(env, "Segment Exited") == [{"user": "bob", "segment": "vips"}]
+    assert env.system_events("Segment Exited") == [{"user": "bob", "segment": "vips"}]
 
 
 def test_tags_added_and_removed_over_the_api_move_people(env: JourneyEnv, http: TestClient) -> None:
@@ -78,7 +67,7 @@ def test_tags_added_and_removed_over_the_api_move_people(env: JourneyEnv, http: 
     assert http.delete(f"/api/v1/profiles/{ann}/tags/prefers-wechat").status_code == 200
     env.advance(seconds=1)
     assert members(http, "wechat-fans") == []
-    assert [e["segment"] for e in system_events(env, "Segment Exited")] == ["wechat-fans"]
+    assert [e["segment"] for e in env.system_events("Segment Exited")] == ["wechat-fans"]
 
 
 def test_a_csv_import_fills_a_list_segment(env: JourneyEnv, http: TestClient) -> None:
@@ -101,12 +90,12 @@ def test_a_stage_set_over_the_api_moves_segments_and_is_announced(env: JourneyEn
     assert http.post(f"/api/v1/profiles/{ann}/stage", json={"stage": "customer"}).json()["changed"] is True
     env.advance(seconds=1)
     assert members(http, "customers") == [ann]
-    assert system_events(env, "Lifecycle Stage Changed") == [{"user": "ann", "from": None, "to": "customer"}]
+    assert env.system_events("Lifecycle Stage Changed") == [{"user": "ann", "from": None, "to": "customer"}]
     # Setting the same stage again changes nothing and announces nothing.
     assert http.post(f"/api/v1/profiles/{ann}/stage", json={"stage": "customer"}).json()["changed"] is False
     env.advance(seconds=1)
-    assert len(system_events(env, "Lifecycle Stage Changed")) == 1
-    assert len(system_events(env, "Segment Entered")) == 1
+    assert len(env.system_events("Lifecycle Stage Changed")) == 1
+    assert len(env.system_events("Segment Entered")) == 1
 
 
 def test_journey_actions_on_tags_traits_and_lists_move_segments(env: JourneyEnv, http: TestClient) -> None:
@@ -130,7 +119,7 @@ def test_journey_actions_on_tags_traits_and_lists_move_segments(env: JourneyEnv,
     ann = env.profile("ann").id
     for key in ("rsvp-list", "rsvp-tag", "rsvp-trait"):
         assert members(http, key) == [ann], key
-    assert sorted(e["segment"] for e in system_events(env, "Segment Entered")) == [
+    assert sorted(e["segment"] for e in env.system_events("Segment Entered")) == [
         "rsvp-list",
         "rsvp-tag",
         "rsvp-trait",
@@ -147,4 +136,4 @@ def test_marks_of_erased_or_merged_people_are_dropped(env: JourneyEnv, http: Tes
     assert queued(env) == 0
     env.advance(seconds=1)
     assert members(http, "vips") == []
-    assert system_events(env, "Segment Entered") == []
+    assert env.system_events("Segment Entered") == []

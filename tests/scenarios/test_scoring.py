@@ -255,3 +255,44 @@ def test_an_event_arriving_before_the_decay_timer_fired_announces_the_crossing_f
     # The timer was re-armed from the new score: the worker announces nothing twice.
     env.c.worker.drain()
     assert [c["direction"] for c in crossings(http, pid)] == ["up"]
+
+
+def test_a_fixed_amount_decay_moves_scores_segments_and_thresholds_each_period(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    """5 points off every Monday (00:00 UTC): the score, a segment on it and a threshold
+    all follow on the boundary, with no event."""
+    model = {
+        "key": "engagement",
+        "name": "Engagement",
+        "rules": [{"id": "visit", "event": "Visited", "points": 4}],
+        "decay": {"amount": 5, "every": "1w"},
+        "thresholds": [10],
+    }
+    assert http.put("/api/v1/scoring/models/engagement", json=model).status_code == 200
+    active = {
+        "name": "Engaged",
+        "definition": {"condition": {"kind": "score", "model": "engagement", "op": "gte", "value": 10}},
+    }
+    assert http.put("/api/v1/segments/engaged", json=active).status_code == 200
+    monday = env.clock.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    monday -= timedelta(days=monday.weekday())
+    env.clock.advance(monday + timedelta(days=7, hours=10) - env.clock.now())  # next Monday, 10:00
+    env.identify("ann", email="ann@example.com")
+    for n in range(3):
+        env.track("ann", "Visited", n=n)  # 12: up across 10
+    pid = env.profile("ann").id
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["engagement"] == 12
+    assert [m["profile_id"] for m in http.get("/api/v1/segments/engaged/members").json()["data"]] == [pid]
+    env.advance(days=6, hours=13)  # Sunday 23:00: nothing yet
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["engagement"] == 12
+    assert [c["direction"] for c in crossings(http, pid)] == ["up"]
+    env.advance(hours=1)  # Monday 00:00: 7
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["engagement"] == 7
+    assert [c["direction"] for c in crossings(http, pid)] == ["up", "down"]
+    assert http.get("/api/v1/segments/engaged/members").json()["data"] == []
+    env.advance(days=7)  # 2
+    env.advance(days=7)  # 0, and it stays there
+    env.advance(days=7)
+    assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["engagement"] == 0
+    assert len(crossings(http, pid)) == 2

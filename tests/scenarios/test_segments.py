@@ -4,7 +4,6 @@ and the segments admin API, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +12,6 @@ from sqlalchemy import select
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
 from whenthen.api.app import create_app
-from whenthen.tracking.tables import events
 
 PRICING_FANS = {
     "name": "Viewed pricing twice this week",
@@ -36,16 +34,6 @@ def http(env: JourneyEnv) -> Iterator[TestClient]:
         yield client
 
 
-def system_events(env: JourneyEnv, name: str) -> list[dict[str, Any]]:
-    with env.c.db.read() as conn:
-        rows = conn.execute(
-            select(events.c.payload)
-            .where(events.c.workspace_id == env.ws.id, events.c.event == name)
-            .order_by(events.c.seq)
-        )
-        return [{"user": r[0].get("userId"), **r[0]["properties"]} for r in rows]
-
-
 def member_ids(http: TestClient, key: str) -> list[str]:
     return [m["profile_id"] for m in http.get(f"/api/v1/segments/{key}/members").json()["data"]]
 
@@ -62,7 +50,7 @@ def test_recent_pricing_viewers_enter_on_events_and_leave_when_the_window_ends(
     env.advance(hours=1)
     env.track("ann", "Page Viewed", name="Pricing")
     assert member_ids(http, "pricing-fans") == [pid]
-    assert system_events(env, "Segment Entered") == [{"user": "ann", "segment": "pricing-fans"}]
+    assert env.system_events("Segment Entered") == [{"user": "ann", "segment": "pricing-fans"}]
     body = http.get(f"/api/v1/profiles/{pid}/segments").json()
     assert [s["segment"] for s in body["segments"]] == ["pricing-fans"]
     assert [(h["segment"], h["exited_at"]) for h in body["history"]] == [("pricing-fans", None)]
@@ -71,7 +59,7 @@ def test_recent_pricing_viewers_enter_on_events_and_leave_when_the_window_ends(
     assert member_ids(http, "pricing-fans") == [pid]
     env.advance(hours=2)  # no new event: the first view has left the window
     assert member_ids(http, "pricing-fans") == []
-    assert system_events(env, "Segment Exited") == [{"user": "ann", "segment": "pricing-fans"}]
+    assert env.system_events("Segment Exited") == [{"user": "ann", "segment": "pricing-fans"}]
     body = http.get(f"/api/v1/profiles/{pid}/segments").json()
     assert body["segments"] == []
     assert body["history"][0]["exited_at"] is not None
@@ -89,7 +77,7 @@ def test_a_trait_segment_follows_identify(env: JourneyEnv, http: TestClient) -> 
     history = http.get(f"/api/v1/profiles/{pid}/segments").json()["history"]
     assert len(history) == 1
     assert history[0]["exited_at"] is not None
-    assert [e["segment"] for e in system_events(env, "Segment Exited")] == ["pro"]
+    assert [e["segment"] for e in env.system_events("Segment Exited")] == ["pro"]
 
 
 def test_saving_recomputes_membership_preview_pages_and_export(env: JourneyEnv, http: TestClient) -> None:
@@ -133,7 +121,7 @@ def test_saving_recomputes_membership_preview_pages_and_export(env: JourneyEnv, 
     ).json()
     assert (saved["version"], saved["entered"], saved["exited"]) == (3, 0, 3)
     assert member_ids(http, "germans") == [ids["u4"]]
-    assert sorted(e["user"] for e in system_events(env, "Segment Exited")) == ["u0", "u1", "u3"]
+    assert sorted(e["user"] for e in env.system_events("Segment Exited")) == ["u0", "u1", "u3"]
     assert [s["key"] for s in http.get("/api/v1/segments").json()["data"]] == ["germans"]
 
     assert http.delete("/api/v1/segments/germans").json() == {"deleted": True}
@@ -227,7 +215,7 @@ def test_merge_and_erasure_keep_memberships_right(env: JourneyEnv, http: TestCli
     )
     pid = env.profile("kim").id
     assert member_ids(http, "pricing-fans") == [pid]  # two views between the two profiles
-    assert [e["segment"] for e in system_events(env, "Segment Entered")] == ["pricing-fans"]
+    assert [e["segment"] for e in env.system_events("Segment Entered")] == ["pricing-fans"]
     body = http.get(f"/api/v1/profiles/{pid}/segments").json()
     assert [s["segment"] for s in body["segments"]] == ["pricing-fans"]
 
@@ -238,8 +226,7 @@ def test_merge_and_erasure_keep_memberships_right(env: JourneyEnv, http: TestCli
     ]
     assert http.get(f"/api/v1/profiles/{pid}/segments").status_code == 404
     env.advance(days=8)  # the timer of the erased person is dropped, not fired
-    assert system_events(env, "Segment Exited") == []
-    from sqlalchemy import select
+    assert env.system_events("Segment Exited") == []
 
     from whenthen.segments.tables import segment_history, segment_members, segment_timers
 

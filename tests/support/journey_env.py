@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import select
 
 from tests.support.ingest import send
 from tests.support.workspace import TestWorkspace, make_workspace
@@ -17,6 +18,7 @@ from whenthen.bootstrap import Container, build
 from whenthen.kernel.clock import ManualClock
 from whenthen.messaging.smtp_sink import Received, SmtpSink
 from whenthen.settings import EmailSettings, Settings
+from whenthen.tracking.tables import events
 
 
 @dataclass
@@ -54,6 +56,16 @@ class JourneyEnv:
     def profile(self, user: str) -> profiles.Profile:
         with self.c.db.read() as conn:
             return profiles.lookup(conn, self.ws.id, user_id=user)
+
+    def system_events(self, name: str) -> list[dict[str, Any]]:
+        """The workspace's events named ``name`` in log order, as ``{user, **properties}``."""
+        with self.c.db.read() as conn:
+            rows = conn.execute(
+                select(events.c.payload)
+                .where(events.c.workspace_id == self.ws.id, events.c.event == name)
+                .order_by(events.c.seq)
+            )
+            return [{"user": r[0].get("userId"), **r[0]["properties"]} for r in rows]
 
     def enrollments(self, user: str) -> list[dict[str, Any]]:
         with self.c.db.read() as conn:

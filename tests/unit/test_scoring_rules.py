@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from whenthen.scoring.model import Lifecycle, Score, ScoringModel, apply, next_stage, value_at
+from whenthen.scoring.model import (
+    Lifecycle,
+    Score,
+    ScoringModel,
+    apply,
+    crossings_between,
+    next_decay_crossing,
+    next_stage,
+    value_at,
+)
 
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
@@ -167,3 +177,142 @@ def test_stage_rules_move_forward_only() -> None:
     )
     with pytest.raises(ValidationError):
         Lifecycle.model_validate({"stages": ["a"], "rules": [{"stage": "b", "event": "E"}]})
+
+
+# ---- fixed-amount decay and decay timers ---------------------------------------------------
+
+
+def fixed_model(thresholds: list[float]) -> ScoringModel:
+    return ScoringModel.model_validate(
+        {
+            "key": "m",
+            "name": "m",
+            "rules": [{"id": "r", "event": "E", "points": 1}],
+            "decay": {"amount": 5, "every": "1w"},
+            "thresholds": thresholds,
+        }
+    )
+
+
+MONDAY = datetime(2026, 11, 23, tzinfo=UTC)  # periods of "1w" start on Mondays 00:00 UTC
+
+
+def test_fixed_decay_takes_the_amount_at_each_boundary_and_stops_at_zero() -> None:
+    decay = fixed_model([]).decay
+    score = Score(12.0, MONDAY + timedelta(days=2))  # a Wednesday
+    assert value_at(score, decay, MONDAY + timedelta(days=6, hours=23)) == 12
+    assert value_at(score, decay, MONDAY + timedelta(days=7)) == 7  # the next Monday
+    assert value_at(score, decay, MONDAY + timedelta(days=14)) == 2
+    assert value_at(score, decay, MONDAY + timedelta(days=21)) == 0  # not below 0
+    assert value_at(Score(-12.0, MONDAY), decay, MONDAY + timedelta(days=14)) == -2
+    assert value_at(Score(-12.0, MONDAY), decay, MONDAY + timedelta(days=35)) == 0
+
+
+def test_fixed_decay_is_the_same_read_at_once_or_step_by_step() -> None:
+    """Lazy decay composes: re-basing the score at any time gives the same later value."""
+    decay = fixed_model([]).decay
+    score = Score(40.0, MONDAY + timedelta(days=3))
+    mid = MONDAY + timedelta(days=10, hours=5)
+    end = MONDAY + timedelta(days=30)
+    rebased = Score(value_at(score, decay, mid), mid)
+    assert value_at(rebased, decay, end) == value_at(score, decay, end) == 20
+
+
+@pytest.mark.parametrize(
+    ("decay", "points", "thresholds", "start", "expected"),
+    [
+        # 60 halving weekly drops under 50 after 7d * log2(1.2) = 1.841 days.
+        ({"half_life": "7d"}, 60.0, [50, 10], 60.0, timedelta(days=7) * math.log2(1.2)),
+        # Counting from 40 (50 was announced already): under 10 after 7d * log2(6).
+        ({"half_life": "7d"}, 60.0, [50, 10], 40.0, timedelta(days=7) * math.log2(6)),
+        # No threshold between the score and 0: never.
+        ({"half_life": "7d"}, 60.0, [70], 60.0, None),
+        ({"half_life": "7d"}, 60.0, [0], 60.0, None),
+        # A negative score rises towards 0 and passes -20 going up.
+        ({"half_life": "7d"}, -40.0, [-20], -40.0, timedelta(days=7)),
+        # 12 points on a Wednesday, 5 off each Monday: under 10 on the next Monday (7),
+        # under 5 the Monday after (2).
+        ({"amount": 5, "every": "1w"}, 12.0, [10], 12.0, timedelta(days=5)),
+        ({"amount": 5, "every": "1w"}, 12.0, [5], 12.0, timedelta(days=12)),
+        # Exactly on a threshold needs one more step to be under it: 15 -> 10 -> 5.
+        ({"amount": 5, "every": "1w"}, 15.0, [10], 15.0, timedelta(days=12)),
+        # A fixed decay reaches 0: a negative score passes 0 going up.
+        ({"amount": 5, "every": "1w"}, -8.0, [0], -8.0, timedelta(days=12)),
+        ({"amount": 5, "every": "1w"}, 8.0, [0], 8.0, None),
+        ({}, 60.0, [50], 60.0, None),
+    ],
+)
+def test_next_decay_crossing(
+    decay: dict[str, Any], points: float, thresholds: list[float], start: float, expected: timedelta | None
+) -> None:
+    model = ScoringModel.model_validate(
+        {"key": "m", "name": "m", "rules": [{"id": "r", "event": "E", "points": 1}], "decay": decay}
+        | {"thresholds": thresholds}
+    )
+    as_of = MONDAY + timedelta(days=2)
+    due = next_decay_crossing(model, Score(points, as_of), start)
+    if expected is None:
+        assert due is None
+        return
+    assert due is not None
+    assert abs(due - (as_of + expected)) < timedelta(milliseconds=1)
+    # Just before it the threshold is not passed yet; at it, it is.
+    before, at = (
+        value_at(Score(points, as_of), model.decay, due - timedelta(milliseconds=1)),
+        value_at(Score(points, as_of), model.decay, due),
+    )
+    assert crossings_between(model, start, before) == ()
+    assert len(crossings_between(model, start, at)) == 1
+
+
+@pytest.mark.parametrize(
+    "decay",
+    [
+        {"half_life": "0d"},
+        {"amount": 5},
+        {"every": "1w"},
+        {"amount": 0, "every": "1w"},
+        {"amount": 5, "every": "-1d"},
+        {"half_life": "7d", "amount": 5, "every": "1w"},
+    ],
+)
+def test_bad_decays_are_refused(decay: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        ScoringModel.model_validate(
+            {"key": "m", "name": "m", "rules": [{"id": "r", "event": "E", "points": 1}], "decay": decay}
+        )
+
+
+@given(
+    points=st.floats(min_value=-1000, max_value=1000).filter(lambda x: abs(x) > 0.01),
+    thresholds=st.lists(st.integers(min_value=-900, max_value=900), max_size=5, unique=True),
+    fixed=st.booleans(),
+    hours=st.lists(st.integers(min_value=1, max_value=24 * 60), min_size=1, max_size=6),
+)
+def test_timers_announce_every_threshold_decay_passes_exactly_once(
+    points: float, thresholds: list[int], fixed: bool, hours: list[int]
+) -> None:
+    """Firing the timer whenever it is due (at any later moment) and re-arming from the
+    value then announces exactly the thresholds between the start and the final value."""
+    decay = {"amount": 7, "every": "1d"} if fixed else {"half_life": "3d"}
+    model = ScoringModel.model_validate(
+        {"key": "m", "name": "m", "rules": [{"id": "r", "event": "E", "points": 1}], "decay": decay}
+        | {"thresholds": thresholds}
+    )
+    score = Score(points, MONDAY)
+    start = points
+    due = next_decay_crossing(model, score, start)
+    announced: list[float] = []
+    t = MONDAY
+    for h in hours:
+        t += timedelta(hours=h)
+        while due is not None and due <= t:
+            value = value_at(score, model.decay, t)
+            announced += [c.threshold for c in crossings_between(model, start, value)]
+            start = value
+            due = next_decay_crossing(model, score, start)
+    final = value_at(score, model.decay, t)
+    if due is not None:
+        assert due > t
+    assert announced == [c.threshold for c in crossings_between(model, points, start)]
+    assert crossings_between(model, start, final) == ()

@@ -15,7 +15,7 @@ from whenthen.api.auth import admin, container
 from whenthen.api.bodies import read_json
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
-from whenthen.pipeline.service import emit
+from whenthen.pipeline.service import announce, emit
 from whenthen.segments import service as segments
 from whenthen.workspaces import Principal
 
@@ -69,6 +69,7 @@ async def save_segment(request: Request, principal: Admin, key: str) -> JSONBody
                 data["definition"],
                 c.clock.now(),
                 emit=partial(emit, partitions=c.settings.pipeline.partitions),
+                announce=partial(announce, partitions=c.settings.pipeline.partitions),
             )
             return {**seg.info(), **counts}
 

@@ -474,7 +474,7 @@ def segments_push(files: list[Path], workspace: WorkspaceOpt = None) -> None:
     recomputes membership and announces entries and exits."""
     from functools import partial
 
-    from whenthen.pipeline.service import emit
+    from whenthen.pipeline.service import announce, emit
     from whenthen.segments import service as segments
 
     with _container() as c:
@@ -485,6 +485,7 @@ def segments_push(files: list[Path], workspace: WorkspaceOpt = None) -> None:
                 seg, counts = segments.save_segment(
                     conn, ws, key, name, definition, c.clock.now(),
                     emit=partial(emit, partitions=c.settings.pipeline.partitions),
+                    announce=partial(announce, partitions=c.settings.pipeline.partitions),
                 )  # fmt: skip
             console.print(
                 f"{seg.key}: version {seg.version}, entered {counts['entered']}, exited {counts['exited']}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 
 @dataclass
 class DomainError(Exception):
@@ -27,3 +29,13 @@ class NotFound(DomainError):
 class Unauthorized(DomainError):
     def __init__(self, message: str = "missing or invalid key") -> None:
         super().__init__(code="unauthorized", message=message, status=401)
+
+
+def invalid_definition(exc: ValidationError) -> DomainError:
+    """A definition (scoring model, lifecycle, tag rule) that pydantic refused, as a 400
+    listing each problem as ``{field, reason}``."""
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"]), "reason": str(e["msg"]).removeprefix("Value error, ")}
+        for e in exc.errors()
+    ]
+    return DomainError("invalid_definition", "the definition is not valid", details={"problems": problems})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from whenthen import journeys, profiles, scoring, tagging, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.segments import service as segments
+from whenthen.segments.evaluator import DecaySpec
 from whenthen.tracking import StoredEvent
 
 
@@ -131,7 +132,7 @@ def process_events(
     scoring_models: dict[str, list[scoring.ScoringModel]] = {}
     lifecycle: dict[str, scoring.Lifecycle | None] = {}
     workspace_segments: dict[str, list[segments.Segment]] = {}
-    half_lives: dict[str, dict[str, timedelta | None]] = {}
+    half_lives: dict[str, dict[str, DecaySpec]] = {}
     tag_rules: dict[str, list[tagging.TagRule]] = {}
     for event in events:
         ws = event.workspace_id
@@ -186,7 +187,7 @@ def process_events(
                 conn,
                 event,
                 applied.profile_id,
-                applied.merged_from is not None,
+                _change(event, applied, scoring_models[ws], lifecycle[ws]),
                 now,
                 partitions,
                 workspace_segments[ws],
@@ -211,26 +212,49 @@ def _segments(
     conn: Connection,
     event: StoredEvent,
     profile_id: str,
-    merged: bool,
+    change: segments.Change,
     now: datetime,
     partitions: int,
     workspace_segments: list[segments.Segment],
-    half_lives: dict[str, timedelta | None],
+    half_lives: dict[str, DecaySpec],
 ) -> None:
     """Re-evaluate the person in the segments this event can affect (all of them after a
     merge or a call other than track); entries and exits become events in their log."""
-
-    track = event.type.value == "track" and event.event is not None
     segments.on_change(
         conn,
         event.workspace_id,
         profile_id,
         now,
         segments=workspace_segments,
-        event_name=event.event if track and not merged else None,
         emit=functools.partial(emit, partitions=partitions),
         cause=event.message_id,
         half_lives=half_lives,
+        change=change,
+    )
+
+
+def _change(
+    event: StoredEvent,
+    applied: profiles.Applied,
+    models: list[scoring.ScoringModel],
+    lifecycle: scoring.Lifecycle | None,
+) -> segments.Change:
+    """What processing this event may have changed for the person, for the segments'
+    relevance rule. A track event changes the person's events (its own name), their traits
+    only if they differ, the scores of the models with a rule on its name or any trait rule
+    (a trait rule may be awarded late, on any event), and the stage when the lifecycle
+    has a rule on its name or any score rule (a score may stand above a rule's bar)."""
+    if event.type.value != "track" or event.event is None or applied.merged_from is not None:
+        return segments.EVERYTHING_CHANGED
+    name = event.event
+    return segments.Change(
+        event=name,
+        traits=applied.traits_before != applied.traits_after,
+        scores=frozenset(
+            m.key for m in models if any(r.event == name or r.trait is not None for r in m.rules)
+        ),
+        stage=lifecycle is not None
+        and any(r.event == name or r.score_model is not None for r in lifecycle.rules),
     )
 
 
@@ -301,18 +325,33 @@ def emit(
 ) -> None:
     """Append an event the system observed about a person to their log. Its message id is
     derived from the cause, so reprocessing the cause cannot emit it twice."""
-    key = hashlib.sha256(f"{cause}\x1f{name}\x1f{sorted(properties.items())}".encode()).hexdigest()[:32]
-    profiles.emit_event(
-        conn,
-        ws,
-        profile_id,
-        name,
-        properties,
-        message_id=f"wt-sys-{key}",
-        library="whenthen",
-        now=now,
-        partitions=partitions,
+    announce(
+        conn, ws, [segments.Announcement(profile_id, name, properties, cause)], now=now, partitions=partitions
     )
+
+
+def announce(
+    conn: Connection,
+    ws: str,
+    announcements: Sequence[segments.Announcement],
+    *,
+    now: datetime,
+    partitions: int,
+) -> int:
+    """Append many system events at once, each as :func:`emit` would. Returns how many
+    were newly stored."""
+    items = [
+        profiles.SystemEvent(
+            a.profile_id, a.name, a.properties, f"wt-sys-{_system_key(a.cause, a.name, a.properties)}"
+        )
+        for a in announcements
+    ]
+    return profiles.emit_events(conn, ws, items, library="whenthen", now=now, partitions=partitions)
+
+
+def _system_key(cause: str, name: str, properties: dict[str, Any]) -> str:
+    """The message id's key derived from the cause."""
+    return hashlib.sha256(f"{cause}\x1f{name}\x1f{sorted(properties.items())}".encode()).hexdigest()[:32]
 
 
 def _follow(redirects: dict[str, str], profile_id: str | None) -> str | None:

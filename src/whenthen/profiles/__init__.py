@@ -14,9 +14,12 @@ from whenthen.profiles.rechecks import Recheck
 from whenthen.profiles.rechecks import mark as mark_for_recheck
 from whenthen.profiles.service import (
     Applied,
+    Emit,
     Erasure,
+    SystemEvent,
     apply_event,
     emit_event,
+    emit_events,
     erase,
     events_of,
     export,
@@ -31,17 +34,20 @@ from whenthen.profiles.service import (
 
 __all__ = [
     "Applied",
+    "Emit",
     "Erasure",
     "Identity",
     "IdentityKind",
     "Merge",
     "Profile",
     "Recheck",
+    "SystemEvent",
     "add_tags",
     "apply_event",
     "consent_status",
     "consents_of",
     "emit_event",
+    "emit_events",
     "erase",
     "events_of",
     "export",

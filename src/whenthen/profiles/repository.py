@@ -377,3 +377,61 @@ def delete_person(conn: Connection, workspace_id: str, profile_ids: Sequence[str
         )
     )
     conn.execute(delete(profiles).where(profiles.c.workspace_id == workspace_id, profiles.c.id.in_(ids)))
+
+
+def senders(
+    conn: Connection, ws: str, profile_ids: Sequence[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """Profile id -> (user id, anonymous id) the person's system events are sent under:
+    the survivor's when merged away, its first userId,
+    else its first anonymousId (identities in creation order); absent when the profile does
+    not exist or has neither."""
+    ids = sorted(set(profile_ids))
+    target: dict[str, str] = {}
+    for i in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[i : i + _ID_CHUNK]
+        for pid, merged_into in conn.execute(
+            select(profiles.c.id, profiles.c.merged_into).where(
+                profiles.c.workspace_id == ws, profiles.c.id.in_(chunk)
+            )
+        ):
+            target[pid] = merged_into or pid
+    survivors = sorted({t for p, t in target.items() if t != p})
+    existing = set(target)
+    for i in range(0, len(survivors), _ID_CHUNK):
+        existing.update(
+            conn.execute(
+                select(profiles.c.id).where(
+                    profiles.c.workspace_id == ws, profiles.c.id.in_(survivors[i : i + _ID_CHUNK])
+                )
+            ).scalars()
+        )
+    owners = sorted({t for t in target.values() if t in existing})
+    firsts: dict[str, dict[str, str]] = {}
+    for i in range(0, len(owners), _ID_CHUNK):
+        # The workspace is checked per row: with ``workspace_id = ?`` in the WHERE, SQLite
+        # (no statistics) walks the workspace's whole primary key instead of the profiles'.
+        rows = conn.execute(
+            select(
+                identities.c.workspace_id,
+                identities.c.profile_id,
+                identities.c.kind,
+                identities.c.value,
+            )
+            .where(identities.c.profile_id.in_(owners[i : i + _ID_CHUNK]))
+            .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+        )
+        for row_ws, pid, kind, value in rows:
+            if row_ws == ws:
+                firsts.setdefault(pid, {}).setdefault(kind, value)
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for pid, owner in target.items():
+        found = firsts.get(owner, {}) if owner in existing else {}
+        user_id = found.get("user_id")
+        anonymous_id = None if user_id else found.get("anonymous_id")
+        if user_id or anonymous_id:
+            out[pid] = (user_id, anonymous_id)
+    return out
+
+
+_ID_CHUNK = 2000

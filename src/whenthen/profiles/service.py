@@ -15,10 +15,10 @@ Resolution rules (docs/design/profiles.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -395,6 +395,81 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
     )
 
 
+class Emit(Protocol):
+    """Append a system event to the person's log; ``cause`` makes its message id (the same
+    cause never emits the same event twice). The pipeline's ``emit`` with its partitions
+    bound (``functools.partial(emit, partitions=n)``) is one; segments and scoring take
+    one to announce entries, exits and threshold crossings."""
+
+    def __call__(
+        self,
+        conn: Connection,
+        ws: str,
+        profile_id: str,
+        name: str,
+        properties: dict[str, Any],
+        *,
+        now: datetime,
+        cause: str,
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SystemEvent:
+    """An event the system observed about a person (an email click, a score threshold, a
+    segment entry), to append to their log under ``message_id``."""
+
+    profile_id: str
+    name: str
+    properties: dict[str, Any]
+    message_id: str
+
+
+#: People looked up per query, and events appended per statement, by :func:`emit_events`.
+EMIT_CHUNK = 5000
+
+
+def emit_events(
+    conn: Connection,
+    workspace_id: str,
+    items: Sequence[SystemEvent],
+    *,
+    library: str,
+    now: datetime,
+    partitions: int,
+) -> int:
+    """Append system events to the people's logs, each under one of its person's ids so the
+    pipeline attributes it to them (a person merged away speaks through the survivor; one
+    erased or without ids is skipped), with a few queries per chunk of people and one
+    executemany per chunk of events. Returns how many were newly stored (a message id
+    already in the log is not stored twice)."""
+    senders = repo.senders(conn, workspace_id, [i.profile_id for i in items])
+    calls: list[tracking.SystemCall] = []
+    for item in items:
+        sender = senders.get(item.profile_id)
+        if sender is None:
+            continue
+        user_id, anonymous_id = sender
+        payload: dict[str, Any] = {
+            "type": "track",
+            "event": item.name,
+            "messageId": item.message_id,
+            "properties": item.properties,
+            "timestamp": now.isoformat(),
+            "receivedAt": now.isoformat(),
+            "context": {"library": {"name": library}},
+        }
+        if user_id:
+            payload["userId"] = user_id
+        else:
+            payload["anonymousId"] = anonymous_id
+        calls.append(tracking.SystemCall(item.message_id, item.name, user_id, anonymous_id, payload))
+    return sum(
+        tracking.emit_many(conn, workspace_id, calls[i : i + EMIT_CHUNK], now=now, partitions=partitions)
+        for i in range(0, len(calls), EMIT_CHUNK)
+    )
+
+
 def emit_event(
     conn: Connection,
     workspace_id: str,
@@ -407,39 +482,10 @@ def emit_event(
     now: datetime,
     partitions: int,
 ) -> bool:
-    """Append an event the system observed about a person (an email click, a score
-    threshold, a segment entry) to their log, under one of their ids so the pipeline
-    attributes it to them. False when the person no longer exists or has no id."""
-    try:
-        profile = get_profile(conn, workspace_id, profile_id)
-    except NotFound:
+    """Append one system event (see :func:`emit_events`). False when the person no longer
+    exists or has no id."""
+    if profile_id not in repo.senders(conn, workspace_id, [profile_id]):
         return False
-    user_id = profile.user_ids[0] if profile.user_ids else None
-    anonymous_id = None if user_id else (profile.anonymous_ids[0] if profile.anonymous_ids else None)
-    if user_id is None and anonymous_id is None:
-        return False
-    payload: dict[str, Any] = {
-        "type": "track",
-        "event": name,
-        "messageId": message_id,
-        "properties": properties,
-        "timestamp": now.isoformat(),
-        "receivedAt": now.isoformat(),
-        "context": {"library": {"name": library}},
-    }
-    if user_id:
-        payload["userId"] = user_id
-    else:
-        payload["anonymousId"] = anonymous_id
-    tracking.emit(
-        conn,
-        workspace_id,
-        message_id=message_id,
-        event=name,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        payload=payload,
-        now=now,
-        partitions=partitions,
-    )
+    item = SystemEvent(profile_id, name, properties, message_id)
+    emit_events(conn, workspace_id, [item], library=library, now=now, partitions=partitions)
     return True

@@ -2,7 +2,6 @@
 
 from whenthen.scoring.model import Crossing, Lifecycle, Score, ScoringModel
 from whenthen.scoring.service import (
-    Announce,
     Scored,
     crossing_properties,
     decay_step,
@@ -23,7 +22,6 @@ from whenthen.scoring.service import (
 )
 
 __all__ = [
-    "Announce",
     "Crossing",
     "Lifecycle",
     "Score",

@@ -65,18 +65,47 @@ class ScoreRule(_M):
 
 
 class Decay(_M):
-    half_life: str | None = None
+    """How a score fades with time, applied lazily: either a ``half_life`` (the score halves
+    every so often, continuously) or a fixed ``amount`` taken off at every ``every`` boundary
+    (periods aligned on 2000-01-03 UTC like caps: "1w" means each Monday 00:00 UTC), never
+    past 0. Neither: no decay."""
 
-    @field_validator("half_life")
+    half_life: str | None = None
+    amount: float | None = Field(default=None, gt=0)
+    every: str | None = None
+
+    @field_validator("half_life", "every")
     @classmethod
-    def _half_life(cls, v: str | None) -> str | None:
+    def _positive(cls, v: str | None) -> str | None:
         if v is not None and parse_duration(v) <= timedelta(0):
-            raise ValueError("half_life must be positive")
+            raise ValueError("must be a positive duration")
         return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Decay:
+        if (self.amount is None) != (self.every is None):
+            raise ValueError("amount and every go together")
+        if self.half_life is not None and self.amount is not None:
+            raise ValueError("a decay has a half_life or an amount every period, not both")
+        return self
 
     @property
     def period(self) -> timedelta | None:
+        """The half-life (``None`` for a fixed-amount decay or none)."""
         return parse_duration(self.half_life) if self.half_life else None
+
+    @property
+    def step(self) -> tuple[float, timedelta] | None:
+        """``(amount, period)`` of a fixed-amount decay."""
+        if self.amount is None or self.every is None:
+            return None
+        return (self.amount, parse_duration(self.every))
+
+    @property
+    def spec(self) -> timedelta | tuple[float, timedelta] | None:
+        """The decay as the segment evaluator and compiler take it: a half-life, an
+        ``(amount, period)``, or ``None``."""
+        return self.period or self.step
 
 
 class ScoringModel(_M):
@@ -119,11 +148,26 @@ class Crossing:
     value: float
 
 
-def value_at(score: Score, half_life: timedelta | None, t: datetime) -> float:
-    """The score at ``t``, decayed lazily from ``as_of``."""
-    if half_life is None or t <= score.as_of:
+DecaySpec = timedelta | tuple[float, timedelta] | None
+
+
+def boundaries_between(start: datetime, end: datetime, period: timedelta) -> int:
+    """How many period boundaries (aligned on :data:`EPOCH`) lie in ``(start, end]``."""
+    return max(0, (end - EPOCH) // period - (start - EPOCH) // period)
+
+
+def value_at(score: Score, decay: Decay | DecaySpec, t: datetime) -> float:
+    """The score at ``t``, decayed lazily from ``as_of``: halved every half-life
+    (``points * 0.5 ** ((t - as_of) / half_life)``), or a fixed amount off at each period
+    boundary passed since ``as_of``, never past 0."""
+    spec = decay.spec if isinstance(decay, Decay) else decay
+    if spec is None or t <= score.as_of:
         return score.points
-    return score.points * math.pow(0.5, (t - score.as_of) / half_life)
+    if isinstance(spec, timedelta):
+        return score.points * math.pow(0.5, (t - score.as_of) / spec)
+    amount, period = spec
+    left = max(0.0, abs(score.points) - amount * boundaries_between(score.as_of, t, period))
+    return math.copysign(left, score.points) if left else 0.0
 
 
 def _period_start(now: datetime, period: timedelta) -> datetime:
@@ -197,35 +241,49 @@ def next_decay_crossing(model: ScoringModel, score: Score, start: float) -> date
     """When decay alone carries the score past its next threshold, counting from the value
     ``start`` (the score's value when this is computed; thresholds between ``start`` and
     the stored points were already passed). ``None``: never (no decay, or no threshold
-    between the score and 0; decay moves towards 0 and never reaches it)."""
-    half_life = model.decay.period
+    between the score and where decay takes it: towards 0, which a half-life never reaches
+    and a fixed amount does)."""
+    spec = model.decay.spec
     p = score.points
-    if half_life is None or p == 0 or start == 0:
+    if spec is None or p == 0 or start == 0:
         return None
-    if p > 0:  # falls: the next threshold below, reached when the value drops under it
+    fixed = not isinstance(spec, timedelta)
+    if p > 0:  # falls: the next threshold below, passed when the value drops under it
         ahead = [t for t in model.thresholds if 0 < t <= start]
-        if not ahead:
-            return None
-        target = max(ahead)
-    else:  # rises towards 0: the next threshold above, reached when the value gets to it
-        ahead = [t for t in model.thresholds if start < t < 0]
-        if not ahead:
-            return None
-        target = min(ahead)
-    halvings = math.log2(p / target)
+        target = max(ahead, default=None)
+    else:  # rises: the next threshold above, passed when the value gets to it
+        ahead = [t for t in model.thresholds if start < t < 0 or (fixed and t == 0 and start < 0)]
+        target = min(ahead, default=None)
+    if target is None:
+        return None
+
+    def passed(at: datetime) -> bool:
+        v = value_at(score, spec, at)
+        return v < target if p > 0 else v >= target
+
     try:
-        due = score.as_of + timedelta(seconds=halvings * half_life.total_seconds())
+        if isinstance(spec, timedelta):
+            due = score.as_of + timedelta(seconds=math.log2(p / target) * spec.total_seconds())
+            step = timedelta(microseconds=1)
+        else:
+            amount, period = spec
+            gap = abs(p) - abs(target)  # to take off: more than it going down, all of it up
+            n = math.floor(gap / amount) + 1 if p > 0 else max(1, math.ceil(gap / amount))
+            due = EPOCH + ((score.as_of - EPOCH) // period + n) * period
+            step = period
     except OverflowError:
         return None
     # The instant the value has passed the target under ``value_at``'s own arithmetic.
-    step = timedelta(microseconds=1)
     for _ in range(64):
-        v = value_at(score, half_life, due)
-        if (p > 0 and v < target) or (p < 0 and v >= target):
+        if passed(due):
             return due
-        due += step
-        step *= 2
-    return due
+        try:
+            due += step
+        except OverflowError:
+            return None
+        if not fixed:
+            step *= 2
+    return None
 
 
 class StageRule(_M):

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from whenthen.kernel.clock import Clock
-from whenthen.kernel.errors import DomainError, NotFound
+from whenthen.kernel.errors import NotFound, invalid_definition
+from whenthen.profiles import Emit
 from whenthen.scoring.model import (
     Crossing,
     Lifecycle,
@@ -26,12 +27,6 @@ from whenthen.scoring.model import (
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
 from whenthen.storage import Database
 
-
-def _invalid(exc: ValidationError) -> DomainError:
-    problems = [{"field": ".".join(str(p) for p in e["loc"]), "reason": e["msg"]} for e in exc.errors()]
-    return DomainError("invalid_definition", "the definition is not valid", details={"problems": problems})
-
-
 # ---- models -------------------------------------------------------------------------------
 
 
@@ -39,7 +34,7 @@ def save_model(conn: Connection, ws: str, data: Any, *, now: datetime) -> Scorin
     try:
         model = ScoringModel.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_definition(exc) from None
     doc = model.model_dump(mode="json")
     exists = conn.execute(
         select(scoring_models.c.key).where(
@@ -137,7 +132,7 @@ def scores_of(conn: Connection, ws: str, profile_id: str, now: datetime) -> dict
     out: dict[str, float] = {}
     for model in models(conn, ws):
         score = _score(conn, ws, profile_id, model.key)
-        out[model.key] = round(value_at(score, model.decay.period, now), 6) if score else 0.0
+        out[model.key] = round(value_at(score, model.decay, now), 6) if score else 0.0
     return out
 
 
@@ -168,7 +163,7 @@ def on_event(
         if row is not None and row.decay_due_at is not None and row.decay_due_at <= now:
             # Decay carried the score across a threshold before this event and the timer
             # has not fired yet: announce that first, as the timer would have.
-            value = value_at(before, model.decay.period, now) if before else 0.0
+            value = value_at(before, model.decay, now) if before else 0.0
             decayed = crossings_between(model, float(row.decay_from), value)
         new, crossed = apply(
             model, before, event=event, properties=properties, traits_after=traits_after, now=now
@@ -176,7 +171,7 @@ def on_event(
         if new is not None:
             _store(conn, ws, profile_id, model, new, before is not None)
         elif decayed and before is not None:
-            _rearm(conn, ws, profile_id, model, before, value_at(before, model.decay.period, now))
+            _rearm(conn, ws, profile_id, model, before, value_at(before, model.decay, now))
         crossings.extend((model.key, c) for c in (*decayed, *crossed))
     change = None
     if lifecycle is not None:
@@ -204,23 +199,6 @@ def _rearm(
     )
 
 
-class Announce(Protocol):
-    """Append a system event to the person's log (the pipeline's ``emit`` with its
-    partitions bound is one); ``cause`` makes its message id."""
-
-    def __call__(
-        self,
-        conn: Connection,
-        ws: str,
-        profile_id: str,
-        name: str,
-        properties: dict[str, Any],
-        *,
-        now: datetime,
-        cause: str,
-    ) -> None: ...
-
-
 def crossing_properties(model_key: str, crossing: Crossing) -> dict[str, Any]:
     """The properties of a ``Score Threshold Crossed`` event."""
     return {
@@ -231,7 +209,7 @@ def crossing_properties(model_key: str, crossing: Crossing) -> dict[str, Any]:
     }
 
 
-def fire_decay_timers(conn: Connection, now: datetime, announce: Announce, *, limit: int = 500) -> int:
+def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit: int = 500) -> int:
     """Announce the thresholds that decay alone carried scores across, for the scores whose
     timer is due, and set their next timer. Returns how many timers were handled."""
     due = conn.execute(
@@ -249,7 +227,7 @@ def fire_decay_timers(conn: Connection, now: datetime, announce: Announce, *, li
         if model is None:
             _clear_timer(conn, row)
             continue
-        value = value_at(score, model.decay.period, now)
+        value = value_at(score, model.decay, now)
         for crossing in crossings_between(model, float(row.decay_from), value):
             announce(
                 conn,
@@ -276,7 +254,7 @@ def _clear_timer(conn: Connection, row: Any) -> None:
     )
 
 
-def decay_step(db: Database, clock: Clock, announce: Announce, *, limit: int = 500) -> int:
+def decay_step(db: Database, clock: Clock, announce: Emit, *, limit: int = 500) -> int:
     """A worker step: fire the due decay timers in one transaction."""
     with db.write() as conn:
         return fire_decay_timers(conn, clock.now(), announce, limit=limit)
@@ -289,7 +267,7 @@ def save_lifecycle(conn: Connection, ws: str, data: Any, *, now: datetime) -> Li
     try:
         lifecycle = Lifecycle.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_definition(exc) from None
     doc = lifecycle.model_dump(mode="json")
     if conn.execute(select(lifecycles.c.workspace_id).where(lifecycles.c.workspace_id == ws)).first():
         conn.execute(
@@ -379,9 +357,7 @@ def move_to(conn: Connection, ws: str, from_id: str, into_id: str, now: datetime
         if theirs is None:
             continue
         mine = _score(conn, ws, into_id, model.key)
-        total = value_at(theirs, model.decay.period, now) + (
-            value_at(mine, model.decay.period, now) if mine else 0
-        )
+        total = value_at(theirs, model.decay, now) + (value_at(mine, model.decay, now) if mine else 0)
         merged = Score(total, now, dict(mine.periods) if mine else {}, mine.awarded if mine else ())
         _store(conn, ws, into_id, model, merged, mine is not None)
     lifecycle = lifecycle_of(conn, ws)

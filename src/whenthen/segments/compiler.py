@@ -93,8 +93,9 @@ from whenthen.segments.definition import (
     instant_shapes,
     instant_us,
     to_us,
+    walk,
 )
-from whenthen.segments.evaluator import MAX_HALF_LIVES, fold
+from whenthen.segments.evaluator import DECAY_EPOCH_US, MAX_HALF_LIVES, DecaySpec, fold
 from whenthen.tracking.tables import events
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -140,7 +141,7 @@ class _Ctx:
     dialect: str
     workspace_id: str
     now: datetime
-    half_lives: Mapping[str, timedelta | None]
+    half_lives: Mapping[str, DecaySpec]
     now_us: int = 0
     names: count[int] = field(default_factory=count)
 
@@ -496,12 +497,14 @@ def _sequence(ctx: _Ctx, cond: SequenceCondition) -> Bool:
 
 def _score(ctx: _Ctx, cond: ScoreCondition) -> Bool:
     s = ctx.alias(profile_scores, "sc")
-    half_life = ctx.half_lives.get(cond.model)
+    decay = ctx.half_lives.get(cond.model)
     value: ColumnElement[Any]
-    if half_life is None:
+    if decay is None:
         value = s.c.points
+    elif isinstance(decay, tuple):
+        value = _fixed_decay(ctx, s, *decay)
     else:
-        h = half_life // timedelta(microseconds=1)
+        h = decay // timedelta(microseconds=1)
         if h <= 0:
             raise ValueError("a half-life must be positive")
         as_of_us = _ts_us_pg(s.c.as_of) if ctx.pg else _ts_us_sqlite(s.c.as_of)
@@ -520,6 +523,31 @@ def _score(ctx: _Ctx, cond: ScoreCondition) -> Bool:
     bound: ColumnElement[float] = literal(float(cond.value), Double())
     cmp = {"gt": score > bound, "gte": score >= bound, "lt": score < bound, "lte": score <= bound}
     return _b(cmp[cond.op])
+
+
+def _floor_div(a: ColumnElement[Any], b: int) -> ColumnElement[Any]:
+    """``floor(a / b)`` for a bigint ``a`` and a positive ``b`` (SQL's ``/`` truncates)."""
+    return case((a >= _n(0), a // _p(b)), else_=-((-a + _p(b - 1)) // _p(b)))
+
+
+def _fixed_decay(ctx: _Ctx, s: Any, amount: float, period: timedelta) -> ColumnElement[Any]:
+    """The score less ``amount`` per period boundary passed since ``as_of``, never past 0,
+    as the evaluator's ``score_value``: ``copysign(max(0, |p| - amount * n), p)``."""
+    p_us = period // timedelta(microseconds=1)
+    if p_us <= 0:
+        raise ValueError("a decay period must be positive")
+    as_of_us = _ts_us_pg(s.c.as_of) if ctx.pg else _ts_us_sqlite(s.c.as_of)
+    now_index = (ctx.now_us - DECAY_EPOCH_US) // p_us
+    n = _p(now_index) - _floor_div(as_of_us - _p(DECAY_EPOCH_US), p_us)
+    steps = case((n > _n(0), n), else_=_n(0))
+    taken: ColumnElement[float] = literal(float(amount), Double()) * cast(steps, Double())
+    points: ColumnElement[float] = cast(s.c.points, Double())
+    zero: ColumnElement[float] = literal(0.0, Double())
+    down, up = points - taken, points + taken
+    return case(
+        (points >= zero, case((down > zero, down), else_=zero)),
+        else_=case((up < zero, up), else_=zero),
+    )
 
 
 def _condition(ctx: _Ctx, cond: Any) -> Bool:
@@ -585,7 +613,7 @@ def compile_segment(
     workspace_id: str,
     now: datetime,
     dialect_name: str,
-    half_lives: Mapping[str, timedelta | None] | None = None,
+    half_lives: Mapping[str, DecaySpec] | None = None,
 ) -> Bool:
     """A predicate over ``profiles``: the profile is in ``workspace_id``, not merged away,
     and in the segment at ``now``. ``half_lives`` gives the decay of each scoring model
@@ -609,13 +637,95 @@ def members_query(
     workspace_id: str,
     now: datetime,
     dialect_name: str,
-    half_lives: Mapping[str, timedelta | None] | None = None,
+    half_lives: Mapping[str, DecaySpec] | None = None,
 ) -> Select[str]:
     """``SELECT profiles.id`` of every member of the segment in the workspace at ``now``."""
     predicate = compile_segment(
         definition, workspace_id=workspace_id, now=now, dialect_name=dialect_name, half_lives=half_lives
     )
     return select(profiles.c.id).where(predicate)
+
+
+def timer_candidates_query(
+    definition: SegmentDefinition,
+    *,
+    workspace_id: str,
+    now: datetime,
+    dialect_name: str,
+    half_lives: Mapping[str, DecaySpec] | None = None,
+) -> Select[str] | None:
+    """``SELECT profiles.id`` of the profiles for which
+    :func:`whenthen.segments.evaluator.next_change` may answer an instant (a superset:
+    every other profile's answer is ``None``), or ``None`` when the definition has no leaf
+    that time alone changes. Per time-dependent leaf (the instants are in
+    ``docs/design/segments.md``, "next_change"):
+
+    * a relative date on a trait: the trait is present;
+    * an event or engagement window ``within_last d``: an event of that name at or after
+      ``now - d`` (an older one entered and left the window before ``now``);
+    * ``first_performed`` / ``last_performed`` with a relative operator over ``d``: an event
+      of that name at or after ``now - d`` (the first or last time is one of them);
+    * a sequence with ``first_within_last w`` and/or a ``then_not`` wait ``W``: a ``first``
+      event at or after ``now - max(w, W)``;
+    * a score in a model with a half-life: a score row in that model.
+
+    ``where`` filters are left out: fewer rows to test, a superset still."""
+    if dialect_name not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported dialect: {dialect_name}")
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    ctx = _Ctx(dialect=dialect_name, workspace_id=workspace_id, now=now, half_lives=half_lives or {})
+    ctx.now_us = to_us(now)
+    relative = (Op.WITHIN_LAST, Op.WITHIN_NEXT, Op.OLDER_THAN)
+    since: dict[str, int] = {}  # event name -> the earliest instant (us) that matters
+
+    def recent(name: str, d: timedelta) -> None:
+        at = ctx.now_us - d // timedelta(microseconds=1)
+        since[name] = min(since.get(name, at), at)
+
+    parts: list[Bool] = []
+    for cond in walk(definition.condition):
+        if isinstance(cond, TraitCondition) and cond.op in relative:
+            parts.append(_predicate(ctx, profiles.c.traits, cond.path.split("."), Op.EXISTS, None))
+        elif isinstance(cond, EventCondition | EngagementCondition):
+            for c in cond.as_events() if isinstance(cond, EngagementCondition) else (cond,):
+                if c.within_last is not None:
+                    recent(c.event, parse_duration(c.within_last))
+        elif isinstance(cond, PerformedTimeCondition) and Op(cond.op) in relative:
+            recent(cond.event, parse_duration(cond.value))
+        elif isinstance(cond, SequenceCondition):
+            waits = [
+                parse_duration(w)
+                for w in (cond.first_within_last, cond.within if cond.then_not else None)
+                if w
+            ]
+            if waits:
+                recent(cond.first.event, max(waits))
+        elif isinstance(cond, ScoreCondition) and ctx.half_lives.get(cond.model) is not None:
+            s = ctx.alias(profile_scores, "sc")
+            parts.append(
+                exists(
+                    _subquery(
+                        _n(1),
+                        s,
+                        [
+                            s.c.workspace_id == workspace_id,
+                            s.c.profile_id == profiles.c.id,
+                            s.c.model_key == cond.model,
+                        ],
+                    )
+                )
+            )
+    for name, at in sorted(since.items()):
+        e = ctx.alias(events, "ev")
+        parts.append(
+            exists(_subquery(_n(1), e, [*_event_rows(ctx, e, name, []), e.c.timestamp >= _clamped(at)]))
+        )
+    if not parts:
+        return None
+    return select(profiles.c.id).where(
+        profiles.c.workspace_id == workspace_id, profiles.c.merged_into.is_(None), or_(*parts)
+    )
 
 
 # ---- SQLite without math functions --------------------------------------------------

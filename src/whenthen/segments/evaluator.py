@@ -19,6 +19,7 @@ they share are listed in ``docs/design/segments.md``; in short:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.durations import parse_duration as _parse_duration
+from whenthen.scoring.model import EPOCH as SCORING_EPOCH
 from whenthen.segments.definition import (
     NUMERIC_OPS,
     AndCondition,
@@ -51,6 +53,17 @@ from whenthen.segments.definition import (
     to_us,
     walk,
 )
+
+#: A model's decay as segments see it: a half-life, ``(amount, period)`` for a fixed amount
+#: per period, or ``None`` (``whenthen.scoring.model.Decay.spec``).
+DecaySpec = timedelta | tuple[float, timedelta] | None
+
+#: Fixed-amount decay periods are aligned on this instant (scoring's ``EPOCH``, a Monday).
+DECAY_EPOCH_US = to_us(SCORING_EPOCH)
+
+#: Durations of definitions, parsed once: ``next_change`` evaluates a definition at many
+#: instants and every window test needs its duration (a str -> immutable timedelta).
+parse_duration = functools.lru_cache(maxsize=4096)(_parse_duration)
 
 #: After this many half-lives a decayed score is exactly 0 (PostgreSQL refuses to
 #: underflow a float to zero, so the SQL needs the cut-off; the evaluator shares it).
@@ -86,9 +99,11 @@ class ProfileView:
       events with ``message_id``, ``journey_id``, ``node`` and (clicks) ``url`` properties;
     * ``lists``: keys of the static lists it belongs to; ``tags``: its tags;
     * ``scores``: model key -> (points, as_of); ``half_lives``: model key -> the model's
-      half-life (``None`` or absent: no decay). The score at ``t`` is
+      decay (``None`` or absent: no decay): a half-life, the score at ``t`` being
       ``points * 0.5 ** ((t - as_of) / half_life)``, with ``t - as_of`` taken as 0 when
-      ``as_of`` is later than ``t`` and the score 0 after :data:`MAX_HALF_LIVES`;
+      ``as_of`` is later than ``t`` and the score 0 after :data:`MAX_HALF_LIVES`; or
+      ``(amount, period)``, ``amount`` off at each period boundary (aligned on
+      :data:`DECAY_EPOCH_US`) in ``(as_of, t]``, never past 0 (as scoring's ``value_at``);
       a model without a score counts as 0 points;
     * ``stage``: its lifecycle stage, if any.
     """
@@ -98,7 +113,7 @@ class ProfileView:
     lists: AbstractSet[str] = frozenset()
     tags: AbstractSet[str] = frozenset()
     scores: Mapping[str, tuple[float, datetime]] = field(default_factory=dict)
-    half_lives: Mapping[str, timedelta | None] = field(default_factory=dict)
+    half_lives: Mapping[str, DecaySpec] = field(default_factory=dict)
     stage: str | None = None
 
 
@@ -223,10 +238,19 @@ def matching(view: ProfileView, event: str, where: Sequence[Filter], now_us: int
     return [ts for name, props, ts in view.events if name == event and filters_hold(props, where, now_us)]
 
 
-def score_value(points: float, as_of: datetime, half_life: timedelta | None, at: datetime) -> float:
+def score_value(points: float, as_of: datetime, decay: DecaySpec, at: datetime) -> float:
     """The lazily decayed score at ``at`` (see :class:`ProfileView`)."""
-    if half_life is None:
+    if decay is None:
         return float(points)
+    if isinstance(decay, tuple):
+        amount, period = decay
+        p_us = period // timedelta(microseconds=1)
+        if p_us <= 0:
+            raise ValueError("a decay period must be positive")
+        steps = max(0, (to_us(at) - DECAY_EPOCH_US) // p_us - (to_us(as_of) - DECAY_EPOCH_US) // p_us)
+        left = max(0.0, abs(float(points)) - amount * steps)
+        return math.copysign(left, float(points)) if left else 0.0
+    half_life = decay
     h = half_life // timedelta(microseconds=1)
     if h <= 0:
         raise ValueError("a half-life must be positive")

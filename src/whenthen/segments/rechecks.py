@@ -14,7 +14,7 @@ keeps its mark and retries on the next step instead of failing the whole batch.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +23,7 @@ from whenthen.kernel.clock import Clock
 from whenthen.profiles.rechecks import done, queued
 from whenthen.profiles.tables import profiles as profiles_table
 from whenthen.segments import service
+from whenthen.segments.evaluator import DecaySpec
 from whenthen.storage import Database
 
 
@@ -30,7 +31,7 @@ def recheck(conn: Connection, now: datetime, emit: service.Emit, *, limit: int =
     """Settle up to ``limit`` marked people; returns how many marks were taken."""
     marks = queued(conn, limit=limit)
     by_ws: dict[str, list[service.Segment]] = {}
-    lives: dict[str, dict[str, timedelta | None]] = {}
+    lives: dict[str, dict[str, DecaySpec]] = {}
     for mark in marks:
         ws = mark.workspace_id
         if ws not in by_ws:

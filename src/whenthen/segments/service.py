@@ -3,15 +3,16 @@
 Membership is kept in ``segment_members`` (with every entry and exit in
 ``segment_history``) three ways (see ``docs/design/segments.md``, "Membership"):
 
-* saving a segment recomputes it for the whole workspace with the SQL compiler;
+* saving a segment recomputes it for the whole workspace with the SQL compiler, set-based:
+  the compiler's members diffed against the stored ones, written in bulk;
 * :func:`on_change` re-evaluates one profile with the evaluator after the pipeline applied
   one of its events, for the segments that event can affect;
-* :func:`fire_due_timers` re-evaluates a profile when ``next_change`` said its answer may
-  change by the passage of time alone (a window ends).
+* :func:`fire_due_timers` re-evaluates, in batches, the profiles whose answer
+  ``next_change`` said may change by the passage of time alone (a window ends).
 
 Entries and exits are announced through an ``emit`` callback (the pipeline's, which appends
-``Segment Entered`` / ``Segment Exited`` to the person's log): this layer may not import
-the pipeline.
+``Segment Entered`` / ``Segment Exited`` to the person's log), or many at once through an
+``announce`` callback: this layer may not import the pipeline.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
-from whenthen import lists, scoring
+from whenthen import scoring
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import DomainError, NotFound
-from whenthen.profiles.tables import identities, profile_tags, profiles
-from whenthen.scoring.tables import profile_scores, profile_stages
-from whenthen.segments.compiler import members_query
+from whenthen.profiles import Emit
+from whenthen.profiles.tables import identities, profiles
+from whenthen.segments.compiler import members_query, timer_candidates_query
 from whenthen.segments.definition import (
     EngagementCondition,
     EventCondition,
@@ -48,44 +50,36 @@ from whenthen.segments.definition import (
     parse_segment,
     walk,
 )
-from whenthen.segments.evaluator import ProfileView, evaluate, next_change
+from whenthen.segments.evaluator import DecaySpec, ProfileView, evaluate, next_change
+from whenthen.segments.membership import (
+    ENTERED,
+    EXITED,
+    Announce,
+    Announcement,
+    Moves,
+    no_emit,
+    one_by_one,
+    write_moves,
+    write_timers,
+)
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
+from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views
 from whenthen.storage import Database
-from whenthen.tracking.tables import events
 
-ENTERED = "Segment Entered"
-EXITED = "Segment Exited"
-
-
-class Emit(Protocol):
-    """Append a system event to the person's log; ``cause`` makes its message id (the same
-    cause never emits the same event twice). The pipeline's ``emit`` with its partitions
-    bound (``functools.partial(emit, partitions=n)``) is one."""
-
-    def __call__(
-        self,
-        conn: Connection,
-        ws: str,
-        profile_id: str,
-        name: str,
-        properties: dict[str, Any],
-        *,
-        now: datetime,
-        cause: str,
-    ) -> None: ...
-
-
-def no_emit(
-    conn: Connection,
-    ws: str,
-    profile_id: str,
-    name: str,
-    properties: dict[str, Any],
-    *,
-    now: datetime,
-    cause: str,
-) -> None:
-    """An :data:`Emit` that announces nothing."""
+__all__ = [
+    "ENTERED",
+    "EXITED",
+    "Announce",
+    "Announcement",
+    "Change",
+    "Emit",
+    "Reads",
+    "Segment",
+    "load_view",
+    "load_views",
+    "no_emit",
+    "one_by_one",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +93,31 @@ class Segment:
     version: int
     created_at: datetime
     updated_at: datetime
+    # What the definition reads and whether time alone changes it: worked out once here,
+    # since the pipeline asks for every event.
+    reads: Reads = field(init=False, repr=False, compare=False)
+    score_models: frozenset[str] = field(init=False, repr=False, compare=False)
+    timed: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", Reads.of([self.definition]))
+        object.__setattr__(
+            self,
+            "score_models",
+            frozenset(c.model for c in walk(self.definition.condition) if isinstance(c, ScoreCondition)),
+        )
+        object.__setattr__(self, "timed", time_dependent(self.definition))
 
     @property
     def event_names(self) -> frozenset[str]:
-        return event_names(self.definition)
+        names = self.reads.names
+        assert names is not None
+        return names
 
     @property
     def has_state(self) -> bool:
-        return has_state(self.definition)
+        r = self.reads
+        return r.traits or r.lists or r.tags or r.scores or r.stage
 
     def info(self) -> dict[str, Any]:
         return {
@@ -164,10 +175,43 @@ def relevant(segment: Segment, event_name: str | None) -> bool:
     """Whether a change can affect the segment: any change (``event_name`` None) affects
     every segment; a track event affects the segments that read its name, and every
     segment that reads state (traits, lists, tags, scores, stage), which the same event may
-    have changed through the profile or scoring."""
+    have changed through the profile or scoring. (The pipeline knows more about what an
+    event changed and uses :class:`Change` instead.)"""
     if event_name is None:
         return True
     return segment.has_state or event_name in segment.event_names
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one processed call may have changed for its person.
+
+    ``everything``: anything (a call other than ``track``, a merge). Otherwise the call was
+    a ``track`` event named ``event`` (now one of the person's events); ``traits``: the
+    traits differ from before; ``scores``: the scoring models whose score the event may
+    have changed; ``stage``: whether the lifecycle stage may have moved."""
+
+    everything: bool = False
+    event: str | None = None
+    traits: bool = False
+    scores: frozenset[str] = frozenset()
+    stage: bool = False
+
+    def affects(self, segment: Segment) -> bool:
+        """Whether the segment reads something this change may have changed. Lists and
+        tags are not changed by processing a track event (changes made elsewhere reach
+        segments through rechecks, see ``segments.rechecks``)."""
+        if self.everything:
+            return True
+        r = segment.reads
+        if self.event is not None and self.event in segment.event_names:
+            return True
+        return (
+            (self.traits and r.traits) or (self.stage and r.stage) or bool(self.scores & segment.score_models)
+        )
+
+
+EVERYTHING_CHANGED = Change(everything=True)
 
 
 # ---- the segments -------------------------------------------------------------------------
@@ -210,8 +254,8 @@ def get_segment(conn: Connection, ws: str, key: str) -> Segment:
     return _row_to_segment(row)
 
 
-def half_lives_of(conn: Connection, ws: str) -> dict[str, timedelta | None]:
-    return {m.key: m.decay.period for m in scoring.models(conn, ws)}
+def half_lives_of(conn: Connection, ws: str) -> dict[str, DecaySpec]:
+    return {m.key: m.decay.spec for m in scoring.models(conn, ws)}
 
 
 def save_segment(
@@ -223,9 +267,11 @@ def save_segment(
     now: datetime,
     *,
     emit: Emit = no_emit,
+    announce: Announce | None = None,
 ) -> tuple[Segment, dict[str, int]]:
     """Create or update a segment (bumping its version) and recompute its membership over
-    the whole workspace. Returns the segment and ``{"entered": n, "exited": m}``."""
+    the whole workspace (:func:`recompute`). Returns the segment and ``{"entered": n,
+    "exited": m}``."""
     definition = _parse(data)
     document = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
     row = conn.execute(select(segments).where(segments.c.workspace_id == ws, segments.c.key == key)).first()
@@ -250,13 +296,23 @@ def save_segment(
             .values(name=name, definition=document, version=row.version + 1, updated_at=now)
         )
     segment = get_segment(conn, ws, key)
-    counts = recompute(conn, segment, now, emit=emit)
+    counts = recompute(conn, segment, now, emit=emit, announce=announce)
     return segment, counts
 
 
-def recompute(conn: Connection, segment: Segment, now: datetime, *, emit: Emit = no_emit) -> dict[str, int]:
+def recompute(
+    conn: Connection,
+    segment: Segment,
+    now: datetime,
+    *,
+    emit: Emit = no_emit,
+    announce: Announce | None = None,
+) -> dict[str, int]:
     """Membership of the whole workspace from the SQL compiler, diffed against the stored
-    one; timers rebuilt for every profile when the definition depends on time."""
+    one and written in bulk; timers rebuilt when the definition depends on time, for the
+    profiles whose answer may change by time alone (:func:`timer_candidates_query`, a
+    superset), from their views read in chunks. Entries and exits are announced through
+    ``announce`` when given (many at once), else ``emit`` one by one."""
     ws = segment.workspace_id
     half_lives = half_lives_of(conn, ws)
     query = members_query(
@@ -266,28 +322,49 @@ def recompute(conn: Connection, segment: Segment, now: datetime, *, emit: Emit =
         dialect_name=conn.dialect.name,
         half_lives=half_lives,
     )
-    wanted = {r[0] for r in conn.execute(query)}
-    current = {
-        r[0]
-        for r in conn.execute(
+    wanted = set(conn.execute(query).scalars())
+    current = set(
+        conn.execute(
             select(segment_members.c.profile_id).where(segment_members.c.segment_id == segment.id)
-        )
-    }
-    cause = f"segment:{segment.id}:v{segment.version}"
-    for pid in sorted(wanted - current):
-        _enter(conn, segment, pid, now, emit, f"{cause}:{pid}")
-    for pid in sorted(current - wanted):
-        _exit(conn, segment, pid, now, emit, f"{cause}:{pid}")
-    conn.execute(delete(segment_timers).where(segment_timers.c.segment_id == segment.id))
-    if time_dependent(segment.definition):
-        names = sorted(segment.event_names)
-        ids = conn.execute(
-            select(profiles.c.id).where(profiles.c.workspace_id == ws, profiles.c.merged_into.is_(None))
         ).scalars()
-        for pid in list(ids):
-            view = load_view(conn, ws, pid, now, half_lives, names=names)
-            _set_timer(conn, segment, pid, next_change(segment.definition, view, now))
-    return {"entered": len(wanted - current), "exited": len(current - wanted)}
+    )
+    cause = f"segment:{segment.id}:v{segment.version}"
+    moves = Moves(segment.id, ws, segment.key)
+    for pid in sorted(wanted - current):
+        moves.enter(pid, f"{cause}:{pid}")
+    for pid in sorted(current - wanted):
+        moves.exit(pid, f"{cause}:{pid}")
+    write_moves(conn, moves, now, announce or one_by_one(emit))
+    conn.execute(delete(segment_timers).where(segment_timers.c.segment_id == segment.id))
+    if segment.timed:
+        rebuild_timers(conn, segment, now, half_lives)
+    return {"entered": len(moves.entered), "exited": len(moves.exited)}
+
+
+def rebuild_timers(
+    conn: Connection, segment: Segment, now: datetime, half_lives: dict[str, DecaySpec]
+) -> int:
+    """Insert the segment's timers (none may exist): ``next_change`` for every profile that
+    :func:`timer_candidates_query` names, a chunk of views at a time. Returns how many."""
+    ws = segment.workspace_id
+    stmt = timer_candidates_query(
+        segment.definition, workspace_id=ws, now=now, dialect_name=conn.dialect.name, half_lives=half_lives
+    )
+    if stmt is None:
+        return 0
+    candidates = sorted(conn.execute(stmt).scalars())
+    written = 0
+    for chunk in chunks(candidates, CHUNK):
+        views = load_views(conn, ws, chunk, half_lives, segment.reads)
+        rows = []
+        for pid in chunk:
+            due = next_change(segment.definition, views[pid], now)
+            if due is not None:
+                rows.append({"segment_id": segment.id, "profile_id": pid, "workspace_id": ws, "due_at": due})
+        if rows:
+            conn.execute(insert(segment_timers), rows)
+            written += len(rows)
+    return written
 
 
 def delete_segment(conn: Connection, ws: str, key: str) -> None:
@@ -410,70 +487,16 @@ def _safe(value: str | None) -> str:
     return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
-# ---- one profile ---------------------------------------------------------------------------
+# ---- one profile ----------------------------------------------------------------------
 
 
-def load_view(
-    conn: Connection,
-    ws: str,
-    profile_id: str,
-    now: datetime,
-    half_lives: dict[str, timedelta | None],
-    *,
-    names: Sequence[str] | None = None,
-) -> ProfileView:
-    """What the evaluator sees of one profile, from the database: traits, its ``track``
-    events (only those named ``names`` when given), lists, tags, scores and stage. Events
-    later than ``now`` are left out, as the compiler does."""
-    traits = conn.execute(
-        select(profiles.c.traits).where(profiles.c.workspace_id == ws, profiles.c.id == profile_id)
-    ).scalar()
-    evs: list[tuple[str, dict[str, Any], datetime]] = []
-    if names is None or names:
-        stmt = select(events.c.event, events.c.payload, events.c.timestamp).where(
-            events.c.workspace_id == ws,
-            events.c.profile_id == profile_id,
-            events.c.type == "track",
-        )
-        if names is not None:
-            stmt = stmt.where(events.c.event.in_(list(names)))
-        for r in conn.execute(stmt):
-            props = r.payload.get("properties") if isinstance(r.payload, dict) else None
-            evs.append((r.event or "", props if isinstance(props, dict) else {}, r.timestamp))
-    tags = conn.execute(
-        select(profile_tags.c.tag).where(
-            profile_tags.c.workspace_id == ws, profile_tags.c.profile_id == profile_id
-        )
-    ).scalars()
-    scores = {
-        r.model_key: (float(r.points), r.as_of)
-        for r in conn.execute(
-            select(profile_scores.c.model_key, profile_scores.c.points, profile_scores.c.as_of).where(
-                profile_scores.c.workspace_id == ws, profile_scores.c.profile_id == profile_id
-            )
-        )
-    }
-    stage = conn.execute(
-        select(profile_stages.c.stage).where(
-            profile_stages.c.workspace_id == ws, profile_stages.c.profile_id == profile_id
-        )
-    ).scalar()
-    return ProfileView(
-        traits=traits if isinstance(traits, dict) else {},
-        events=tuple(evs),
-        lists=frozenset(lists.lists_of(conn, ws, profile_id)),
-        tags=frozenset(tags),
-        scores=scores,
-        half_lives=half_lives,
-        stage=stage,
-    )
-
-
-def _names(segs: Iterable[Segment]) -> list[str]:
-    out: set[str] = set()
-    for s in segs:
-        out |= s.event_names
-    return sorted(out)
+# Built once: they run for every event the pipeline processes.
+_MEMBERSHIPS = select(segment_members.c.segment_id).where(
+    segment_members.c.workspace_id == bindparam("ws"), segment_members.c.profile_id == bindparam("pid")
+)
+_TIMERS = select(segment_timers.c.segment_id, segment_timers.c.due_at).where(
+    segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
+)
 
 
 def on_change(
@@ -486,151 +509,172 @@ def on_change(
     event_name: str | None = None,
     emit: Emit = no_emit,
     cause: str = "",
-    half_lives: dict[str, timedelta | None] | None = None,
+    half_lives: dict[str, DecaySpec] | None = None,
+    change: Change | None = None,
 ) -> int:
-    """Re-evaluate the profile in the segments the change can affect (:func:`relevant`):
-    update membership, history and timers, announce entries and exits. Returns the number
-    of entries and exits."""
-    affected = [s for s in segments if relevant(s, event_name)]
+    """Re-evaluate the profile in the segments the change can affect (``change`` when
+    given, else :func:`relevant` for ``event_name``): update membership, history and
+    timers (only those that differ), announce entries and exits. Returns the number of
+    entries and exits."""
+    if change is not None:
+        affected = [s for s in segments if change.affects(s)]
+    else:
+        affected = [s for s in segments if relevant(s, event_name)]
     if not affected:
         return 0
     if half_lives is None:
         half_lives = half_lives_of(conn, ws)
-    view = load_view(conn, ws, profile_id, now, half_lives, names=_names(affected))
-    current = set(
-        conn.execute(
-            select(segment_members.c.segment_id).where(
-                segment_members.c.workspace_id == ws, segment_members.c.profile_id == profile_id
-            )
-        ).scalars()
-    )
-    moves = 0
+    reads = Reads.union(s.reads for s in affected)
+    view = load_views(conn, ws, [profile_id], half_lives, reads)[profile_id]
+    who = {"ws": ws, "pid": profile_id}
+    current = set(conn.execute(_MEMBERSHIPS, who).scalars())
+    timers: dict[str, datetime] = {}
+    if any(s.timed for s in affected):
+        timers = {r.segment_id: r.due_at for r in conn.execute(_TIMERS, who)}
+    announce = one_by_one(emit)
+    why = cause or f"change:{now.isoformat()}"
+    moved = 0
     for seg in affected:
-        moves += _settle(
-            conn, seg, profile_id, view, now, seg.id in current, emit, cause or f"change:{now.isoformat()}"
-        )
-    return moves
+        moves = Moves(seg.id, ws, seg.key)
+        settle(seg, profile_id, view, now, seg.id in current, why, moves)
+        if moves:
+            write_moves(conn, moves, now, announce)
+            moved += len(moves)
+        due = next_change(seg.definition, view, now) if seg.timed else None
+        if due != timers.get(seg.id):
+            existing = {profile_id: timers[seg.id]} if seg.id in timers else {}
+            write_timers(conn, seg.id, ws, {profile_id: due}, existing)
+    return moved
 
 
-def _settle(
-    conn: Connection,
+def settle(
     seg: Segment,
     profile_id: str,
     view: ProfileView,
     now: datetime,
     was_member: bool,
-    emit: Emit,
     cause: str,
-) -> int:
+    moves: Moves,
+) -> bool:
+    """Evaluate the profile and record an entry or exit in ``moves`` when its membership
+    differs from ``was_member``. Returns whether it is a member now. Pure."""
     is_member = evaluate(seg.definition, view, now)
-    moved = 0
     if is_member and not was_member:
-        _enter(conn, seg, profile_id, now, emit, cause)
-        moved = 1
+        moves.enter(profile_id, cause)
     elif was_member and not is_member:
-        _exit(conn, seg, profile_id, now, emit, cause)
-        moved = 1
-    _set_timer(conn, seg, profile_id, next_change(seg.definition, view, now))
-    return moved
+        moves.exit(profile_id, cause)
+    return is_member
 
 
-def _enter(conn: Connection, seg: Segment, pid: str, now: datetime, emit: Emit, cause: str) -> None:
-    ws = seg.workspace_id
-    conn.execute(
-        insert(segment_members).values(segment_id=seg.id, profile_id=pid, workspace_id=ws, since=now)
-    )
-    conn.execute(
-        insert(segment_history).values(segment_id=seg.id, workspace_id=ws, profile_id=pid, entered_at=now)
-    )
-    emit(conn, ws, pid, ENTERED, {"segment": seg.key}, now=now, cause=cause)
+def _segments_by_id(conn: Connection, ids: Iterable[str]) -> dict[str, Segment]:
+    out: dict[str, Segment] = {}
+    for chunk in chunks(sorted(set(ids))):
+        for row in conn.execute(select(segments).where(segments.c.id.in_(list(chunk)))):
+            out[row.id] = _row_to_segment(row)
+    return out
 
 
-def _exit(conn: Connection, seg: Segment, pid: str, now: datetime, emit: Emit, cause: str) -> None:
-    ws = seg.workspace_id
-    conn.execute(
-        delete(segment_members).where(
-            segment_members.c.segment_id == seg.id, segment_members.c.profile_id == pid
-        )
-    )
-    conn.execute(
-        update(segment_history)
-        .where(
-            segment_history.c.segment_id == seg.id,
-            segment_history.c.profile_id == pid,
-            segment_history.c.exited_at.is_(None),
-        )
-        .values(exited_at=now)
-    )
-    emit(conn, ws, pid, EXITED, {"segment": seg.key}, now=now, cause=cause)
-
-
-def _set_timer(conn: Connection, seg: Segment, pid: str, due: datetime | None) -> None:
-    where = (segment_timers.c.segment_id == seg.id, segment_timers.c.profile_id == pid)
-    if due is None:
-        conn.execute(delete(segment_timers).where(*where))
-        return
-    if conn.execute(update(segment_timers).where(*where).values(due_at=due)).rowcount:
-        return
-    conn.execute(
-        insert(segment_timers).values(
-            segment_id=seg.id, profile_id=pid, workspace_id=seg.workspace_id, due_at=due
-        )
-    )
-
-
-def fire_due_timers(conn: Connection, now: datetime, *, limit: int = 500, emit: Emit = no_emit) -> int:
-    """Re-evaluate the (segment, profile) pairs whose timer is due, and reschedule them.
-    Returns how many timers were handled."""
-    due = list(
-        conn.execute(
-            select(segment_timers)
-            .where(segment_timers.c.due_at <= now)
-            .order_by(segment_timers.c.due_at)
-            .limit(limit)
-        )
-    )
-    cache: dict[str, Segment | None] = {}
-    lives: dict[str, dict[str, timedelta | None]] = {}
-    for t in due:
-        if t.segment_id not in cache:
-            row = conn.execute(select(segments).where(segments.c.id == t.segment_id)).first()
-            cache[t.segment_id] = _row_to_segment(row) if row is not None else None
-        seg = cache[t.segment_id]
-        alive = conn.execute(
-            select(profiles.c.id).where(
-                profiles.c.id == t.profile_id,
-                profiles.c.workspace_id == t.workspace_id,
-                profiles.c.merged_into.is_(None),
-            )
-        ).first()
-        if seg is None or alive is None:
+def _alive(conn: Connection, ws: str, profile_ids: Sequence[str]) -> set[str]:
+    """Those of the profiles that exist in the workspace and are not merged away."""
+    out: set[str] = set()
+    for chunk in chunks(profile_ids):
+        out.update(
             conn.execute(
-                delete(segment_timers).where(
-                    segment_timers.c.segment_id == t.segment_id, segment_timers.c.profile_id == t.profile_id
+                select(profiles.c.id).where(
+                    profiles.c.workspace_id == ws,
+                    profiles.c.id.in_(list(chunk)),
+                    profiles.c.merged_into.is_(None),
                 )
-            )
-            continue
-        ws = seg.workspace_id
-        if ws not in lives:
-            lives[ws] = half_lives_of(conn, ws)
-        view = load_view(conn, ws, t.profile_id, now, lives[ws], names=sorted(seg.event_names))
-        was = (
+            ).scalars()
+        )
+    return out
+
+
+def _members_among(conn: Connection, segment_id: str, profile_ids: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    for chunk in chunks(profile_ids):
+        out.update(
             conn.execute(
                 select(segment_members.c.profile_id).where(
-                    segment_members.c.segment_id == seg.id, segment_members.c.profile_id == t.profile_id
+                    segment_members.c.segment_id == segment_id, segment_members.c.profile_id.in_(list(chunk))
                 )
-            ).first()
-            is not None
+            ).scalars()
         )
-        cause = f"segment-timer:{seg.id}:v{seg.version}:{t.profile_id}:{t.due_at.isoformat()}"
-        _settle(conn, seg, t.profile_id, view, now, was, emit, cause)
+    return out
+
+
+def fire_due_timers(
+    conn: Connection,
+    now: datetime,
+    *,
+    limit: int = 500,
+    emit: Emit = no_emit,
+    announce: Announce | None = None,
+) -> int:
+    """Re-evaluate the (segment, profile) pairs whose timer is due (the ``limit`` earliest;
+    on PostgreSQL those not claimed by another worker), and reschedule them. Per segment,
+    the views of all its due profiles are read in chunks, evaluated in memory, and the
+    entries, exits and new timers written in bulk. Timers of deleted segments, and of
+    profiles merged away or erased, are dropped. Returns how many timers were handled."""
+    stmt = (
+        select(segment_timers)
+        .where(segment_timers.c.due_at <= now)
+        .order_by(segment_timers.c.due_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    due = list(conn.execute(stmt))
+    if not due:
+        return 0
+    by_segment: dict[str, list[Any]] = defaultdict(list)
+    for t in due:
+        by_segment[t.segment_id].append(t)
+    found = _segments_by_id(conn, by_segment)
+    announcer = announce or one_by_one(emit)
+    lives: dict[str, dict[str, DecaySpec]] = {}
+    for seg_id, rows in by_segment.items():
+        seg = found.get(seg_id)
+        if seg is None:
+            conn.execute(delete(segment_timers).where(segment_timers.c.segment_id == seg_id))
+            continue
+        ws = seg.workspace_id
+        pids = [t.profile_id for t in rows if t.workspace_id == ws]
+        alive = _alive(conn, ws, pids)
+        dropped = [t.profile_id for t in rows if t.profile_id not in alive]
+        for chunk in chunks(dropped):
+            conn.execute(
+                delete(segment_timers).where(
+                    segment_timers.c.segment_id == seg_id, segment_timers.c.profile_id.in_(list(chunk))
+                )
+            )
+        live = [t for t in rows if t.profile_id in alive]
+        if not live:
+            continue
+        if ws not in lives:
+            lives[ws] = half_lives_of(conn, ws)
+        live_ids = [t.profile_id for t in live]
+        views = load_views(conn, ws, live_ids, lives[ws], seg.reads)
+        current = _members_among(conn, seg.id, live_ids)
+        moves = Moves(seg.id, ws, seg.key)
+        next_due: dict[str, datetime | None] = {}
+        for t in live:
+            pid = t.profile_id
+            cause = f"segment-timer:{seg.id}:v{seg.version}:{pid}:{t.due_at.isoformat()}"
+            view = views[pid]
+            settle(seg, pid, view, now, pid in current, cause, moves)
+            next_due[pid] = next_change(seg.definition, view, now)
+        write_moves(conn, moves, now, announcer)
+        write_timers(conn, seg.id, ws, next_due, {t.profile_id: t.due_at for t in live})
     return len(due)
 
 
-def timer_step(db: Database, clock: Clock, emit: Emit, *, limit: int = 500) -> int:
+def timer_step(
+    db: Database, clock: Clock, emit: Emit, *, limit: int = 500, announce: Announce | None = None
+) -> int:
     """A worker step: fire the due segment timers in one transaction."""
     with db.write() as conn:
-        return fire_due_timers(conn, clock.now(), limit=limit, emit=emit)
+        return fire_due_timers(conn, clock.now(), limit=limit, emit=emit, announce=announce)
 
 
 # ---- merges and erasure --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sqlalchemy import Column, Index, Integer, String, Table, UniqueConstraint
+from sqlalchemy import Column, Index, Integer, String, Table, UniqueConstraint, text
 
 from whenthen.storage.metadata import BigIntPK, JsonDoc, UTCDateTime, metadata
 
@@ -39,6 +39,7 @@ segment_timers = Table(
     Column("workspace_id", String(40), nullable=False),
     Column("due_at", UTCDateTime(), nullable=False),
     Index("ix_segment_timers_due", "due_at"),
+    Index("ix_segment_timers_profile", "workspace_id", "profile_id"),
 )
 
 #: Every entry and exit, with the time.
@@ -53,4 +54,12 @@ segment_history = Table(
     Column("exited_at", UTCDateTime(), nullable=True),
     Index("ix_segment_history_profile", "workspace_id", "profile_id", "entered_at"),
     Index("ix_segment_history_segment", "segment_id", "entered_at"),
+    # Open stays, found by segment and profile when people leave.
+    Index(
+        "ix_segment_history_open",
+        "segment_id",
+        "profile_id",
+        sqlite_where=text("exited_at IS NULL"),
+        postgresql_where=text("exited_at IS NULL"),
+    ),
 )

@@ -4,27 +4,19 @@ Never commits."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, delete, insert, select, update
 
 from whenthen import profiles
-from whenthen.kernel.errors import DomainError, NotFound
+from whenthen.kernel.errors import NotFound, invalid_definition
 from whenthen.segments import service as segments
-from whenthen.segments.evaluator import evaluate
+from whenthen.segments.evaluator import DecaySpec, evaluate
 from whenthen.segments.service import event_names
 from whenthen.tagging.model import TagRule, matches
 from whenthen.tagging.tables import tag_rules
-
-
-def _invalid(exc: ValidationError) -> DomainError:
-    problems = [
-        {"field": ".".join(str(p) for p in e["loc"]), "reason": str(e["msg"]).removeprefix("Value error, ")}
-        for e in exc.errors()
-    ]
-    return DomainError("invalid_definition", "the definition is not valid", details={"problems": problems})
 
 
 def save_rule(conn: Connection, ws: str, data: Any, *, now: datetime) -> TagRule:
@@ -32,7 +24,7 @@ def save_rule(conn: Connection, ws: str, data: Any, *, now: datetime) -> TagRule
     try:
         rule = TagRule.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_definition(exc) from None
     doc = rule.model_dump(mode="json", exclude_none=True)
     where = (tag_rules.c.workspace_id == ws, tag_rules.c.key == rule.key)
     if conn.execute(select(tag_rules.c.key).where(*where)).first():
@@ -78,7 +70,7 @@ def on_event(
     properties: Mapping[str, Any],
     now: datetime,
     workspace_rules: list[TagRule],
-    half_lives: dict[str, timedelta | None] | None = None,
+    half_lives: dict[str, DecaySpec] | None = None,
 ) -> list[tuple[str, str]]:
     """Apply the rules this event triggers, in key order; returns the changes made as
     ``(action, tag)``. A change marks the person for a segment recheck."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -49,34 +50,39 @@ def finish_events(
     _repo.mark(conn, dict.fromkeys(failed), _repo.FAILED)
 
 
-def emit(
-    conn: Connection,
-    workspace_id: str,
-    *,
-    message_id: str,
-    event: str,
-    user_id: str | None,
-    anonymous_id: str | None,
-    payload: dict[str, Any],
-    now: datetime,
-    partitions: int,
-) -> bool:
-    """Append an event the system produced (engagement, scores, stages) to the log, in
-    the person's partition, deduplicated on its message id like any call."""
+@dataclass(frozen=True, slots=True)
+class SystemCall:
+    """A track call the system makes about a person (engagement, scores, stages, segments)."""
+
+    message_id: str
+    event: str
+    user_id: str | None
+    anonymous_id: str | None
+    payload: dict[str, Any]
+
+
+def emit_many(
+    conn: Connection, workspace_id: str, calls: Sequence[SystemCall], *, now: datetime, partitions: int
+) -> int:
+    """Append calls the system produced to the log, each in its person's partition,
+    deduplicated on the message id like any call; returns how many were newly stored."""
     from whenthen.tracking import service
 
-    accepted = AcceptedEvent(
-        message_id=message_id,
-        type=CallType.TRACK,
-        event=event,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        timestamp=now,
-        received_at=now,
-        payload=payload,
-    )
-    stored, _ = service.append(conn, workspace_id, [accepted], partitions=partitions)
-    return stored == 1
+    accepted = [
+        AcceptedEvent(
+            message_id=c.message_id,
+            type=CallType.TRACK,
+            event=c.event,
+            user_id=c.user_id,
+            anonymous_id=c.anonymous_id,
+            timestamp=now,
+            received_at=now,
+            payload=c.payload,
+        )
+        for c in calls
+    ]
+    stored, _ = service.append(conn, workspace_id, accepted, partitions=partitions)
+    return stored
 
 
 def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
@@ -112,10 +118,11 @@ __all__ = [
     "IngestResult",
     "Rejection",
     "StoredEvent",
+    "SystemCall",
     "attribute_event",
     "count_pending",
     "delete_events_of_person",
-    "emit",
+    "emit_many",
     "events_for_profile",
     "finish_events",
     "named_events",

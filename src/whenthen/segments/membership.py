@@ -1,0 +1,187 @@
+"""Writing membership: entries, exits, timers and their announcements, for many profiles
+of one segment at once. Never commits.
+
+Every change goes through the same three steps whether it concerns one profile or a
+million: enter (a ``segment_members`` row, an open ``segment_history`` row, a ``Segment
+Entered`` announcement), exit (the member row deleted, the open history row closed, a
+``Segment Exited`` announcement), and the profile's timer set to when its answer may next
+change by time alone (deleted when never). Rows are written with one executemany per
+table, or one statement per :data:`~whenthen.segments.views.CHUNK` of ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, bindparam, delete, insert, update
+
+from whenthen.profiles import Emit
+from whenthen.segments.tables import segment_history, segment_members, segment_timers
+from whenthen.segments.views import chunks
+
+ENTERED = "Segment Entered"
+EXITED = "Segment Exited"
+
+
+def no_emit(
+    conn: Connection,
+    ws: str,
+    profile_id: str,
+    name: str,
+    properties: dict[str, Any],
+    *,
+    now: datetime,
+    cause: str,
+) -> None:
+    """An :data:`Emit` that announces nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """One system event to append to a person's log: what :class:`Emit` takes, as data."""
+
+    profile_id: str
+    name: str
+    properties: dict[str, Any]
+    cause: str
+
+
+class Announce(Protocol):
+    """Append many system events at once, each exactly as :class:`Emit` would (same name,
+    properties and message id derived from the cause). The pipeline's ``announce`` with
+    its partitions bound is one; :func:`one_by_one` makes one from an :class:`Emit`."""
+
+    def __call__(
+        self, conn: Connection, ws: str, announcements: Sequence[Announcement], *, now: datetime
+    ) -> object: ...
+
+
+def one_by_one(emit: Emit) -> Announce:
+    """An :class:`Announce` that calls ``emit`` for each announcement, in order."""
+
+    def announce(conn: Connection, ws: str, announcements: Sequence[Announcement], *, now: datetime) -> None:
+        for a in announcements:
+            emit(conn, ws, a.profile_id, a.name, a.properties, now=now, cause=a.cause)
+
+    return announce
+
+
+@dataclass
+class Moves:
+    """Entries and exits of one segment, collected before they are written."""
+
+    segment_id: str
+    workspace_id: str
+    key: str
+    entered: list[tuple[str, str]] = field(default_factory=list)  # (profile id, cause)
+    exited: list[tuple[str, str]] = field(default_factory=list)
+
+    def enter(self, profile_id: str, cause: str) -> None:
+        self.entered.append((profile_id, cause))
+
+    def exit(self, profile_id: str, cause: str) -> None:
+        self.exited.append((profile_id, cause))
+
+    def __len__(self) -> int:
+        return len(self.entered) + len(self.exited)
+
+    def announcements(self) -> Iterator[Announcement]:
+        for name, moved in ((ENTERED, self.entered), (EXITED, self.exited)):
+            for pid, cause in moved:
+                yield Announcement(pid, name, {"segment": self.key}, cause)
+
+
+#: Rows per executemany and announcements per ``announce`` call: bounds the memory a
+#: recompute of a million people takes.
+BATCH = 20_000
+
+
+# Built once (statement construction costs more than a one-row execution).
+_DELETE_MEMBERS = delete(segment_members).where(
+    segment_members.c.segment_id == bindparam("seg"),
+    segment_members.c.profile_id.in_(bindparam("pids", expanding=True)),
+)
+# Exactly the terms of the partial index of open stays (segment, profile): the segment
+# index alone would scan every past stay in the segment.
+_CLOSE_STAYS = (
+    update(segment_history)
+    .where(
+        segment_history.c.segment_id == bindparam("seg"),
+        segment_history.c.profile_id.in_(bindparam("pids", expanding=True)),
+        segment_history.c.exited_at.is_(None),
+    )
+    .values(exited_at=bindparam("now"))
+)
+_DELETE_TIMERS = delete(segment_timers).where(
+    segment_timers.c.segment_id == bindparam("seg"),
+    segment_timers.c.profile_id.in_(bindparam("pids", expanding=True)),
+)
+
+
+def write_moves(conn: Connection, moves: Moves, now: datetime, announce: Announce) -> None:
+    """Write the entries and exits (members, history) and announce them."""
+    seg, ws = moves.segment_id, moves.workspace_id
+    for i in range(0, len(moves.entered), BATCH):
+        entered = [p for p, _ in moves.entered[i : i + BATCH]]
+        conn.execute(
+            insert(segment_members),
+            [{"segment_id": seg, "profile_id": p, "workspace_id": ws, "since": now} for p in entered],
+        )
+        conn.execute(
+            insert(segment_history),
+            [{"segment_id": seg, "workspace_id": ws, "profile_id": p, "entered_at": now} for p in entered],
+        )
+    for chunk in chunks([p for p, _ in moves.exited]):
+        ids = list(chunk)
+        conn.execute(_DELETE_MEMBERS, {"seg": seg, "pids": ids})
+        conn.execute(_CLOSE_STAYS, {"seg": seg, "pids": ids, "now": now})
+    batch: list[Announcement] = []
+    for a in moves.announcements():
+        batch.append(a)
+        if len(batch) >= BATCH:
+            announce(conn, ws, batch, now=now)
+            batch = []
+    if batch:
+        announce(conn, ws, batch, now=now)
+
+
+_UPDATE_TIMER = (
+    update(segment_timers)
+    .where(
+        segment_timers.c.segment_id == bindparam("b_segment"),
+        segment_timers.c.profile_id == bindparam("b_profile"),
+    )
+    .values(due_at=bindparam("b_due"))
+)
+
+
+def write_timers(
+    conn: Connection,
+    segment_id: str,
+    workspace_id: str,
+    due: Mapping[str, datetime | None],
+    existing: Mapping[str, datetime],
+) -> None:
+    """Set each profile's timer in the segment to ``due[profile]`` (``None``: no timer),
+    given the timers that exist now (``existing``, profile -> due_at): only differences
+    are written."""
+    gone = [p for p, d in due.items() if d is None and p in existing]
+    moved = [
+        {"b_segment": segment_id, "b_profile": p, "b_due": d}
+        for p, d in due.items()
+        if d is not None and p in existing and existing[p] != d
+    ]
+    new = [
+        {"segment_id": segment_id, "profile_id": p, "workspace_id": workspace_id, "due_at": d}
+        for p, d in due.items()
+        if d is not None and p not in existing
+    ]
+    for chunk in chunks(gone):
+        conn.execute(_DELETE_TIMERS, {"seg": segment_id, "pids": list(chunk)})
+    if moved:
+        conn.execute(_UPDATE_TIMER, moved)
+    if new:
+        conn.execute(insert(segment_timers), new)
