@@ -23,6 +23,7 @@ from whenthen import journeys, profiles, scoring, tagging, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.segments import service as segments
 from whenthen.segments.evaluator import DecaySpec
+from whenthen.storage import locks
 from whenthen.tracking import StoredEvent
 
 
@@ -121,6 +122,7 @@ def process_events(
 ) -> BatchOutcome:
     """Apply events in order. ``partitions`` is the log's partition count, for the events
     this batch emits (score thresholds, stage moves)."""
+    locks.pipeline_batch(conn)  # an erasure waits for this batch (storage/locks.py)
     processed: dict[int, str | None] = {}
     suppressed: list[int] = []
     # Events are marked with their profile at the end of the batch; a merge later in the

@@ -39,6 +39,7 @@ from whenthen.profiles.model import (
     merge_traits,
 )
 from whenthen.profiles.normalization import normalise_email, normalise_traits, reachability
+from whenthen.storage import locks
 from whenthen.tracking import CallType, StoredEvent
 
 
@@ -374,6 +375,7 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
     """Delete a person: profile, tombstones, identities, events (even ones still pending
     in the log), group memberships and merge records. Keep only keyed hashes of the
     identities so that a later re-import of the same person is suppressed."""
+    locks.erasure(conn)  # waits for pipeline batches in flight (storage/locks.py)
     profile = get_profile(conn, workspace_id, profile_id)
     ids = [profile.id, *repo.merged_ids(conn, workspace_id, profile.id)]
     values: list[tuple[str, str]] = []
