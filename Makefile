@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-postgres lint types ci bench bench-journeys bench-audience clean
+.PHONY: install run test test-postgres lint types ci bench bench-ingest bench-journeys bench-audience clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ types: install
 ci: lint types
 	WHENTHEN_REQUIRE_POSTGRES=1 $(MAKE) test
 
+## Every benchmark (ingest, journeys, audience) with a summary of the goals; QUICK=1 for the short forms.
 bench: install
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
+
+bench-ingest: install
 	$(BIN)/python -m bench.ingest
 
 bench-journeys: install
