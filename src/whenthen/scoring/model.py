@@ -179,6 +179,19 @@ def _event_value(properties: Mapping[str, Any], path: str) -> Any:
     return lookup_path(properties, path.removeprefix("properties."))
 
 
+def touches(model: ScoringModel, event: str, properties: Mapping[str, Any]) -> bool:
+    """Whether :func:`apply` could change the score for this event: an event rule matches
+    it, or the model has trait rules (any event may start or stop a trait holding)."""
+    return any(
+        rule.trait is not None
+        or (
+            rule.event == event
+            and all(compare(_event_value(properties, f.path), f.op, f.value) for f in rule.where)
+        )
+        for rule in model.rules
+    )
+
+
 def apply(
     model: ScoringModel,
     score: Score | None,

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound, invalid_definition
@@ -22,6 +22,7 @@ from whenthen.scoring.model import (
     crossings_between,
     next_decay_crossing,
     next_stage,
+    touches,
     value_at,
 )
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
@@ -82,6 +83,18 @@ def delete_model(conn: Connection, ws: str, key: str) -> None:
 
 
 # ---- scores -------------------------------------------------------------------------------
+
+
+_ROWS = select(profile_scores).where(
+    profile_scores.c.workspace_id == bindparam("ws"),
+    profile_scores.c.profile_id == bindparam("pid"),
+    profile_scores.c.model_key.in_(bindparam("keys", expanding=True)),
+)
+
+
+def _rows(conn: Connection, ws: str, profile_id: str, keys: list[str]) -> dict[str, Any]:
+    """The person's score rows in these models, by model key (one prebuilt statement)."""
+    return {r.model_key: r for r in conn.execute(_ROWS, {"ws": ws, "pid": profile_id, "keys": keys})}
 
 
 def _row(conn: Connection, ws: str, profile_id: str, key: str) -> Any:
@@ -154,29 +167,40 @@ def on_event(
     workspace_models: list[ScoringModel],
     lifecycle: Lifecycle | None,
 ) -> Scored:
-    """Apply one event to the person's scores, then to their stage."""
+    """Apply one event to the person's scores, then to their stage. Only the models the
+    event can change are read (one query for all of them); a model it cannot change keeps
+    its row untouched (a due decay timer there is fired by the worker step)."""
     crossings: list[tuple[str, Crossing]] = []
-    for model in workspace_models:
-        row = _row(conn, ws, profile_id, model.key)
+    touched = [m for m in workspace_models if touches(m, event, properties)]
+    touched_keys = {m.key for m in touched}
+    score_rules = lifecycle is not None and any(r.score_model for r in lifecycle.rules)
+    wanted = workspace_models if score_rules else touched
+    rows = _rows(conn, ws, profile_id, [m.key for m in wanted]) if wanted else {}
+    values: dict[str, float] = {}
+    for model in wanted:
+        row = rows.get(model.key)
         before = Score.from_row(row.points, row.as_of, row.caps) if row else None
+        values[model.key] = value_at(before, model.decay, now) if before else 0.0
+        if model.key not in touched_keys:
+            continue
         decayed: tuple[Crossing, ...] = ()
         if row is not None and row.decay_due_at is not None and row.decay_due_at <= now:
             # Decay carried the score across a threshold before this event and the timer
             # has not fired yet: announce that first, as the timer would have.
-            value = value_at(before, model.decay, now) if before else 0.0
-            decayed = crossings_between(model, float(row.decay_from), value)
+            decayed = crossings_between(model, float(row.decay_from), values[model.key])
         new, crossed = apply(
             model, before, event=event, properties=properties, traits_after=traits_after, now=now
         )
         if new is not None:
             _store(conn, ws, profile_id, model, new, before is not None)
+            values[model.key] = new.points
         elif decayed and before is not None:
-            _rearm(conn, ws, profile_id, model, before, value_at(before, model.decay, now))
+            _rearm(conn, ws, profile_id, model, before, values[model.key])
         crossings.extend((model.key, c) for c in (*decayed, *crossed))
     change = None
     if lifecycle is not None:
         current = stage_of(conn, ws, profile_id)
-        scores = scores_of(conn, ws, profile_id, now) if any(r.score_model for r in lifecycle.rules) else {}
+        scores = {k: round(v, 6) for k, v in values.items()} if score_rules else {}
         target = next_stage(lifecycle, current, event=event, properties=properties, scores=scores)
         if target is not None:
             set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
