@@ -37,35 +37,39 @@ def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
     )
 
 
+#: The reads below run for every event the pipeline applies: built once, with bind
+#: parameters (SQLAlchemy then reuses their compiled form without rebuilding them).
+_GET = select(profiles).where(profiles.c.id == bindparam("pid"), profiles.c.workspace_id == bindparam("ws"))
+_GET_FOR_UPDATE = _GET.with_for_update()
+_IDENTITIES_OF = (
+    select(identities.c.kind, identities.c.value)
+    .where(identities.c.workspace_id == bindparam("ws"), identities.c.profile_id == bindparam("pid"))
+    .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+)
+_OWNER_OF = select(identities.c.profile_id).where(
+    identities.c.workspace_id == bindparam("ws"),
+    identities.c.kind == bindparam("kind"),
+    identities.c.value == bindparam("value"),
+)
+
+
 def get(
     conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False, with_identities: bool = True
 ) -> Profile | None:
-    stmt = select(profiles).where(profiles.c.id == profile_id, profiles.c.workspace_id == workspace_id)
-    if lock and conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
+    stmt = _GET_FOR_UPDATE if lock and conn.dialect.name == "postgresql" else _GET
+    row = conn.execute(stmt, {"pid": profile_id, "ws": workspace_id}).first()
     if row is None:
         return None
     return _profile(row, identities_of(conn, workspace_id, profile_id) if with_identities else ())
 
 
 def identities_of(conn: Connection, workspace_id: str, profile_id: str) -> list[Identity]:
-    rows = conn.execute(
-        select(identities.c.kind, identities.c.value)
-        .where(identities.c.workspace_id == workspace_id, identities.c.profile_id == profile_id)
-        .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
-    )
+    rows = conn.execute(_IDENTITIES_OF, {"ws": workspace_id, "pid": profile_id})
     return [Identity(IdentityKind(r.kind), r.value) for r in rows]
 
 
 def owner_of(conn: Connection, workspace_id: str, kind: IdentityKind, value: str) -> ProfileId | None:
-    row = conn.execute(
-        select(identities.c.profile_id).where(
-            identities.c.workspace_id == workspace_id,
-            identities.c.kind == kind.value,
-            identities.c.value == value,
-        )
-    ).first()
+    row = conn.execute(_OWNER_OF, {"ws": workspace_id, "kind": kind.value, "value": value}).first()
     return ProfileId(row[0]) if row else None
 
 
