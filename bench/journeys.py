@@ -3,6 +3,7 @@
     python -m bench.journeys                  # SQLite and PostgreSQL, both parts, ~5.5 min
     python -m bench.journeys --quick          # 2 s phases, 100,000 timers (5,000 due), < 90 s
     python -m bench.journeys --db sqlite --part delivery
+    python -m bench.journeys --quick --part delivery --layout both   # API + worker processes too
     python -m bench.journeys --db postgres --part timers --enrollments 1000000
 
 Part 1, delivery ("event to email handed to the SMTP server"). For each database:
@@ -11,8 +12,10 @@ Part 1, delivery ("event to email handed to the SMTP server"). For each database
    journey "event Ping -> send_email" (entry every time) whose subject carries the
    event's ``properties.id``;
 2. ``whenthen serve`` (API and embedded pipeline worker, as shipped) in its own process,
-   its SMTP host pointing at an aiosmtpd sink in this process that timestamps every
-   message it receives (``time.perf_counter``, the same clock as the send schedule);
+   or with ``--layout split`` ``whenthen serve --no-worker`` and ``whenthen worker`` as two
+   processes (``--layout both``: one, then the other, each on a fresh database), its SMTP
+   host pointing at an aiosmtpd sink in this process that timestamps every message it
+   receives (``time.perf_counter``, the same clock as the send schedule);
 3. ``--users`` people identified with an email address (``/v1/batch``), then a short
    warm-up that is not counted;
 4. for each ``--rates`` value: ``/v1/track`` open loop at that rate for ``--seconds``, each
@@ -86,6 +89,7 @@ from sqlalchemy import Connection, event, func, select, text, update
 from bench.loadgen import Client, ProtocolError, percentile
 from bench.loadgen import Connection as HttpConnection
 from bench.targets import (
+    BIN,
     CLOCK_TICKS,
     DEFAULT_POSTGRES,
     PostgresTarget,
@@ -206,13 +210,16 @@ class Cpu:
     bench: float = 0.0
     postgres: float = 0.0
     machine: float = 0.0
+    worker: float = 0.0  # `whenthen worker` beside the API (--layout split)
 
     @property
     def other(self) -> float:
-        return max(0.0, self.machine - self.server - self.bench - self.postgres)
+        return max(0.0, self.machine - self.server - self.worker - self.bench - self.postgres)
 
     def text(self) -> str:
         server = f"server {self.server:.2f}, " if self.server >= 0.005 else ""
+        if self.worker >= 0.005:
+            server += f"worker {self.worker:.2f}, "
         pg = f", postgres {self.postgres:.2f}" if self.postgres >= 0.005 else ""
         note = "  WARNING: other processes competed for the CPU" if self.other > QUIET else ""
         return (
@@ -250,9 +257,10 @@ def _own_cpu() -> float:
 
 
 @contextlib.contextmanager
-def measure_cpu(server: ServerProcess | None = None) -> Iterator[Cpu]:
+def measure_cpu(server: ServerProcess | None = None, worker: WorkerProcess | None = None) -> Iterator[Cpu]:
     cpu = Cpu()
     s0 = server.cpu_seconds() if server else 0.0
+    w0 = worker.cpu_seconds() if worker else 0.0
     b0 = _own_cpu()
     p0 = _postgres_ticks()
     m0, _ = machine_busy_seconds()
@@ -263,6 +271,8 @@ def measure_cpu(server: ServerProcess | None = None) -> Iterator[Cpu]:
         wall = max(1e-9, time.perf_counter() - t0)
         if server is not None and server.proc.poll() is None:
             cpu.server = (server.cpu_seconds() - s0) / wall
+        if worker is not None and worker.proc.poll() is None:
+            cpu.worker = (worker.cpu_seconds() - w0) / wall
         cpu.bench = (_own_cpu() - b0) / wall
         cpu.postgres = max(0.0, _postgres_delta(p0)) / wall
         cpu.machine = (machine_busy_seconds()[0] - m0) / wall
@@ -396,6 +406,7 @@ class DeliveryResult:
     phases: list[DeliveryPhase] = field(default_factory=list)
     server_errors: int = 0
     failure: str | None = None
+    layout: str = "embedded"
 
 
 def _track_body(event_id: str, user: int) -> bytes:
@@ -529,6 +540,7 @@ async def delivery_phase(
     sink: TimedSink,
     db: Database,
     server: ServerProcess,
+    worker: WorkerProcess | None,
     *,
     prefix: str,
     rate: float,
@@ -547,7 +559,7 @@ async def delivery_phase(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
 
-    with measure_cpu(server) as cpu:
+    with measure_cpu(server, worker) as cpu:
         sampling = asyncio.create_task(sampler())
         sent = await send_events(
             client,
@@ -633,6 +645,7 @@ async def drive_delivery(
     args: argparse.Namespace,
     result: DeliveryResult,
     server: ServerProcess,
+    worker: WorkerProcess | None,
     sink: TimedSink,
     write_key: str,
     url: str,
@@ -656,7 +669,7 @@ async def drive_delivery(
             await _wait_pipeline_idle(db, 30.0)
             _say(f"  /v1/track open loop at {rate:,.0f} events/s for {args.seconds:g} s ...")
             phase = await delivery_phase(
-                args, client, sink, db, server, prefix=f"r{n}x{int(rate)}", rate=rate
+                args, client, sink, db, server, worker, prefix=f"r{n}x{int(rate)}", rate=rate
             )
             result.phases.append(phase)
             _say(_describe_phase(phase))
@@ -693,16 +706,62 @@ def publish(url: str, workspace_id: str, definition: dict[str, Any]) -> None:
         db.dispose()
 
 
-def bench_delivery(args: argparse.Namespace, target: Target, logs: Path) -> DeliveryResult:
+class WorkerProcess:
+    """``whenthen worker`` in its own process (``--layout split``), beside the API started
+    with ``--no-worker``: the layout a business at 1,000 events/s would run."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "whenthen"), "worker"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        deadline = time.perf_counter() + 30.0
+        while b"running" not in log_path.read_bytes():
+            if self.proc.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"`whenthen worker` did not start; see {log_path}")
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+def _errors_in(log_path: Path, what: str) -> int:
+    log = log_path.read_text(errors="replace")
+    errors = log.count("Traceback") + log.count(" ERROR ")
+    if errors:
+        tail = "\n      ".join(log.splitlines()[-12:])
+        _say(f"  WARNING: the {what} logged {errors} errors; last lines:\n      {tail}")
+    return errors
+
+
+def bench_delivery(args: argparse.Namespace, target: Target, logs: Path, layout: str) -> DeliveryResult:
     mode = "whenthen serve" if args.server == "cli" else "python -m bench.server (access log off)"
+    split = layout == "split"
     result = DeliveryResult(
         label=target.label,
         kind=target.kind,
         synchronous=target.synchronous,
-        server=f"{mode}, embedded worker",
+        server=f"{mode} --no-worker + `whenthen worker`" if split else f"{mode}, embedded worker",
+        layout=layout,
     )
     _say(f"\n== Delivery, {target.label}: {result.server}")
-    url = target.fresh(f"delivery_{target.synchronous.lower()}")
+    url = target.fresh(f"delivery_{target.synchronous.lower()}_{layout}")
     with TimedSink() as sink:
         env = server_env(url, target.synchronous)
         env.update(
@@ -712,10 +771,14 @@ def bench_delivery(args: argparse.Namespace, target: Target, logs: Path) -> Deli
         )
         workspace = create_workspace(env)
         publish(url, workspace.id, PING_JOURNEY)
-        log_path = logs / f"server-{target.kind}-{target.synchronous}.log"
-        server = ServerProcess(env, mode=args.server, worker=True, log_path=log_path)
+        log_path = logs / f"server-{target.kind}-{target.synchronous}-{layout}.log"
+        worker_log = logs / f"worker-{target.kind}-{target.synchronous}.log"
+        server = ServerProcess(env, mode=args.server, worker=not split, log_path=log_path)
+        worker: WorkerProcess | None = None
         try:
-            _run_async(drive_delivery(args, result, server, sink, workspace.write_key, url))
+            if split:
+                worker = WorkerProcess(env, worker_log)
+            _run_async(drive_delivery(args, result, server, worker, sink, workspace.write_key, url))
         finally:
             # The measurements are taken: a backlog left in the throwaway database need not
             # be finished (a graceful stop waits for the worker's pass, up to 10 s).
@@ -725,11 +788,10 @@ def bench_delivery(args: argparse.Namespace, target: Target, logs: Path) -> Deli
             except subprocess.TimeoutExpired:
                 server.proc.kill()
             server.stop()
-            log = log_path.read_text(errors="replace")
-            result.server_errors = log.count("Traceback") + log.count(" ERROR ")
-            if result.server_errors:
-                tail = "\n      ".join(log.splitlines()[-12:])
-                _say(f"  WARNING: the server logged {result.server_errors} errors; last lines:\n      {tail}")
+            result.server_errors = _errors_in(log_path, "server")
+            if worker is not None:
+                worker.stop()
+                result.server_errors += _errors_in(worker_log, "worker")
         if sink.unmatched:
             _say(f"  WARNING: {sink.unmatched} messages without a ping id in their subject")
     return result
@@ -1265,22 +1327,27 @@ def _describe_lag(lag: Lag) -> str:
 # ---- report ---------------------------------------------------------------------------
 
 
+def _delivery_label(r: DeliveryResult) -> str:
+    return _short_label(r.label, r.kind) + (", API + worker processes" if r.layout == "split" else "")
+
+
 def report(delivery: list[DeliveryResult], timers: list[TimerResult]) -> None:
     _say("\n== Results")
     if delivery:
         _say("\nEvent -> email handed to the SMTP server (latency from the scheduled send time)")
+        w = max([32, *(len(_delivery_label(r)) for r in delivery)])
         _say(
-            f"  {'database':<32} {'offered':>8} {'emailed':>13} {'p50':>9} {'p95':>9} {'p99':>9} "
+            f"  {'database':<{w}} {'offered':>8} {'emailed':>13} {'p50':>9} {'p95':>9} {'p99':>9} "
             f"{'max':>9} {'emails/s':>8} {'backlog':>7} {'ack p99':>9}"
         )
         for r in delivery:
-            label = _short_label(r.label, r.kind)
+            label = _delivery_label(r)
             if r.failure:
-                _say(f"  {label:<32} FAILED: {r.failure}")
+                _say(f"  {label:<{w}} FAILED: {r.failure}")
             for p in r.phases:
                 emailed = f"{p.emailed:,}/{p.acked:,}"
                 _say(
-                    f"  {label:<32} {p.rate:>6,.0f}/s {emailed:>13} {_cell(p.p50):>9} {_cell(p.p95):>9} "
+                    f"  {label:<{w}} {p.rate:>6,.0f}/s {emailed:>13} {_cell(p.p50):>9} {_cell(p.p95):>9} "
                     f"{_cell(p.p99):>9} {_cell(p.max):>9} {p.emails_per_second_during:>8,.0f} "
                     f"{p.backlog_at_end:>7,} {_cell(p.ack_p99):>9}"
                 )
@@ -1290,7 +1357,7 @@ def report(delivery: list[DeliveryResult], timers: list[TimerResult]) -> None:
             "   ack p99: the /v1/track answer)"
         )
         for r in delivery:
-            label = _short_label(r.label, r.kind)
+            label = _delivery_label(r)
             at_goal = [p for p in r.phases if p.rate == DELIVERY_GOAL_RATE]
             if not at_goal:
                 if not r.failure:
@@ -1395,6 +1462,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="cli: `whenthen serve` as shipped (default); app: the same app with uvicorn's access log off",
     )
     p.add_argument(
+        "--layout",
+        choices=("embedded", "split", "both"),
+        default="embedded",
+        help="delivery: embedded: `whenthen serve` with its worker (default); split: `whenthen serve "
+        "--no-worker` and `whenthen worker` in two processes; both: one then the other",
+    )
+    p.add_argument(
         "--enrollments", type=int, help="timers: waiting enrollments (default 1,000,000; --quick 100,000)"
     )
     p.add_argument(
@@ -1474,19 +1548,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="whenthen-bench-journeys-") as logs:
         if args.part in ("delivery", "both"):
             modes = [m.strip().upper() for m in args.sqlite_synchronous.split(",") if m.strip()]
+            layouts = ["embedded", "split"] if args.layout == "both" else [args.layout]
             for make in _targets(args, modes):
-                wait_quiet(args.wait_quiet)
                 target = make()
                 try:
-                    delivery.append(bench_delivery(args, target, Path(logs)))
-                except Exception as exc:  # report it, clean up, and go on with the next database
-                    failed = True
-                    _say(f"  FAILED: {type(exc).__name__}: {exc}")
-                    delivery.append(
-                        DeliveryResult(
-                            target.label, target.kind, target.synchronous, args.server, failure=str(exc)
-                        )
-                    )
+                    for layout in layouts:
+                        wait_quiet(args.wait_quiet)
+                        try:
+                            delivery.append(bench_delivery(args, target, Path(logs), layout))
+                        except Exception as exc:  # report it and go on with the next one
+                            failed = True
+                            _say(f"  FAILED: {type(exc).__name__}: {exc}")
+                            delivery.append(
+                                DeliveryResult(
+                                    target.label,
+                                    target.kind,
+                                    target.synchronous,
+                                    args.server,
+                                    failure=str(exc),
+                                    layout=layout,
+                                )
+                            )
                 finally:
                     target.cleanup()
         if args.part in ("timers", "both"):

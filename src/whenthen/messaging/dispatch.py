@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
@@ -26,7 +25,7 @@ from whenthen import profiles
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound
 from whenthen.messaging import service
-from whenthen.messaging.email import Addressing, build_email, unsubscribe_url
+from whenthen.messaging.email import Addressing, BuiltEmail, Outgoing, build_email, unsubscribe_url
 from whenthen.messaging.ports import Delivery, EmailBatchSender, EmailSender, WebhookCaller
 from whenthen.profiles.model import Profile
 from whenthen.settings import EmailSettings, WebhookSettings
@@ -213,6 +212,17 @@ def render_context(profile: Profile, payload: Mapping[str, Any], message_id: str
     return context
 
 
+@runtime_checkable
+class OutgoingSender(Protocol):
+    """A sender that takes messages already written as bytes (``build_email``'s
+    ``outgoing``: envelope and data), as ``SmtpSender`` does; other senders get the
+    ``EmailMessage`` the port describes (``BuiltEmail.message``, parsed from those bytes)."""
+
+    def send_outgoing(self, messages: Sequence[Outgoing]) -> list[Delivery]:
+        """Hand the messages to the provider: one answer per message, in their order."""
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class _Pending:
     """An email built and waiting to be handed to the server."""
@@ -220,7 +230,7 @@ class _Pending:
     index: int
     mid: str
     attempt: int
-    message: EmailMessage
+    built: BuiltEmail
     details: dict[str, Any]
 
 
@@ -305,11 +315,12 @@ class EmailJob:
                 )
         elif pending:
             assert self.sender is not None
-            messages = [p.message for p in pending]
-            if isinstance(self.sender, EmailBatchSender):
-                deliveries = self.sender.send_many(messages)
+            if isinstance(self.sender, OutgoingSender):
+                deliveries = self.sender.send_outgoing([p.built.outgoing for p in pending])
+            elif isinstance(self.sender, EmailBatchSender):
+                deliveries = self.sender.send_many([p.built.message for p in pending])
             else:
-                deliveries = [self.sender.send(m) for m in messages]
+                deliveries = [self.sender.send(p.built.message) for p in pending]
             sent_at = self.clock.now()
             for p, delivery in zip(pending, deliveries, strict=True):
                 outcomes[p.index] = self._delivered(p, delivery, sent_at, now)
@@ -357,11 +368,11 @@ class EmailJob:
         details: dict[str, Any] = {
             "recipient": profile.email,
             "subject": subject,
-            "body_html": built.message.get_body(("html",)).get_content() if html else None,  # type: ignore[union-attr]
-            "body_text": built.message.get_body(("plain",)).get_content() if text else None,  # type: ignore[union-attr]
+            "body_html": built.html,
+            "body_text": built.text,
             "links": list(built.links),
         }
-        return _Pending(index=-1, mid=mid, attempt=attempt, message=built.message, details=details)
+        return _Pending(index=-1, mid=mid, attempt=attempt, built=built, details=details)
 
     def _delivered(self, p: _Pending, delivery: Delivery, sent_at: datetime, now: datetime) -> Outcome:
         if delivery.accepted:

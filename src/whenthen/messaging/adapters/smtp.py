@@ -1,6 +1,8 @@
 """SMTP delivery with aiosmtplib (host, port, TLS, auth from settings).
 
-The message is serialised here, not by aiosmtplib: aiosmtplib folds headers at 78
+The dispatcher hands over ``Outgoing`` messages (``send_outgoing``): the envelope and the
+bytes written by ``whenthen.messaging.email.build_email``. An ``EmailMessage`` (``send``,
+``send_many``) is serialised here, not by aiosmtplib: aiosmtplib folds headers at 78
 characters, and a header holding one long URL without spaces (``List-Unsubscribe``) can
 only be folded by turning it into an RFC 2047 encoded word, which is not allowed in that
 header and which mail providers do not decode: one-click unsubscribe would silently break.
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import aiosmtplib
 from aiosmtplib.email import extract_recipients, extract_sender
 
+from whenthen.messaging.email import Outgoing
 from whenthen.messaging.ports import Delivery
 from whenthen.settings import EmailSettings
 
@@ -35,7 +38,7 @@ CONNECTIONS = 8
 #: sessions after a while; RFC 5321 asks them to wait at least 5 minutes).
 IDLE_SECONDS = 30.0
 
-_Prepared = tuple[str, list[str], bytes, bool]
+_NO_ENVELOPE = "a message needs a From address and at least one recipient"
 
 
 class SmtpSender:
@@ -68,25 +71,39 @@ class SmtpSender:
     def send_many(self, messages: Sequence[EmailMessage]) -> list[Delivery]:
         """Hand the messages to the server; one answer per message, in their order."""
         results: list[Delivery | None] = [None] * len(messages)
-        prepared: dict[int, _Prepared] = {}
+        prepared: dict[int, Outgoing] = {}
         for i, message in enumerate(messages):
             try:
                 prepared[i] = serialise(message)
             except ValueError as exc:
                 results[i] = Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
+        return self._send(prepared, results)
+
+    def send_outgoing(self, messages: Sequence[Outgoing]) -> list[Delivery]:
+        """Hand messages already written as bytes to the server (as ``send_many``)."""
+        results: list[Delivery | None] = [None] * len(messages)
+        prepared: dict[int, Outgoing] = {}
+        for i, message in enumerate(messages):
+            if message.sender and message.recipients:
+                prepared[i] = message
+            else:
+                results[i] = Delivery(accepted=False, detail=f"cannot send: {_NO_ENVELOPE}", permanent=True)
+        return self._send(prepared, results)
+
+    def _send(self, prepared: dict[int, Outgoing], results: list[Delivery | None]) -> list[Delivery]:
         if prepared:
             with self._lock:
                 self._run(self._send_all(prepared, results))
         return [r if r is not None else Delivery(accepted=False, detail="not sent") for r in results]
 
-    async def _send_all(self, prepared: dict[int, _Prepared], results: list[Delivery | None]) -> None:
+    async def _send_all(self, prepared: dict[int, Outgoing], results: list[Delivery | None]) -> None:
         lanes: list[list[int]] = [[] for _ in range(min(self.connections, len(prepared)))]
         for i, (_, recipients, _, _) in prepared.items():
             lanes[zlib.crc32(",".join(recipients).encode()) % len(lanes)].append(i)
         await asyncio.gather(*(self._lane(lane, prepared, results) for lane in lanes if lane))
 
     async def _lane(
-        self, lane: list[int], prepared: dict[int, _Prepared], results: list[Delivery | None]
+        self, lane: list[int], prepared: dict[int, Outgoing], results: list[Delivery | None]
     ) -> None:
         client: aiosmtplib.SMTP | None = None
         try:
@@ -97,7 +114,7 @@ class SmtpSender:
                 self._idle.append((client, time.monotonic()))
 
     async def _one(
-        self, client: aiosmtplib.SMTP | None, item: _Prepared
+        self, client: aiosmtplib.SMTP | None, item: Outgoing
     ) -> tuple[Delivery, aiosmtplib.SMTP | None]:
         sender, recipients, data, utf8 = item
         for fresh_only in (False, True):
@@ -108,7 +125,7 @@ class SmtpSender:
                 else:
                     reused = True
                 errors, response = await client.sendmail(
-                    sender, recipients, data, mail_options=["SMTPUTF8"] if utf8 else None
+                    sender, list(recipients), data, mail_options=["SMTPUTF8"] if utf8 else None
                 )
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                 await self._discard(client)
@@ -200,15 +217,21 @@ def _refusal(exc: BaseException) -> Delivery:
     return Delivery(accepted=False, detail=f"{type(exc).__name__}: {exc}")
 
 
-def serialise(message: EmailMessage) -> tuple[str, list[str], bytes, bool]:
+def serialise(message: EmailMessage) -> Outgoing:
     """Envelope sender, recipients, the bytes to send (Bcc removed, CRLF line ends, lines
     up to 998 characters) and whether SMTPUTF8 is needed (non-ASCII addresses)."""
     sender = extract_sender(message)
     recipients = extract_recipients(message)
     if not sender or not recipients:
-        raise ValueError("a message needs a From address and at least one recipient")
+        raise ValueError(_NO_ENVELOPE)
     utf8 = not (sender + "".join(recipients)).isascii()
-    policy = (email.policy.SMTPUTF8 if utf8 else email.policy.SMTP).clone(max_line_length=998)
+    policy = _POLICIES[utf8]
     flat = copy.copy(message)
     del flat["Bcc"]
-    return sender, recipients, flat.as_bytes(policy=policy), utf8
+    return Outgoing(sender, tuple(recipients), flat.as_bytes(policy=policy), utf8)
+
+
+_POLICIES = {
+    False: email.policy.SMTP.clone(max_line_length=998),
+    True: email.policy.SMTPUTF8.clone(max_line_length=998),
+}
