@@ -1,14 +1,16 @@
 """``python -m bench.server --port P``: what ``whenthen serve`` runs, without the access log.
 
 The settings, the container and the app are built exactly as ``whenthen serve`` builds
-them (from ``WHENTHEN_*``); only uvicorn's per-request access log line is off, as a
-production deployment behind a proxy that logs requests would run it. The bench runs
-``whenthen serve`` itself with ``--server cli``.
+them (from ``WHENTHEN_*``), and the start-up heap is frozen as it freezes it; only
+uvicorn's per-request access log line is off, as a production deployment behind a proxy
+that logs requests would run it. The bench runs ``whenthen serve`` itself with
+``--server cli``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import uvicorn
@@ -38,6 +40,10 @@ def main() -> None:
         return
     container = build(load_settings())
     app = create_app(container, run_worker=args.worker)
+    # As `whenthen serve` does (cli/main.py `_freeze_heap`): keep the start-up heap out of
+    # the garbage collector's full collections.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host="127.0.0.1", port=args.port, access_log=False, log_level="warning")
 
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 
 from fastapi import Request
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
 from whenthen import workspaces
@@ -59,3 +60,9 @@ def authenticate_write_key(c: Container, key: str | None) -> Principal:
     if not key:
         raise Unauthorized("a write key is required: HTTP Basic user name or writeKey in the body")
     return _authenticate(c, key, KeyKind.WRITE)
+
+
+def authenticate_write_key_in(conn: Connection, key: str) -> Principal:
+    """The write key's workspace, looked up in a transaction the caller has open (the
+    tracking API's append), so that the key is checked where the events are written."""
+    return workspaces.authenticate(conn, key, KeyKind.WRITE)

@@ -8,13 +8,14 @@ preflight) and may be gzip- or deflate-encoded.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from whenthen.api.auth import authenticate_write_key, basic_user, container
+from whenthen.api.auth import authenticate_write_key, authenticate_write_key_in, basic_user, container
 from whenthen.api.errors import error_response
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
@@ -22,6 +23,7 @@ from whenthen.kernel.errors import DomainError, Unauthorized
 from whenthen.tracking import CallType, service
 from whenthen.tracking.parsing import decompress
 from whenthen.tracking.validation import Invalid, Limits
+from whenthen.workspaces import Principal
 
 router = APIRouter(tags=["tracking"])
 
@@ -41,8 +43,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _limits(c: Container) -> Limits:
-    from datetime import timedelta
-
     s = c.settings.ingest
     return Limits(
         max_event_bytes=s.max_event_bytes,
@@ -59,7 +59,7 @@ async def _handle(request: Request, forced_type: CallType | None) -> Response:
     try:
         raw = await _read_body(request, limit)
         body = decompress(raw, request.headers.get("content-encoding"), limit)
-        if not body.strip():
+        if not body or body.isspace():
             raise Invalid("invalid_json", "the body is empty")
         value, exact = service.parse(body)
         return await run_in_threadpool(_ingest, c, request, body, value, exact, forced_type)
@@ -85,37 +85,50 @@ def _write_key(request: Request, value: Any) -> str | None:
 def _ingest(
     c: Container, request: Request, body: bytes, value: Any, exact: bool, forced_type: CallType | None
 ) -> Response:
-    principal = authenticate_write_key(c, _write_key(request, value))
+    """Validate, then check the key and append in one transaction.
+
+    Checks answer in the documented order (docs/design/tracking.md): a wrong key is a
+    401 before any 400 about the request or its calls, and a refused request is refused
+    before the rate limit. The key is looked up in the append's own transaction when there
+    is something to append (one transaction a request, and a key revoked before it
+    commits is refused); else, and before any error about the calls, on its own.
+    """
+    key = _write_key(request, value)
+    if not key:
+        raise Unauthorized("a write key is required: HTTP Basic user name or writeKey in the body")
     received_at = c.clock.now()
-    prepared = service.prepare(
-        body,
-        value,
-        exact,
-        forced_type=forced_type,
-        received_at=received_at,
-        limits=_limits(c),
-        max_batch_events=c.settings.ingest.max_batch_events,
-    )
-    cost = max(1, len(prepared.accepted))
-    decision = c.buckets.take(principal.workspace_id, cost, received_at)
-    if not decision.allowed:
-        return error_response(
-            429,
-            "rate_limited",
-            "too many events for this workspace; retry after the given delay",
-            {"Retry-After": str(decision.retry_after_seconds)},
+    try:
+        prepared = service.prepare(
+            body,
+            value,
+            exact,
+            forced_type=forced_type,
+            received_at=received_at,
+            limits=_limits(c),
+            max_batch_events=c.settings.ingest.max_batch_events,
         )
+    except Invalid:
+        authenticate_write_key(c, key)
+        raise
     stored, duplicates = 0, prepared.duplicates
     if prepared.accepted:
         with c.db.write() as conn:
+            principal = authenticate_write_key_in(conn, key)
+            refusal = _rate_limited(c, principal, len(prepared.accepted), received_at)
+            if refusal is not None:
+                return refusal  # nothing written: the transaction commits empty
             stored, known = service.append(
                 conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
             )
         duplicates += known
         if stored:
             c.worker.notify()
+    else:
+        refusal = _rate_limited(c, authenticate_write_key(c, key), 1, received_at)
+        if refusal is not None:
+            return refusal
     if forced_type is not None:
-        return JSONBody({"success": True})
+        return JSONBody(_SINGLE_OK)
     rejected = [
         {"index": r.index, "code": r.code, "message": r.message, "messageId": r.message_id}
         for r in prepared.rejected
@@ -128,6 +141,22 @@ def _ingest(
             details={"rejected": rejected},
         )
     return JSONBody({"success": True, "accepted": stored, "duplicates": duplicates, "rejected": rejected})
+
+
+_SINGLE_OK = {"success": True}
+
+
+def _rate_limited(c: Container, principal: Principal, calls: int, now: datetime) -> Response | None:
+    """The 429 when the workspace's bucket lacks ``calls`` tokens (at least one a request)."""
+    decision = c.buckets.take(principal.workspace_id, max(1, calls), now)
+    if decision.allowed:
+        return None
+    return error_response(
+        429,
+        "rate_limited",
+        "too many events for this workspace; retry after the given delay",
+        {"Retry-After": str(decision.retry_after_seconds)},
+    )
 
 
 def _route(paths: tuple[str, ...], forced_type: CallType | None) -> None:

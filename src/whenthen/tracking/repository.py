@@ -24,10 +24,16 @@ def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     """
     if not rows:
         return 0
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
+    stmt = _APPEND[conn.dialect.name == "postgresql"]
     result = conn.execute(stmt, list(rows), execution_options={"preserve_rowcount": True})
     return int(result.rowcount)
+
+
+#: Built once (SQLite, PostgreSQL): the append runs for every request.
+_APPEND = (
+    sqlite.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"]),
+    postgresql.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"]),
+)
 
 
 def pending(conn: Connection, partition: int, limit: int) -> list[Any]:

@@ -18,12 +18,14 @@ from whenthen.tracking.model import AcceptedEvent, CallType, IngestResult, Rejec
 from whenthen.tracking.parsing import loads, loads_exact
 from whenthen.tracking.validation import (
     AmbiguousNumber,
+    CallChecker,
     Invalid,
     Limits,
     parse_timestamp,
     reject,
-    validate_call,
 )
+
+_NUL_ESCAPE = b"\\u0000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +96,13 @@ def _prepare(
     limits: Limits,
     max_batch_events: int,
 ) -> Prepared:
+    # JSON writes NUL only as this escape: without it no string of the body holds one.
+    nul_free = _NUL_ESCAPE not in body
     if forced_type is not None:
-        event = validate_call(
-            value,
-            forced_type=forced_type,
-            received_at=received_at,
-            batch_sent_at=None,
-            limits=limits,
-            encoded_size=len(body),
-            exact_numbers=exact,
+        checker = CallChecker(
+            received_at=received_at, batch_sent_at=None, limits=limits, exact_numbers=exact, nul_free=nul_free
         )
-        return Prepared([event], [])
+        return Prepared([checker.check(value, forced_type=forced_type, encoded_size=len(body))], [])
 
     if not isinstance(value, dict):
         raise Invalid("invalid_type", "a batch must be a JSON object with a 'batch' array")
@@ -117,28 +115,31 @@ def _prepare(
             f"a batch may hold at most {max_batch_events} calls; this one has {len(calls)}",
             413,
         )
-    batch_sent_at = parse_timestamp(value.get("sentAt"), "sentAt")
+    checker = CallChecker(
+        received_at=received_at,
+        batch_sent_at=parse_timestamp(value.get("sentAt"), "sentAt"),
+        limits=limits,
+        exact_numbers=exact,
+        nul_free=nul_free,
+    )
     shared_context = value.get("context")
     shared_integrations = value.get("integrations")
+    envelope = (isinstance(shared_context, dict) and bool(shared_context)) or (
+        isinstance(shared_integrations, dict) and bool(shared_integrations)
+    )
+    check = checker.check
     accepted: list[AcceptedEvent] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
     duplicates = 0
     for index, raw in enumerate(calls):
         try:
-            if isinstance(raw, dict):
+            if envelope and isinstance(raw, dict):
                 raw = _with_envelope(raw, shared_context, shared_integrations)
-            # validate_call measures the call itself, once its values are known to be
+            # The checker measures the call itself, once its values are known to be
             # storable: measuring first would have to encode lone surrogates, NaN markers
             # and deep nesting, which JSON encoders refuse.
-            event = validate_call(
-                raw,
-                forced_type=None,
-                received_at=received_at,
-                batch_sent_at=batch_sent_at,
-                limits=limits,
-                exact_numbers=exact,
-            )
+            event = check(raw)
         except Invalid as error:
             rejected.append(reject(index, error, raw))
             continue
@@ -171,25 +172,35 @@ def append(
     partitions: int,
 ) -> tuple[int, int]:
     """Append accepted calls to the log; returns (newly stored, duplicates)."""
-    rows = [
-        {
-            "workspace_id": workspace_id,
-            "message_id": ev.message_id,
-            "type": ev.type.value,
-            "event": ev.event,
-            "user_id": ev.user_id,
-            "anonymous_id": ev.anonymous_id,
-            "timestamp": ev.timestamp,
-            "received_at": ev.received_at,
-            "payload": ev.payload,
-            "partition": partition_for(workspace_id, _routing_key(ev), partitions),
-            "state": repository.PENDING,
-            "profile_id": None,
-        }
-        for ev in accepted
-    ]
+    # The calls of a request mostly come from few people: hash each one's key once.
+    partition_of: dict[str, int] = {}
+    rows = []
+    for ev in accepted:
+        key = _routing_key(ev)
+        partition = partition_of.get(key)
+        if partition is None:
+            partition = partition_of[key] = partition_for(workspace_id, key, partitions)
+        rows.append(
+            {
+                "workspace_id": workspace_id,
+                "message_id": ev.message_id,
+                "type": _TYPE_NAMES[ev.type],
+                "event": ev.event,
+                "user_id": ev.user_id,
+                "anonymous_id": ev.anonymous_id,
+                "timestamp": ev.timestamp,
+                "received_at": ev.received_at,
+                "payload": ev.payload,
+                "partition": partition,
+                "state": repository.PENDING,
+                "profile_id": None,
+            }
+        )
     inserted = repository.append(conn, rows)
     return inserted, len(rows) - inserted
+
+
+_TYPE_NAMES = {t: t.value for t in CallType}
 
 
 def _routing_key(ev: AcceptedEvent) -> str:

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from whenthen.kernel.ids import KeyId, WorkspaceId
 from whenthen.workspaces.model import ApiKey, KeyKind, Workspace
@@ -55,9 +55,31 @@ def insert_key(conn: Connection, key: ApiKey, key_hash: str) -> None:
     )
 
 
-def find_key_by_hash(conn: Connection, key_hash: str) -> tuple[ApiKey, str] | None:
-    row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
-    return (_key(row), row.key_hash) if row else None
+class KeyCheck(NamedTuple):
+    """What checking a presented key needs to know about the key it hashes to."""
+
+    id: str
+    workspace_id: str
+    kind: str
+    key_hash: str
+    active: bool
+
+
+#: Built once: a key is checked on every tracking request (docs/benchmarks.md, "Ingest").
+_KEY_BY_HASH = select(
+    api_keys.c.id,
+    api_keys.c.workspace_id,
+    api_keys.c.kind,
+    api_keys.c.key_hash,
+    api_keys.c.revoked_at.is_(None).label("active"),
+).where(api_keys.c.key_hash == bindparam("key_hash"))
+
+
+def find_key_by_hash(conn: Connection, key_hash: str) -> KeyCheck | None:
+    row = conn.execute(_KEY_BY_HASH, {"key_hash": key_hash}).first()
+    if row is None:
+        return None
+    return KeyCheck(row.id, row.workspace_id, row.kind, row.key_hash, bool(row.active))
 
 
 def list_keys(conn: Connection, workspace_id: WorkspaceId) -> list[ApiKey]:

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from whenthen.kernel.errors import DomainError, NotFound, Unauthorized
-from whenthen.kernel.ids import WorkspaceId, new_key_id, new_secret, new_workspace_id
+from whenthen.kernel.ids import KeyId, WorkspaceId, new_key_id, new_secret, new_workspace_id
 from whenthen.kernel.keyed_hash import constant_time_equal, sha256_hex
 from whenthen.workspaces import repository
 from whenthen.workspaces.model import KEY_PREFIX, ApiKey, IssuedKey, KeyKind, Principal, Workspace
@@ -50,15 +50,14 @@ def authenticate(conn: Connection, plaintext: str, kind: KeyKind) -> Principal:
     if not plaintext or len(plaintext) > 200:
         raise Unauthorized()
     digest = sha256_hex(plaintext)
-    found = repository.find_key_by_hash(conn, digest)
-    if found is None:
+    key = repository.find_key_by_hash(conn, digest)
+    if key is None:
         raise Unauthorized()
-    key, stored = found
-    if not constant_time_equal(stored, digest) or not key.active:
+    if not constant_time_equal(key.key_hash, digest) or not key.active:
         raise Unauthorized("missing, invalid or revoked key")
-    if key.kind is not kind:
+    if key.kind != kind.value:
         raise Unauthorized(f"a {kind.value} key is required")
-    return Principal(workspace_id=key.workspace_id, key_id=key.id, kind=key.kind)
+    return Principal(workspace_id=WorkspaceId(key.workspace_id), key_id=KeyId(key.id), kind=kind)
 
 
 def revoke(conn: Connection, workspace_id: WorkspaceId, key_id: str, *, now: datetime) -> ApiKey:
