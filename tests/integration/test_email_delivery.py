@@ -470,16 +470,18 @@ def requeue(env: MailEnv, message_id: str) -> bool:
     with env.c.db.write() as conn:
         return messaging.enqueue(
             conn,
-            ws=env.ws.id,
-            channel="email",
-            message_id="msg_another_id",
-            idempotency_key=row.idempotency_key,
-            profile_id=row.profile_id,
-            journey_id=row.journey_id,
-            enrollment_id=row.enrollment_id,
-            node=row.node,
-            payload={"email": DEFAULT_EMAIL, "marketing": True, "context": {}},
-            now=env.clock.now(),
+            messaging.Queued(
+                ws=env.ws.id,
+                channel="email",
+                message_id="msg_another_id",
+                idempotency_key=row.idempotency_key,
+                profile_id=row.profile_id,
+                journey_id=row.journey_id,
+                enrollment_id=row.enrollment_id,
+                node=row.node,
+                payload={"email": DEFAULT_EMAIL, "marketing": True, "context": {}},
+            ),
+            env.clock.now(),
         )
 
 

@@ -158,20 +158,7 @@ def _persist(
     )
     for effect in transition.effects:
         if isinstance(effect, SendEmail | CallWebhook):
-            q = _queued(ws, journey, state, profile_id, effect)
-            messaging.enqueue(
-                conn,
-                ws=q.ws,
-                channel=q.channel,
-                message_id=q.message_id,
-                idempotency_key=q.idempotency_key,
-                profile_id=q.profile_id,
-                journey_id=q.journey_id,
-                enrollment_id=q.enrollment_id,
-                node=q.node,
-                payload=q.payload,
-                now=now,
-            )
+            messaging.enqueue(conn, _queued(ws, journey, state, profile_id, effect), now)
         elif isinstance(effect, UpdateProfile):
             if effect.set or effect.unset:
                 profiles.update_traits(conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now)

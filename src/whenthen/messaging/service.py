@@ -58,85 +58,9 @@ def _insert_message(conn: Connection, row: dict[str, Any]) -> bool:
     return result.first() is not None
 
 
-def _message_row(
-    *,
-    ws: str,
-    channel: str,
-    message_id: str,
-    idempotency_key: str,
-    profile_id: str,
-    journey_id: str | None,
-    enrollment_id: str | None,
-    node: str | None,
-    now: datetime,
-) -> dict[str, Any]:
-    return {
-        "id": message_id,
-        "workspace_id": ws,
-        "profile_id": profile_id,
-        "journey_id": journey_id,
-        "enrollment_id": enrollment_id,
-        "node": node,
-        "channel": channel,
-        "idempotency_key": idempotency_key,
-        "status": "queued",
-        "links": [],
-        "attempts": 0,
-        "created_at": now,
-    }
-
-
-def _job_row(
-    ws: str, channel: str, message_id: str, payload: Mapping[str, Any], now: datetime
-) -> dict[str, Any]:
-    return {
-        "workspace_id": ws,
-        "kind": channel,
-        "payload": {"message_id": message_id, **payload},
-        "available_at": now,
-        "attempts": 0,
-        "created_at": now,
-    }
-
-
-def enqueue(
-    conn: Connection,
-    *,
-    ws: str,
-    channel: str,
-    message_id: str,
-    idempotency_key: str,
-    profile_id: str,
-    journey_id: str | None,
-    enrollment_id: str | None,
-    node: str | None,
-    payload: Mapping[str, Any],
-    now: datetime,
-) -> bool:
-    """Queue one message (email or webhook call). Returns False when a message with this
-    idempotency key exists already: it is never queued twice."""
-    created = _insert_message(
-        conn,
-        _message_row(
-            ws=ws,
-            channel=channel,
-            message_id=message_id,
-            idempotency_key=idempotency_key,
-            profile_id=profile_id,
-            journey_id=journey_id,
-            enrollment_id=enrollment_id,
-            node=node,
-            now=now,
-        ),
-    )
-    if created:
-        conn.execute(_INSERT_OUTBOX, _job_row(ws, channel, message_id, payload, now))
-    return created
-
-
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """One message to queue with :func:`enqueue_many` (the arguments of :func:`enqueue`)."""
+    """One message (email or webhook call) to queue with :func:`enqueue` or :func:`enqueue_many`."""
 
     ws: str
     channel: str
@@ -147,6 +71,43 @@ class Queued:
     enrollment_id: str | None
     node: str | None
     payload: Mapping[str, Any]
+
+
+def _message_row(q: Queued, now: datetime) -> dict[str, Any]:
+    return {
+        "id": q.message_id,
+        "workspace_id": q.ws,
+        "profile_id": q.profile_id,
+        "journey_id": q.journey_id,
+        "enrollment_id": q.enrollment_id,
+        "node": q.node,
+        "channel": q.channel,
+        "idempotency_key": q.idempotency_key,
+        "status": "queued",
+        "links": [],
+        "attempts": 0,
+        "created_at": now,
+    }
+
+
+def _job_row(q: Queued, now: datetime) -> dict[str, Any]:
+    return {
+        "workspace_id": q.ws,
+        "kind": q.channel,
+        "payload": {"message_id": q.message_id, **q.payload},
+        "available_at": now,
+        "attempts": 0,
+        "created_at": now,
+    }
+
+
+def enqueue(conn: Connection, q: Queued, now: datetime) -> bool:
+    """Queue one message. Returns False when a message with its idempotency key exists
+    already: it is never queued twice."""
+    created = _insert_message(conn, _message_row(q, now))
+    if created:
+        conn.execute(_INSERT_OUTBOX, _job_row(q, now))
+    return created
 
 
 def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> int:
@@ -166,26 +127,8 @@ def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> in
             fresh.setdefault(q.idempotency_key, q)
     if not fresh:
         return 0
-    conn.execute(
-        _INSERT_MESSAGE[conn.dialect.name],
-        [
-            _message_row(
-                ws=q.ws,
-                channel=q.channel,
-                message_id=q.message_id,
-                idempotency_key=q.idempotency_key,
-                profile_id=q.profile_id,
-                journey_id=q.journey_id,
-                enrollment_id=q.enrollment_id,
-                node=q.node,
-                now=now,
-            )
-            for q in fresh.values()
-        ],
-    )
-    conn.execute(
-        _INSERT_OUTBOX, [_job_row(q.ws, q.channel, q.message_id, q.payload, now) for q in fresh.values()]
-    )
+    conn.execute(_INSERT_MESSAGE[conn.dialect.name], [_message_row(q, now) for q in fresh.values()])
+    conn.execute(_INSERT_OUTBOX, [_job_row(q, now) for q in fresh.values()])
     return len(fresh)
 
 
