@@ -72,12 +72,11 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from bench.targets import (
     DEFAULT_POSTGRES,
-    PostgresTarget,
-    SqliteTarget,
     Target,
+    choose_databases,
     machine_busy_seconds,
-    postgres_available,
     postgres_cpu_seconds,
+    target_makers,
 )
 from whenthen import pipeline, scoring, tracking, workspaces
 from whenthen.kernel.bucketing import partition_for
@@ -1014,19 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
         f"whenthen audience bench: {platform.node()}, {os.cpu_count()} cores,"
         f" Python {platform.python_version()}"
     )
-    if args.db in ("postgres", "both"):
-        why = postgres_available(args.postgres_url)
-        if why is not None:
-            if args.db == "postgres":
-                _say(f"PostgreSQL does not answer at {args.postgres_url}: {why}")
-                return 2
-            _say(f"PostgreSQL does not answer at {args.postgres_url} ({why}); measuring SQLite only")
-            args.db = "sqlite"
-    makers: list[Callable[[], Target]] = []
-    if args.db in ("sqlite", "both"):
-        makers.append(lambda: SqliteTarget(args.sqlite_synchronous, args.tmpdir))
-    if args.db in ("postgres", "both"):
-        makers.append(lambda: PostgresTarget(args.postgres_url))
+    db = choose_databases(args.db, args.postgres_url, _say)
+    if db is None:
+        return 2
+    args.db = db
+    makers = target_makers(args.db, [args.sqlite_synchronous], args.tmpdir, args.postgres_url)
     results: list[Result] = []
     failed = False
     for make in makers:

@@ -52,15 +52,14 @@ from bench.loadgen import Client, Outcome, closed_loop, open_loop
 from bench.raw import RawOutcome
 from bench.targets import (
     DEFAULT_POSTGRES,
-    PostgresTarget,
     ServerProcess,
-    SqliteTarget,
     Target,
+    choose_databases,
     create_workspace,
     machine_busy_seconds,
-    postgres_available,
     postgres_cpu_seconds,
     server_env,
+    target_makers,
 )
 from bench.workload import Workload
 from whenthen.storage import Database
@@ -512,22 +511,6 @@ def goals_met(results: list[Result], args: argparse.Namespace) -> bool:
     return ok
 
 
-def _targets(args: argparse.Namespace, folder: Path | None) -> Iterator[Callable[[], Target]]:
-    if args.db in ("sqlite", "both"):
-        for mode in args.sqlite_synchronous.split(","):
-
-            def make_sqlite(mode: str = mode) -> Target:
-                return SqliteTarget(mode.strip(), folder)
-
-            yield make_sqlite
-    if args.db in ("postgres", "both"):
-
-        def make_pg() -> Target:
-            return PostgresTarget(args.postgres_url)
-
-        yield make_pg
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.ingest",
@@ -610,17 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         f"whenthen ingest bench: {platform.node()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {args.seconds:g} s phases"
     )
-    if args.db in ("postgres", "both"):
-        why = postgres_available(args.postgres_url)
-        if why is not None:
-            if args.db == "postgres":
-                _say(f"PostgreSQL does not answer at {args.postgres_url}: {why}")
-                return 2
-            _say(f"PostgreSQL does not answer at {args.postgres_url} ({why}); measuring SQLite only")
-            args.db = "sqlite"
+    db = choose_databases(args.db, args.postgres_url, _say)
+    if db is None:
+        return 2
+    args.db = db
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="whenthen-bench-logs-") as logs:
-        for make in _targets(args, args.tmpdir):
+        for make in target_makers(
+            args.db, args.sqlite_synchronous.split(","), args.tmpdir, args.postgres_url
+        ):
             target = make()
             try:
                 results.append(bench_target(args, target, Path(logs)))

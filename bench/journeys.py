@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import math
 import os
@@ -76,7 +75,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -92,14 +91,13 @@ from bench.targets import (
     BIN,
     CLOCK_TICKS,
     DEFAULT_POSTGRES,
-    PostgresTarget,
     ServerProcess,
-    SqliteTarget,
     Target,
+    choose_databases,
     create_workspace,
     machine_busy_seconds,
-    postgres_available,
     server_env,
+    target_makers,
 )
 from whenthen import journeys, pipeline, workspaces
 from whenthen.bootstrap import Container, build
@@ -1516,16 +1514,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _targets(args: argparse.Namespace, synchronous: Sequence[str]) -> list[Callable[[], Target]]:
-    makers: list[Callable[[], Target]] = []
-    if args.db in ("sqlite", "both"):
-        for mode in synchronous:
-            makers.append(functools.partial(SqliteTarget, mode, args.tmpdir))
-    if args.db in ("postgres", "both"):
-        makers.append(lambda: PostgresTarget(args.postgres_url))
-    return makers
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -1534,14 +1522,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}; "
         f"machine load before the run {machine_load():.2f} cores busy"
     )
-    if args.db in ("postgres", "both"):
-        why = postgres_available(args.postgres_url)
-        if why is not None:
-            if args.db == "postgres":
-                _say(f"PostgreSQL does not answer at {args.postgres_url}: {why}")
-                return 2
-            _say(f"PostgreSQL does not answer at {args.postgres_url} ({why}); measuring SQLite only")
-            args.db = "sqlite"
+    db = choose_databases(args.db, args.postgres_url, _say)
+    if db is None:
+        return 2
+    args.db = db
     delivery: list[DeliveryResult] = []
     timers: list[TimerResult] = []
     failed = False
@@ -1549,7 +1533,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("delivery", "both"):
             modes = [m.strip().upper() for m in args.sqlite_synchronous.split(",") if m.strip()]
             layouts = ["embedded", "split"] if args.layout == "both" else [args.layout]
-            for make in _targets(args, modes):
+            for make in target_makers(args.db, modes, args.tmpdir, args.postgres_url):
                 target = make()
                 try:
                     for layout in layouts:
@@ -1572,7 +1556,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     target.cleanup()
         if args.part in ("timers", "both"):
-            for make in _targets(args, ["FULL"]):
+            for make in target_makers(args.db, ["FULL"], args.tmpdir, args.postgres_url):
                 wait_quiet(args.wait_quiet)
                 target = make()
                 try:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -86,6 +88,35 @@ def postgres_available(url: str) -> str | None:
             return None
     except psycopg.OperationalError as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def choose_databases(db: str, postgres_url: str, say: Callable[[str], None]) -> str | None:
+    """The ``--db`` choice a benchmark can honour: ``both`` falls back to ``sqlite`` (said)
+    when PostgreSQL does not answer; ``None`` when only PostgreSQL was asked for and it
+    does not answer (said too: the benchmark exits with 2)."""
+    if db not in ("postgres", "both"):
+        return db
+    why = postgres_available(postgres_url)
+    if why is None:
+        return db
+    if db == "postgres":
+        say(f"PostgreSQL does not answer at {postgres_url}: {why}")
+        return None
+    say(f"PostgreSQL does not answer at {postgres_url} ({why}); measuring SQLite only")
+    return "sqlite"
+
+
+def target_makers(
+    db: str, synchronous: Sequence[str], folder: Path | None, postgres_url: str
+) -> list[Callable[[], Target]]:
+    """One maker per database to measure: SQLite once per ``synchronous`` mode, then
+    PostgreSQL (each target is made, measured and cleaned up in turn)."""
+    makers: list[Callable[[], Target]] = []
+    if db in ("sqlite", "both"):
+        makers += [functools.partial(SqliteTarget, mode.strip(), folder) for mode in synchronous]
+    if db in ("postgres", "both"):
+        makers.append(functools.partial(PostgresTarget, postgres_url))
+    return makers
 
 
 def free_port() -> int:
