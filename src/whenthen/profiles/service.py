@@ -446,6 +446,19 @@ def emit_events(
     executemany per chunk of events. Returns how many were newly stored (a message id
     already in the log is not stored twice)."""
     senders = repo.senders(conn, workspace_id, [i.profile_id for i in items])
+    return _emit(conn, workspace_id, items, senders, library=library, now=now, partitions=partitions)
+
+
+def _emit(
+    conn: Connection,
+    workspace_id: str,
+    items: Sequence[SystemEvent],
+    senders: Mapping[str, tuple[str | None, str | None]],
+    *,
+    library: str,
+    now: datetime,
+    partitions: int,
+) -> int:
     calls: list[tracking.SystemCall] = []
     for item in items:
         sender = senders.get(item.profile_id)
@@ -486,8 +499,9 @@ def emit_event(
 ) -> bool:
     """Append one system event (see :func:`emit_events`). False when the person no longer
     exists or has no id."""
-    if profile_id not in repo.senders(conn, workspace_id, [profile_id]):
+    senders = repo.senders(conn, workspace_id, [profile_id])
+    if profile_id not in senders:
         return False
     item = SystemEvent(profile_id, name, properties, message_id)
-    emit_events(conn, workspace_id, [item], library=library, now=now, partitions=partitions)
+    _emit(conn, workspace_id, [item], senders, library=library, now=now, partitions=partitions)
     return True
