@@ -290,12 +290,7 @@ def _score(
             ws,
             profile_id,
             "Score Threshold Crossed",
-            {
-                "model": model_key,
-                "threshold": crossing.threshold,
-                "direction": crossing.direction,
-                "score": round(crossing.value, 6),
-            },
+            scoring.crossing_properties(model_key, crossing),
             now=now,
             cause=event.message_id,
             partitions=partitions,

@@ -64,10 +64,6 @@ def done(conn: Connection, recheck: Recheck) -> None:
     )
 
 
-def count(conn: Connection) -> int:
-    return len(conn.execute(select(profile_rechecks.c.profile_id)).all())
-
-
 def forget(conn: Connection, ws: str, profile_ids: Sequence[str]) -> None:
     conn.execute(
         delete(profile_rechecks).where(
