@@ -57,7 +57,7 @@ def test_an_erasure_waits_for_the_batch_in_flight_and_nothing_of_the_person_surv
             # failing event: no lock on her rows is held while the events are applied.
             with c.db.write() as conn:
                 partition = tracking.pending_partitions(conn)[0]
-                pending = tracking.pending_events(conn, partition, 100)
+                pending = tracking.pending_events(conn, [partition], 100)
             with c.db.write() as conn:
                 # Inside a batch, between its check of the erasure hashes and its writes,
                 # no row of hers is locked yet: only the batch lock keeps an erasure out.
@@ -66,7 +66,6 @@ def test_an_erasure_waits_for_the_batch_in_flight_and_nothing_of_the_person_surv
                 assert release.wait(10)
                 pipeline.process_events(
                     conn,
-                    partition,
                     pending,
                     secret=c.worker.secret,
                     now=c.clock.now(),

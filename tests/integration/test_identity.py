@@ -365,3 +365,42 @@ def test_merge_moves_tags_lists_and_consent_and_an_unsubscribe_wins(container: C
         assert profiles.consent_status(conn, ws.id, u, "email") == "unsubscribed"
         assert profiles.tags_of(conn, ws.id, a) == []
         assert lists.lists_of(conn, ws.id, a) == []
+
+
+def test_recipients_give_each_id_its_survivor_and_the_survivors_consent(
+    container: Container, clock: ManualClock
+) -> None:
+    """What the email dispatcher reads for a batch of sends, in a few statements: a
+    merged-away id answers with its survivor (identities included) and the survivor's
+    consent, an erased one with nothing, the others as ``get_profile`` gives them."""
+    ws = make_workspace(container).id
+    send(
+        container,
+        ws,
+        {"type": "track", "anonymousId": "anon-1", "event": "Viewed", "messageId": "1"},
+        {"type": "identify", "userId": "kim", "traits": {"email": "kim@example.com"}, "messageId": "2"},
+        {"type": "identify", "userId": "lee", "traits": {"email": "lee@example.com"}, "messageId": "3"},
+        {"type": "identify", "userId": "gone", "traits": {"email": "gone@example.com"}, "messageId": "4"},
+    )
+    anon = lookup(container, ws, anonymous_id="anon-1").id
+    gone = lookup(container, ws, user_id="gone").id
+    send(container, ws, {"type": "identify", "userId": "kim", "anonymousId": "anon-1", "messageId": "5"})
+    kim = lookup(container, ws, user_id="kim")
+    lee = lookup(container, ws, user_id="lee")
+    with container.db.write() as conn:
+        profiles.set_consent(conn, ws, kim.id, "email", "unsubscribed", source="test", now=clock.now())
+        profiles.set_consent(conn, ws, lee.id, "sms", "unsubscribed", source="test", now=clock.now())
+        profiles.erase(conn, ws, gone, secret=container.secret, now=clock.now())
+    with container.db.read() as conn:
+        found = profiles.recipients(conn, ws, [anon, kim.id, lee.id, gone, "p_nobody"], "email")
+        expected = {pid: profiles.get_profile(conn, ws, pid) for pid in (anon, kim.id, lee.id)}
+    assert found[anon] == (expected[anon], "unsubscribed")
+    assert expected[anon].id == kim.id
+    assert found[kim.id] == (expected[kim.id], "unsubscribed")
+    survivor = found[kim.id][0]
+    assert survivor is not None
+    assert survivor.user_ids == ["kim"]
+    assert set(survivor.anonymous_ids) == {"anon-1"}
+    assert found[lee.id] == (expected[lee.id], None)  # a decision on another channel only
+    assert found[gone] == (None, None)
+    assert found["p_nobody"] == (None, None)

@@ -8,7 +8,7 @@ from sqlalchemy import insert, select
 
 from tests.support.ingest import send
 from tests.support.workspace import make_workspace
-from whenthen import pipeline, profiles
+from whenthen import pipeline, profiles, tracking
 from whenthen.bootstrap import Container
 from whenthen.kernel.bucketing import partition_for
 from whenthen.kernel.clock import ManualClock
@@ -40,10 +40,10 @@ def test_two_workers_split_partitions_and_take_over_expired_leases(
     with container.db.write() as conn:
         # w1 stopped renewing: its partitions expired and w2 takes them over.
         assert pipeline.claim(conn, "w2", range(8), now=clock.now(), lease=lease) == list(range(8))
-        assert not pipeline.owns(conn, "w1", 0, clock.now())
-        assert pipeline.owns(conn, "w2", 0, clock.now())
+        assert pipeline.owned(conn, "w1", [0, 1], clock.now()) == []
+        assert pipeline.owned(conn, "w2", [0, 1], clock.now()) == [0, 1]
         pipeline.release(conn, "w2")
-        assert not pipeline.owns(conn, "w2", 0, clock.now())
+        assert pipeline.owned(conn, "w2", [0, 1], clock.now()) == []
 
 
 def test_a_worker_only_processes_partitions_it_owns(container: Container, clock: ManualClock) -> None:
@@ -259,3 +259,53 @@ def test_merge_inside_one_batch_redirects_events_applied_before_it(db_url: str, 
         assert merged_rows == []
     finally:
         c.close()
+
+
+def test_pending_events_take_the_oldest_of_each_partition_in_log_order(container: Container) -> None:
+    """Many partitions in one read: each gives at most its share of the limit (the oldest
+    of its pending events), and a long backlog in one does not crowd the others out."""
+    ws = make_workspace(container)
+    parts = container.settings.pipeline.partitions
+    busy = "busy-user"
+    calls = [{"type": "track", "userId": busy, "event": "E", "messageId": f"b{i}"} for i in range(50)]
+    calls += [{"type": "track", "userId": f"q{i}", "event": "E", "messageId": f"q{i}"} for i in range(12)]
+    send(container, ws.id, *calls, drain=False)
+    with container.db.read() as conn:
+        rows = conn.execute(select(events.c.seq, events.c.partition).order_by(events.c.seq)).all()
+    by_partition: dict[int, list[int]] = {}
+    for seq, part in rows:
+        by_partition.setdefault(part, []).append(seq)
+    candidates = sorted(by_partition)
+    limit = 20
+    share = -(-limit // len(candidates))
+    with container.db.read() as conn:
+        taken = tracking.pending_events(conn, candidates, limit)
+    seqs = [e.seq for e in taken]
+    assert seqs == sorted(seqs)
+    for part, pending in by_partition.items():
+        mine = [e.seq for e in taken if partition_for(ws.id, e.user_id or "", parts) == part]
+        assert mine == pending[: min(share, len(pending))]
+    busy_part = partition_for(ws.id, busy, parts)
+    assert len([e for e in taken if e.user_id != busy]) == sum(
+        min(share, len(v)) for p, v in by_partition.items() if p != busy_part
+    )
+    # One partition alone gives up to the whole limit.
+    with container.db.read() as conn:
+        alone = tracking.pending_events(conn, [busy_part], limit)
+    assert [e.seq for e in alone] == by_partition[busy_part][:limit]
+
+
+def test_a_pass_drains_a_backlog_spread_over_partitions_in_batches(container: Container) -> None:
+    """700 events of 30 people: one pass takes batch after batch (``batch_size`` events in
+    a transaction) until its time budget is spent; every person's count comes out right."""
+    ws = make_workspace(container)
+    calls = [
+        {"type": "track", "userId": f"u{i % 30}", "event": "E", "messageId": f"m{i}"} for i in range(700)
+    ]
+    send(container, ws.id, *calls, drain=False)
+    assert container.worker.run_once() >= container.settings.pipeline.batch_size
+    container.worker.drain()
+    with container.db.read() as conn:
+        assert pipeline.count_pending(conn) == 0
+        for i in range(30):
+            assert profiles.lookup(conn, ws.id, user_id=f"u{i}").event_count == len(range(i, 700, 30))

@@ -439,3 +439,56 @@ def test_parse_errors_name_node_field_and_reason() -> None:
         (p.node, p.reason) for p in info.value.problems
     }
     assert any(p.node == "b" and p.field == "email" for p in info.value.problems), problems
+
+
+def test_a_definition_says_whether_events_move_it_and_whether_it_reads_history() -> None:
+    from whenthen.journeys.definition import parse_definition, reacts_to_events, reads_history
+
+    base: dict[str, object] = {
+        "key": "k",
+        "name": "n",
+        "trigger": {"kind": "event", "event": "Ping"},
+        "start": "mail",
+        "nodes": {"mail": {"kind": "send_email", "email": {"subject": "s", "text": "."}}},
+    }
+    plain = parse_definition(base)
+    assert not reacts_to_events(plain)
+    assert not reads_history(plain)
+    with_goal = parse_definition({**base, "goal": {"event": "Order Completed"}})
+    assert reacts_to_events(with_goal)
+    with_exit = parse_definition({**base, "exit": [{"kind": "unsubscribed"}]})
+    assert reacts_to_events(with_exit)
+    waiting = parse_definition(
+        {
+            **base,
+            "start": "wait",
+            "nodes": {
+                "wait": {"kind": "wait_for_event", "event": "Clicked", "timeout": "1d", "on_timeout": "mail"},
+                "mail": {"kind": "send_email", "email": {"subject": "s", "text": "."}},
+            },
+        }
+    )
+    assert reacts_to_events(waiting)
+    assert not reads_history(waiting)
+    traits_only = parse_definition({**base, "entry": {"condition": {"trait": "plan", "value": "pro"}}})
+    assert not reads_history(traits_only)
+    nested = parse_definition(
+        {**base, "entry": {"condition": {"all": [{"trait": "plan"}, {"not": {"did": "Order Completed"}}]}}}
+    )
+    assert reads_history(nested)
+    branch = parse_definition(
+        {
+            **base,
+            "start": "check",
+            "nodes": {
+                "check": {
+                    "kind": "condition",
+                    "branches": [{"when": {"engaged": "opened"}, "next": "mail"}],
+                    "else": None,
+                },
+                "mail": {"kind": "send_email", "email": {"subject": "s", "text": "."}},
+            },
+        }
+    )
+    assert reads_history(branch)
+    assert not reacts_to_events(branch)

@@ -506,6 +506,32 @@ def _engagement_nodes(node: Any) -> list[str]:
     return refs
 
 
+def reacts_to_events(d: JourneyDefinition) -> bool:
+    """Whether an event can move an enrollment of this definition: an exit rule, a goal
+    or a wait for an event. Enrollments of one that cannot are left alone by events."""
+    waits = any(isinstance(n, WaitForEventNode) for n in d.nodes.values())
+    return bool(d.exit) or d.goal is not None or waits
+
+
+def reads_history(d: JourneyDefinition) -> bool:
+    """Whether a condition of this definition (entry, branches, anywhere) reads the
+    person's past events or engagement: then an event must be attributed to its person
+    before journeys see it."""
+    return _holds_history(d)
+
+
+def _holds_history(value: Any) -> bool:
+    if isinstance(value, EventCondition | EngagementCondition):
+        return True
+    if isinstance(value, BaseModel):
+        return any(_holds_history(getattr(value, name)) for name in type(value).model_fields)
+    if isinstance(value, list | tuple):
+        return any(_holds_history(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_history(v) for v in value.values())
+    return False
+
+
 def _reachable(d: JourneyDefinition) -> set[str]:
     seen: set[str] = set()
     todo = [d.start]

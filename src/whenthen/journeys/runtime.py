@@ -26,6 +26,8 @@ from whenthen.journeys.definition import (
     JourneyDefinition,
     SignalTrigger,
     TraitChangeTrigger,
+    reacts_to_events,
+    reads_history,
 )
 from whenthen.journeys.engine import advance, message_id_for, start
 from whenthen.journeys.management import definition_of
@@ -133,7 +135,11 @@ def _persist(
     new: bool,
     entry_key: str | None = None,
     depth: int = 0,
+    writes: Writes | None = None,
 ) -> None:
+    """Write a transition: the enrollment's state, its journal and its effects. With
+    ``writes``, the journal rows and the queued messages are held there, to be written
+    with the rest of the batch's (nothing in a batch reads them back)."""
     state = transition.state
     if new:
         repo.insert_enrollment(
@@ -148,17 +154,32 @@ def _persist(
         )
     else:
         repo.save_state(conn, state, now)
-    repo.write_journal(
-        conn,
-        ws=ws,
-        journey_id=journey.id,
-        enrollment_id=state.enrollment_id,
-        profile_id=profile_id,
-        entries=transition.journal,
-    )
+    if writes is None:
+        repo.write_journal(
+            conn,
+            ws=ws,
+            journey_id=journey.id,
+            enrollment_id=state.enrollment_id,
+            profile_id=profile_id,
+            entries=transition.journal,
+        )
+    elif transition.journal:
+        writes.journal.extend(
+            repo.journal_rows(
+                ws=ws,
+                journey_id=journey.id,
+                enrollment_id=state.enrollment_id,
+                profile_id=profile_id,
+                entries=transition.journal,
+            )
+        )
     for effect in transition.effects:
         if isinstance(effect, SendEmail | CallWebhook):
-            messaging.enqueue(conn, _queued(ws, journey, state, profile_id, effect), now)
+            queued = _queued(ws, journey, state, profile_id, effect)
+            if writes is None:
+                messaging.enqueue(conn, queued, now)
+            else:
+                writes.queued.append(queued)
         elif isinstance(effect, UpdateProfile):
             if effect.set or effect.unset:
                 profiles.update_traits(conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now)
@@ -345,6 +366,7 @@ def try_enter(
     payload: Mapping[str, Any] | None,
     now: datetime,
     depth: int = 0,
+    writes: Writes | None = None,
 ) -> str | None:
     """Enter the person if the entry rules allow; returns the enrollment id or ``None``."""
     version = journey.active_version
@@ -370,6 +392,7 @@ def try_enter(
         new=True,
         entry_key=None if entry_key is None else str(entry_key),
         depth=depth,
+        writes=writes,
     )
     return enrollment_id
 
@@ -407,12 +430,15 @@ def on_event(
     traits_after: Mapping[str, Any],
     now: datetime,
     active_journeys: list[Any] | None = None,
+    writes: Writes | None = None,
 ) -> None:
     """Everything journeys do when a person's event has been applied to their profile:
     advance their active enrollments (waits, goals, exits), then enter them where the
     event, or the trait change it made, triggers a journey.
 
-    ``active_journeys`` lets a batch look the workspace's active journeys up once."""
+    ``active_journeys`` lets a batch look the workspace's active journeys up once;
+    ``writes`` holds the journal rows and messages for the batch to write together
+    (``Writes.write``, before a merge moves the person's rows and at the batch's end)."""
     ws = event.workspace_id
     if active_journeys is None:
         active_journeys = repo.active_journeys(conn, ws)
@@ -420,17 +446,20 @@ def on_event(
         return  # no active journey: nobody can enter or move
     facts_event = facts_of(event)
     active = {j.id: j for j in active_journeys}
-    for row in repo.active_for_profile(conn, ws, profile_id):
-        journey = active.get(row.journey_id)
-        if journey is None:
-            continue  # paused: frozen
-        _advance_row(conn, row, journey, EventSeen(facts_event), now)
+    if any(_needs(conn, j)[0] for j in active_journeys):
+        for row in repo.active_for_profile(conn, ws, profile_id):
+            journey = active.get(row.journey_id)
+            if journey is None:
+                continue  # paused: frozen
+            _advance_row(conn, row, journey, EventSeen(facts_event), now, writes)
     for journey in active.values():
         definition = definition_of(conn, journey.id, journey.active_version)
         trigger = definition.trigger
         if isinstance(trigger, EventTrigger):
             if event_matches(facts_event, trigger.event, trigger.where):
-                try_enter(conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now)
+                try_enter(
+                    conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now, writes=writes
+                )
         elif isinstance(trigger, TraitChangeTrigger):
             before = lookup_path(traits_before, trigger.trait)
             after = lookup_path(traits_after, trigger.trait)
@@ -450,14 +479,16 @@ def on_event(
                 timestamp=event.timestamp,
                 message_id=event.message_id,
             )
-            try_enter(conn, ws, journey, profile_id, trigger=change, payload=None, now=now)
+            try_enter(conn, ws, journey, profile_id, trigger=change, payload=None, now=now, writes=writes)
         elif isinstance(trigger, DateTrigger) and lookup_path(traits_before, trigger.trait) != lookup_path(
             traits_after, trigger.trait
         ):
             schedule_date(conn, ws, journey, trigger, profile_id, traits_after, now)
 
 
-def _advance_row(conn: Connection, row: Any, journey: Any, stimulus: Stimulus, now: datetime) -> None:
+def _advance_row(
+    conn: Connection, row: Any, journey: Any, stimulus: Stimulus, now: datetime, writes: Writes | None = None
+) -> None:
     definition = definition_of(conn, journey.id, row.version)
     facts = DbFacts(conn, row.workspace_id, row.profile_id)
     t = advance(definition, repo.to_state(row), stimulus, now=now, facts=facts)
@@ -472,11 +503,41 @@ def _advance_row(conn: Connection, row: Any, journey: Any, stimulus: Stimulus, n
         transition=t,
         now=now,
         new=False,
+        writes=writes,
     )
 
 
 def active_journeys(conn: Connection, ws: str) -> list[Any]:
     return repo.active_journeys(conn, ws)
+
+
+def history_needed(conn: Connection, active_journeys: list[Any]) -> bool:
+    """Whether a condition of these journeys (any version up to the active one) reads the
+    person's past events: the pipeline then attributes each event before journeys see it."""
+    return any(_needs(conn, j)[1] for j in active_journeys)
+
+
+#: (journey id, active version) -> (an event can move its enrollments, a condition reads
+#: the person's history), over every version up to the active one: published versions
+#: never change, and enrollments stay on the version they entered.
+_NEEDS: dict[tuple[str, int], tuple[bool, bool]] = {}
+
+
+def _needs(conn: Connection, journey: Any) -> tuple[bool, bool]:
+    key = (journey.id, journey.active_version)
+    found = _NEEDS.get(key)
+    if found is None:
+        reacts = reads = False
+        for number in range(1, journey.active_version + 1):
+            if repo.version(conn, journey.id, number) is None:
+                continue
+            definition = definition_of(conn, journey.id, number)
+            reacts = reacts or reacts_to_events(definition)
+            reads = reads or reads_history(definition)
+        if len(_NEEDS) > 2000:
+            _NEEDS.clear()
+        found = _NEEDS[key] = (reacts, reads)
+    return found
 
 
 def on_merge(conn: Connection, ws: str, from_id: str, into_id: str) -> None:
@@ -507,7 +568,7 @@ def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = Fal
     rows = repo.due(conn, now, limit)
     fired = 0
     journeys: dict[str, Any] = {}
-    batch = _TimerBatch()
+    batch = Writes()
     for row in rows:
         if row.journey_id not in journeys:
             journeys[row.journey_id] = repo.journey_by_id(conn, row.journey_id)
@@ -574,8 +635,11 @@ def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = Fal
     return fired
 
 
-class _TimerBatch:
-    """Transitions of due enrollments whose only effects are messages, written together."""
+class Writes:
+    """Rows written together, one executemany per table, rather than one statement
+    each: enrollment states and journal rows, and messages with their outbox jobs. The
+    timer step fills it with transitions whose only effects are messages (``add``); the
+    pipeline hands it to :func:`on_event` for a batch's journal rows and messages."""
 
     def __init__(self) -> None:
         self.states: list[dict[str, Any]] = []
@@ -598,7 +662,8 @@ class _TimerBatch:
             self.queued.append(_queued(row.workspace_id, journey, t.state, row.profile_id, effect))
 
     def write(self, conn: Connection, now: datetime) -> None:
-        repo.save_states(conn, self.states)
+        if self.states:
+            repo.save_states(conn, self.states)
         repo.insert_journal_rows(conn, self.journal)
         messaging.enqueue_many(conn, self.queued, now)
         self.states, self.journal, self.queued = [], [], []

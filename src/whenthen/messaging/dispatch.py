@@ -270,21 +270,16 @@ class EmailJob:
         mids = [job.payload["message_id"] for job in jobs]
         with self.db.read() as conn:
             rows = service.messages_by_id(conn, sorted(set(mids)))
-            people: dict[tuple[str, str], tuple[Profile | None, str | None]] = {}
-            for mid in mids:
-                msg = rows.get(mid)
-                if msg is None or msg.status not in STILL_TO_SEND:
-                    continue
-                key = (msg.workspace_id, msg.profile_id)
-                if key not in people:
-                    profile = _profile(conn, msg.workspace_id, msg.profile_id)
-                    # The survivor's consent: the profile may have been merged since it was queued.
-                    consent = (
-                        profiles.consent_status(conn, msg.workspace_id, profile.id, "email")
-                        if profile
-                        else None
-                    )
-                    people[key] = (profile, consent)
+            wanted: dict[str, set[str]] = {}
+            for msg in rows.values():
+                if msg.status in STILL_TO_SEND:
+                    wanted.setdefault(msg.workspace_id, set()).add(msg.profile_id)
+            # The survivor's consent: the profile may have been merged since it was queued.
+            people: dict[tuple[str, str], tuple[Profile | None, str | None]] = {
+                (ws, pid): found
+                for ws, ids in wanted.items()
+                for pid, found in profiles.recipients(conn, ws, sorted(ids), "email").items()
+            }
         pending: list[_Pending] = []
         seen: set[str] = set()
         now = self.clock.now()

@@ -4,11 +4,12 @@ from whenthen.pipeline.service import (
     BatchOutcome,
     claim,
     count_pending,
-    owns,
+    owned,
     park,
     pending_partitions,
     process_events,
     process_partition,
+    process_partitions,
     release,
 )
 
@@ -16,10 +17,11 @@ __all__ = [
     "BatchOutcome",
     "claim",
     "count_pending",
-    "owns",
+    "owned",
     "park",
     "pending_partitions",
     "process_events",
     "process_partition",
+    "process_partitions",
     "release",
 ]

@@ -29,10 +29,42 @@ from whenthen.tracking import StoredEvent
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
-    partition: int
     processed: int
     suppressed: int
     failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """What a batch needs to know about a workspace: looked up once per transaction, not
+    once per event or per partition."""
+
+    erasures: bool
+    active: list[Any]
+    models: list[scoring.ScoringModel]
+    lifecycle: scoring.Lifecycle | None
+    segments: list[segments.Segment]
+    half_lives: dict[str, DecaySpec]
+    tag_rules: list[tagging.TagRule]
+    #: Something reads the person's past events (a segment, a tag rule's condition, a
+    #: journey's condition): each event is attributed to its person as it is applied.
+    history: bool
+
+
+def _setup(conn: Connection, ws: str) -> _Setup:
+    active = journeys.active_journeys(conn, ws)
+    workspace_segments = segments.all_segments(conn, ws)
+    rules = tagging.rules(conn, ws)
+    return _Setup(
+        erasures=profiles.has_erasures(conn, ws),
+        active=active,
+        models=scoring.models(conn, ws),
+        lifecycle=scoring.lifecycle_of(conn, ws),
+        segments=workspace_segments,
+        half_lives=segments.half_lives_of(conn, ws) if workspace_segments else {},
+        tag_rules=rules,
+        history=bool(workspace_segments or rules) or journeys.history_needed(conn, active),
+    )
 
 
 def claim(
@@ -94,26 +126,54 @@ def release(conn: Connection, owner: str) -> None:
     conn.execute(delete(pipeline_leases).where(pipeline_leases.c.owner == owner))
 
 
-def owns(conn: Connection, owner: str, partition: int, now: datetime) -> bool:
-    row = conn.execute(
-        select(pipeline_leases.c.owner, pipeline_leases.c.expires_at).where(
-            pipeline_leases.c.partition == partition
+def owned(conn: Connection, owner: str, candidates: Sequence[int], now: datetime) -> list[int]:
+    """Those of ``candidates`` whose lease ``owner`` holds and has not let expire."""
+    if not candidates:
+        return []
+    rows = conn.execute(
+        select(pipeline_leases.c.partition).where(
+            pipeline_leases.c.partition.in_(list(candidates)),
+            pipeline_leases.c.owner == owner,
+            pipeline_leases.c.expires_at > now,
         )
-    ).first()
-    return row is not None and row.owner == owner and row.expires_at > now
+    )
+    return sorted(r[0] for r in rows)
 
 
 def process_partition(
     conn: Connection, partition: int, *, limit: int, secret: bytes, now: datetime, partitions: int
 ) -> BatchOutcome:
     """Apply up to ``limit`` pending events of one partition, in log order."""
-    events = tracking.pending_events(conn, partition, limit)
-    return process_events(conn, partition, events, secret=secret, now=now, partitions=partitions)
+    events = tracking.pending_events(conn, [partition], limit)
+    return process_events(conn, events, secret=secret, now=now, partitions=partitions)
+
+
+def process_partitions(
+    conn: Connection,
+    owner: str,
+    candidates: Sequence[int],
+    *,
+    limit: int,
+    secret: bytes,
+    now: datetime,
+    partitions: int,
+) -> BatchOutcome:
+    """Apply, in one transaction, the oldest ``limit`` pending events of those
+    ``candidates`` that ``owner`` still holds the lease of.
+
+    The events are taken in log order across the partitions: each partition's share is
+    the oldest of its pending events, so every person's calls are still applied in order;
+    under light load one statement reads the events of many partitions, and the
+    workspaces' set-up is read once for all of them."""
+    held = owned(conn, owner, candidates, now)
+    if not held:
+        return BatchOutcome(processed=0, suppressed=0)
+    events = tracking.pending_events(conn, held, limit)
+    return process_events(conn, events, secret=secret, now=now, partitions=partitions)
 
 
 def process_events(
     conn: Connection,
-    partition: int,
     events: list[StoredEvent],
     *,
     secret: bytes,
@@ -128,25 +188,15 @@ def process_events(
     # Events are marked with their profile at the end of the batch; a merge later in the
     # same batch must redirect the ones applied before it.
     redirects: dict[str, str] = {}
-    # Looked up once per batch and workspace rather than once per event.
-    erasures: dict[str, bool] = {}
-    active: dict[str, list[Any]] = {}
-    scoring_models: dict[str, list[scoring.ScoringModel]] = {}
-    lifecycle: dict[str, scoring.Lifecycle | None] = {}
-    workspace_segments: dict[str, list[segments.Segment]] = {}
-    half_lives: dict[str, dict[str, DecaySpec]] = {}
-    tag_rules: dict[str, list[tagging.TagRule]] = {}
+    setups: dict[str, _Setup] = {}
+    # The batch's journal rows and messages, written together at its end.
+    writes = journeys.Writes()
     for event in events:
         ws = event.workspace_id
-        if ws not in erasures:
-            erasures[ws] = profiles.has_erasures(conn, ws)
-            active[ws] = journeys.active_journeys(conn, ws)
-            scoring_models[ws] = scoring.models(conn, ws)
-            lifecycle[ws] = scoring.lifecycle_of(conn, ws)
-            workspace_segments[ws] = segments.all_segments(conn, ws)
-            half_lives[ws] = segments.half_lives_of(conn, ws) if workspace_segments[ws] else {}
-            tag_rules[ws] = tagging.rules(conn, ws)
-        applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=erasures[ws])
+        setup = setups.get(ws)
+        if setup is None:
+            setup = setups[ws] = _setup(conn, ws)
+        applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=setup.erasures)
         if applied.suppressed:
             suppressed.append(event.seq)
             continue
@@ -154,26 +204,27 @@ def process_events(
         assert applied.profile_id is not None
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
+            writes.write(conn, now)  # rows held for the merged-away profile move with it
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
-            if workspace_segments[ws]:
+            if setup.segments:
                 segments.on_merge(conn, ws, applied.merged_from, applied.profile_id, now)
-        if scoring_models[ws] or lifecycle[ws] is not None:
+        if setup.models or setup.lifecycle is not None:
             _score(
                 conn,
                 event,
                 applied.profile_id,
                 applied.traits_after,
                 now,
-                scoring_models[ws],
-                lifecycle[ws],
+                setup.models,
+                setup.lifecycle,
                 partitions,
             )
-        if active[ws] or workspace_segments[ws] or tag_rules[ws]:
+        if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
             # events: this one (and the batch's earlier ones) must already be theirs.
             tracking.attribute_event(conn, event.seq, applied.profile_id)
-        if tag_rules[ws] and event.type.value == "track" and event.event is not None:
+        if setup.tag_rules and event.type.value == "track" and event.event is not None:
             tagging.on_event(
                 conn,
                 ws,
@@ -181,19 +232,19 @@ def process_events(
                 event=event.event,
                 properties=event.payload.get("properties") or {},
                 now=now,
-                workspace_rules=tag_rules[ws],
-                half_lives=half_lives[ws] or None,
+                workspace_rules=setup.tag_rules,
+                half_lives=setup.half_lives or None,
             )
-        if workspace_segments[ws]:
+        if setup.segments:
             _segments(
                 conn,
                 event,
                 applied.profile_id,
-                _change(event, applied, scoring_models[ws], lifecycle[ws]),
+                _change(event, applied, setup.models, setup.lifecycle),
                 now,
                 partitions,
-                workspace_segments[ws],
-                half_lives[ws],
+                setup.segments,
+                setup.half_lives,
             )
         journeys.on_event(
             conn,
@@ -202,12 +253,14 @@ def process_events(
             traits_before=applied.traits_before,
             traits_after=applied.traits_after,
             now=now,
-            active_journeys=active[ws],
+            active_journeys=setup.active,
+            writes=writes,
         )
+    writes.write(conn, now)
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
-    return BatchOutcome(partition=partition, processed=len(processed), suppressed=len(suppressed))
+    return BatchOutcome(processed=len(processed), suppressed=len(suppressed))
 
 
 def _segments(
@@ -359,10 +412,10 @@ def _follow(redirects: dict[str, str], profile_id: str | None) -> str | None:
     return profile_id
 
 
-def park(conn: Connection, partition: int, event: StoredEvent) -> BatchOutcome:
+def park(conn: Connection, event: StoredEvent) -> BatchOutcome:
     """Set aside an event that fails on its own, so it cannot block its partition."""
     tracking.finish_events(conn, {}, (), [event.seq])
-    return BatchOutcome(partition=partition, processed=0, suppressed=0, failed=1)
+    return BatchOutcome(processed=0, suppressed=0, failed=1)
 
 
 def pending_partitions(conn: Connection) -> list[int]:

@@ -29,6 +29,7 @@ from whenthen.profiles.service import (
     has_erasures,
     lookup,
     merges_of,
+    recipients,
     search,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "lookup",
     "mark_for_recheck",
     "merges_of",
+    "recipients",
     "remove_tags",
     "search",
     "set_consent",

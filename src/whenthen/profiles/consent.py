@@ -58,6 +58,19 @@ def consent_status(conn: Connection, ws: str, profile_id: str, channel: str) -> 
     return str(row.status) if row else None
 
 
+def consent_statuses(conn: Connection, ws: str, profile_ids: Iterable[str], channel: str) -> dict[str, str]:
+    """``consent_status`` of many profiles at once: those with a decision on ``channel``."""
+    ids = list(profile_ids)
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(consents.c.profile_id, consents.c.status).where(
+            consents.c.workspace_id == ws, consents.c.profile_id.in_(ids), consents.c.channel == channel
+        )
+    )
+    return {r.profile_id: str(r.status) for r in rows}
+
+
 def consents_of(conn: Connection, ws: str, profile_id: str) -> dict[str, dict[str, Any]]:
     rows = conn.execute(
         select(consents).where(consents.c.workspace_id == ws, consents.c.profile_id == profile_id)

@@ -53,6 +53,26 @@ _OWNER_OF = select(identities.c.profile_id).where(
 )
 
 
+_BY_IDENTITY = (
+    select(profiles)
+    .join(identities, identities.c.profile_id == profiles.c.id)
+    .where(
+        identities.c.workspace_id == bindparam("ws"),
+        identities.c.kind == bindparam("kind"),
+        identities.c.value == bindparam("value"),
+    )
+)
+_BY_IDENTITY_FOR_UPDATE = _BY_IDENTITY.with_for_update(of=profiles)
+
+
+def by_identity(conn: Connection, workspace_id: str, kind: IdentityKind, value: str) -> Profile | None:
+    """The profile owning an identity, locked on PostgreSQL (``owner_of`` and ``get``
+    with ``lock`` in one statement), without its identities."""
+    stmt = _BY_IDENTITY_FOR_UPDATE if conn.dialect.name == "postgresql" else _BY_IDENTITY
+    row = conn.execute(stmt, {"ws": workspace_id, "kind": kind.value, "value": value}).first()
+    return None if row is None else _profile(row)
+
+
 def get(
     conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False, with_identities: bool = True
 ) -> Profile | None:
@@ -61,6 +81,33 @@ def get(
     if row is None:
         return None
     return _profile(row, identities_of(conn, workspace_id, profile_id) if with_identities else ())
+
+
+def get_many(conn: Connection, workspace_id: str, profile_ids: Sequence[str]) -> dict[str, Profile]:
+    """Profiles by id (those that exist), without their identities."""
+    if not profile_ids:
+        return {}
+    rows = conn.execute(
+        select(profiles).where(profiles.c.workspace_id == workspace_id, profiles.c.id.in_(list(profile_ids)))
+    )
+    return {r.id: _profile(r) for r in rows}
+
+
+def identities_of_many(
+    conn: Connection, workspace_id: str, profile_ids: Sequence[str]
+) -> dict[str, list[Identity]]:
+    """``identities_of`` for many profiles in one statement, each list in the same order."""
+    found: dict[str, list[Identity]] = {pid: [] for pid in profile_ids}
+    if not profile_ids:
+        return found
+    rows = conn.execute(
+        select(identities.c.profile_id, identities.c.kind, identities.c.value)
+        .where(identities.c.workspace_id == workspace_id, identities.c.profile_id.in_(list(profile_ids)))
+        .order_by(identities.c.profile_id, identities.c.created_at, identities.c.kind, identities.c.value)
+    )
+    for r in rows:
+        found[r.profile_id].append(Identity(IdentityKind(r.kind), r.value))
+    return found
 
 
 def identities_of(conn: Connection, workspace_id: str, profile_id: str) -> list[Identity]:
@@ -138,6 +185,37 @@ _SAVE_STATE = (
         version=profiles.c.version + 1,
     )
 )
+
+
+#: An event that changed no trait: only the person's activity (and time zone) moves.
+_SAVE_ACTIVITY = (
+    update(profiles)
+    .where(profiles.c.id == bindparam("b_id"))
+    .values(
+        timezone=bindparam("b_timezone"),
+        first_seen=bindparam("b_first_seen"),
+        last_seen=bindparam("b_last_seen"),
+        event_count=bindparam("b_event_count"),
+        updated_at=bindparam("b_updated_at"),
+        version=profiles.c.version + 1,
+    )
+)
+
+
+def save_activity(conn: Connection, profile: Profile, now: datetime) -> None:
+    """``save_state`` for a profile whose traits, email and phone did not change: the
+    traits are not written again (their JSON is most of the statement's cost)."""
+    conn.execute(
+        _SAVE_ACTIVITY,
+        {
+            "b_id": profile.id,
+            "b_timezone": profile.timezone,
+            "b_first_seen": profile.first_seen,
+            "b_last_seen": profile.last_seen,
+            "b_event_count": profile.event_count,
+            "b_updated_at": now,
+        },
+    )
 
 
 def save_state(conn: Connection, profile: Profile, now: datetime) -> None:

@@ -38,7 +38,12 @@ from whenthen.profiles.model import (
     latest,
     merge_traits,
 )
-from whenthen.profiles.normalization import normalise_email, normalise_traits, reachability
+from whenthen.profiles.normalization import (
+    normalise_email,
+    normalise_timezone,
+    normalise_traits,
+    reachability,
+)
 from whenthen.storage import locks
 from whenthen.tracking import CallType, StoredEvent
 
@@ -93,12 +98,15 @@ def apply_event(
         return Applied(profile_id=None, suppressed=True)
 
     merged_from: ProfileId | None = None
-    if event.type is CallType.ALIAS:
-        profile_id, merged_from = _resolve_alias(conn, event, now)
+    profile = _known_by_its_only_id(conn, event)
+    if profile is not None:
+        profile_id = profile.id
     else:
-        profile_id, merged_from = _resolve(conn, event, now)
-
-    profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
+        if event.type is CallType.ALIAS:
+            profile_id, merged_from = _resolve_alias(conn, event, now)
+        else:
+            profile_id, merged_from = _resolve(conn, event, now)
+        profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
     assert profile is not None
     if profile.merged_into is not None:
         # Another worker merged it away between our look-up and our lock: follow it.
@@ -115,19 +123,37 @@ def apply_event(
         repo.upsert_group(conn, ws, group_id, event.payload.get("traits") or {}, now)
         repo.join_group(conn, ws, group_id, profile_id, event.timestamp)
     context = event.payload.get("context") or {}
-    reach = reachability(traits, context.get("timezone"))
-    updated = replace(
-        profile,
-        traits=traits,
-        trait_times=times,
-        email=reach.email,
-        phone=reach.phone,
-        timezone=reach.timezone or profile.timezone,
-        first_seen=earliest(profile.first_seen, event.timestamp),
-        last_seen=latest(profile.last_seen, event.timestamp),
-        event_count=profile.event_count + 1,
-    )
-    repo.save_state(conn, updated, now)
+    first_seen = earliest(profile.first_seen, event.timestamp)
+    last_seen = latest(profile.last_seen, event.timestamp)
+    if traits is profile.traits:
+        # No trait changed, so neither did the email and phone taken from them (every
+        # writer of traits sets those): only the activity and the time zone move.
+        timezone = normalise_timezone(traits.get("timezone")) or normalise_timezone(context.get("timezone"))
+        repo.save_activity(
+            conn,
+            replace(
+                profile,
+                timezone=timezone or profile.timezone,
+                first_seen=first_seen,
+                last_seen=last_seen,
+                event_count=profile.event_count + 1,
+            ),
+            now,
+        )
+    else:
+        reach = reachability(traits, context.get("timezone"))
+        updated = replace(
+            profile,
+            traits=traits,
+            trait_times=times,
+            email=reach.email,
+            phone=reach.phone,
+            timezone=reach.timezone or profile.timezone,
+            first_seen=first_seen,
+            last_seen=last_seen,
+            event_count=profile.event_count + 1,
+        )
+        repo.save_state(conn, updated, now)
     return Applied(
         profile_id=profile_id,
         suppressed=False,
@@ -135,6 +161,18 @@ def apply_event(
         traits_before=profile.traits,
         traits_after=traits,
     )
+
+
+def _known_by_its_only_id(conn: Connection, event: StoredEvent) -> Profile | None:
+    """The most common case in one statement: a call other than alias with one id
+    (userId or anonymousId, not both) that a profile already owns. ``None`` otherwise,
+    and the general resolution (``_resolve``) decides."""
+    if event.type is CallType.ALIAS or (event.user_id is None) == (event.anonymous_id is None):
+        return None
+    if event.user_id is not None:
+        return repo.by_identity(conn, event.workspace_id, IdentityKind.USER_ID, event.user_id)
+    assert event.anonymous_id is not None
+    return repo.by_identity(conn, event.workspace_id, IdentityKind.ANONYMOUS_ID, event.anonymous_id)
 
 
 def _create(conn: Connection, ws: str, ids: list[Identity], now: datetime) -> ProfileId:
@@ -265,6 +303,34 @@ def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> Profile
             raise NotFound("profile")
         return survivor
     return profile
+
+
+def recipients(
+    conn: Connection, workspace_id: str, profile_ids: Sequence[str], channel: str
+) -> dict[str, tuple[Profile | None, str | None]]:
+    """For each profile id, what a send needs: the profile as :func:`get_profile` gives it
+    (a merged-away id gives its survivor; ``None`` when erased) and the survivor's consent
+    status on ``channel``; a few statements for all of them rather than three each."""
+    found = repo.get_many(conn, workspace_id, profile_ids)
+    survivors = repo.get_many(
+        conn, workspace_id, sorted({p.merged_into for p in found.values() if p.merged_into is not None})
+    )
+    final: dict[str, Profile | None] = {}
+    for pid in profile_ids:
+        p = found.get(pid)
+        if p is not None and p.merged_into is not None:
+            p = survivors.get(p.merged_into)
+        final[pid] = p
+    kept = sorted({p.id for p in final.values() if p is not None})
+    ids = repo.identities_of_many(conn, workspace_id, kept)
+    statuses = consent.consent_statuses(conn, workspace_id, kept, channel)
+    out: dict[str, tuple[Profile | None, str | None]] = {}
+    for pid, p in final.items():
+        if p is None:
+            out[pid] = (None, None)
+        else:
+            out[pid] = (replace(p, identities=tuple(ids.get(p.id, ()))), statuses.get(p.id))
+    return out
 
 
 def lookup(

@@ -32,9 +32,10 @@ def workspace_history(conn: Connection, workspace_id: str, *, limit: int) -> lis
     return [_repo.to_stored(r) for r in _repo.for_workspace(conn, workspace_id, limit)]
 
 
-def pending_events(conn: Connection, partition: int, limit: int) -> list[StoredEvent]:
-    """The oldest pending events of a partition, in log order (locked on PostgreSQL)."""
-    return [_repo.to_stored(r) for r in _repo.pending(conn, partition, limit)]
+def pending_events(conn: Connection, partitions: Sequence[int], limit: int) -> list[StoredEvent]:
+    """The oldest ``limit`` pending events of these partitions, in log order (locked on
+    PostgreSQL): of each partition, the oldest of its pending events."""
+    return [_repo.to_stored(r) for r in _repo.pending(conn, partitions, limit)]
 
 
 def finish_events(

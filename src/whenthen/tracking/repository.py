@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, Integer, Select, bindparam, delete, func, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.tracking.model import CallType, StoredEvent
@@ -36,16 +36,50 @@ _APPEND = (
 )
 
 
-def pending(conn: Connection, partition: int, limit: int) -> list[Any]:
+def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[Any]:
+    """The oldest pending events of each partition, about ``limit`` in all, in log order.
+
+    Each partition's share is read on its own through ``ix_events_pending`` (one
+    statement, a ``UNION ALL`` of one ``LIMIT`` read a partition): a single ``partition
+    IN (...) ORDER BY seq`` would read every pending row of those partitions before
+    sorting, which costs as much as the backlog is long. A partition gives at most
+    ``limit / len(partitions)`` (rounded up) events, the oldest of its pending ones, so
+    every person's calls are still applied in order.
+    """
+    locking = conn.dialect.name == "postgresql"
+    n = len(partitions)
+    share = limit if n == 1 else max(1, -(-limit // n))
+    params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(partitions)}
+    params["share"] = share
+    return list(conn.execute(_pending_statement(n, locking), params))
+
+
+#: The statement for n partitions (and locking or not), built once: made afresh on every
+#: pass, its subqueries' columns cost more than the read itself.
+_PENDING: dict[tuple[int, bool], Any] = {}
+
+
+def _pending_statement(n: int, locking: bool) -> Any:
+    stmt = _PENDING.get((n, locking))
+    if stmt is None:
+        reads = [_pending_of(bindparam(f"p{i}"), locking) for i in range(n)]
+        if n == 1:
+            stmt = reads[0]
+        else:
+            union = union_all(*(select(r.subquery()) for r in reads)).subquery()
+            stmt = select(union).order_by(union.c.seq)
+        _PENDING[(n, locking)] = stmt
+    return stmt
+
+
+def _pending_of(partition: Any, locking: bool) -> Select[Any]:
     stmt = (
         select(events)
         .where(events.c.partition == partition, events.c.state == PENDING)
         .order_by(events.c.seq)
-        .limit(limit)
+        .limit(bindparam("share", type_=Integer))
     )
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    return list(conn.execute(stmt))
+    return stmt.with_for_update(skip_locked=True) if locking else stmt
 
 
 def pending_partitions(conn: Connection) -> list[int]:

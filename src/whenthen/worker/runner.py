@@ -58,7 +58,6 @@ class PipelineWorker:
     pass_budget_seconds: float = 0.25
     _owned: set[int] | None = None
     _renewed_at: datetime | None = None
-    _cursor: int = 0
     _wake: threading.Event = field(default_factory=threading.Event)
     _background_wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -74,27 +73,20 @@ class PipelineWorker:
         self._wake.set()
 
     def run_once(self, *, background: bool = True) -> int:
-        """One pass: renew leases, take one batch from each owned partition that has
-        pending events (until the pass budget is spent), then run the steps and, unless
-        ``background`` is false (their thread runs them), the background work. Returns
-        how much was done."""
+        """One pass: renew leases, apply the pending events of the owned partitions,
+        ``batch_size`` at a time (until none is left or the pass budget is spent), then
+        run the steps and, unless ``background`` is false (their thread runs them), the
+        background work. Returns how much was done."""
         owned = self._leases()
         with self.db.read() as conn:
             busy = sorted(p for p in pipeline.pending_partitions(conn) if p in owned)
-        # Start where the last pass stopped, so a budget cut starves no partition.
-        busy = [p for p in busy if p >= self._cursor] + [p for p in busy if p < self._cursor]
         handled = 0
         started = time.monotonic()
-        done = 0
-        while done < len(busy):
-            tried, n = self._process_group(busy[done:])
+        while busy:
+            n = self._process_group(busy)
             handled += n
-            done += tried
-            self._cursor = busy[done - 1] + 1
-            if time.monotonic() - started >= self.pass_budget_seconds:
+            if n < self.settings.batch_size or time.monotonic() - started >= self.pass_budget_seconds:
                 break
-        else:
-            self._cursor = 0
         for step in self.steps:
             handled += step()
         if handled:
@@ -121,48 +113,36 @@ class PipelineWorker:
         self._renewed_at = now
         return self._owned
 
-    def _process_group(self, partitions: list[int]) -> tuple[int, int]:
-        """Batches of several partitions in one transaction, up to ``batch_size`` events in
-        all: under light load each partition has a few events, and a commit per partition
-        (an fsync each on PostgreSQL and SQLite FULL, 3-4 ms here) was most of the cost.
-        Returns (partitions tried, events handled). If the transaction fails, each of its
-        partitions is done again on its own (and event by event if need be)."""
-        tried: list[int] = []
-        outcomes: list[pipeline.BatchOutcome] = []
+    def _process_group(self, partitions: list[int]) -> int:
+        """Up to ``batch_size`` events of several partitions in one transaction: under
+        light load each partition has a few events, and a commit per partition (an fsync
+        each on PostgreSQL and SQLite FULL, 3-4 ms here) was most of the cost. Returns how
+        many events were handled. If the transaction fails, each partition is done again
+        on its own (and event by event if need be)."""
         try:
             with self.db.write() as conn:
-                events = 0
-                for partition in partitions:
-                    tried.append(partition)
-                    if not pipeline.owns(conn, self.owner, partition, self.clock.now()):
-                        continue
-                    outcome = pipeline.process_partition(
-                        conn,
-                        partition,
-                        limit=self.settings.batch_size,
-                        secret=self.secret,
-                        now=self.clock.now(),
-                        partitions=self.settings.partitions,
-                    )
-                    outcomes.append(outcome)
-                    events += outcome.processed + outcome.suppressed
-                    if events >= self.settings.batch_size:
-                        break
+                outcome = pipeline.process_partitions(
+                    conn,
+                    self.owner,
+                    partitions,
+                    limit=self.settings.batch_size,
+                    secret=self.secret,
+                    now=self.clock.now(),
+                    partitions=self.settings.partitions,
+                )
         except Exception as exc:
-            log.warning("batch of partitions %s failed (%r); partition by partition", tried, exc)
-            return len(tried), sum(self._process(p) for p in tried)
-        for outcome in outcomes:
-            self._count(outcome)
-        return len(tried), sum(o.processed + o.suppressed for o in outcomes)
+            log.warning("batch of partitions %s failed (%r); partition by partition", partitions, exc)
+            return sum(self._process(p) for p in partitions)
+        self._count(outcome)
+        return outcome.processed + outcome.suppressed
 
     def _process(self, partition: int) -> int:
         try:
             with self.db.write() as conn:
-                if not pipeline.owns(conn, self.owner, partition, self.clock.now()):
-                    return 0
-                outcome = pipeline.process_partition(
+                outcome = pipeline.process_partitions(
                     conn,
-                    partition,
+                    self.owner,
+                    [partition],
                     limit=self.settings.batch_size,
                     secret=self.secret,
                     now=self.clock.now(),
@@ -177,14 +157,13 @@ class PipelineWorker:
 
     def _process_one_by_one(self, partition: int) -> int:
         with self.db.read() as conn:
-            events = tracking.pending_events(conn, partition, self.settings.batch_size)
+            events = tracking.pending_events(conn, [partition], self.settings.batch_size)
         handled = 0
         for event in events:
             try:
                 with self.db.write() as conn:
                     outcome = pipeline.process_events(
                         conn,
-                        partition,
                         [event],
                         secret=self.secret,
                         now=self.clock.now(),
@@ -197,7 +176,7 @@ class PipelineWorker:
             except Exception:
                 log.exception("event %s parked after failing on its own", event.seq)
                 with self.db.write() as conn:
-                    outcome = pipeline.park(conn, partition, event)
+                    outcome = pipeline.park(conn, event)
             self._count(outcome)
             handled += 1
         return handled
