@@ -309,3 +309,27 @@ def test_a_pass_drains_a_backlog_spread_over_partitions_in_batches(container: Co
         assert pipeline.count_pending(conn) == 0
         for i in range(30):
             assert profiles.lookup(conn, ws.id, user_id=f"u{i}").event_count == len(range(i, 700, 30))
+
+
+def test_steps_run_at_most_every_interval_while_events_keep_coming(container: Container) -> None:
+    ws = make_workspace(container)
+    ran: list[int] = []
+
+    def step() -> int:
+        ran.append(1)
+        return 0
+
+    container.worker.steps = [step]
+    container.worker.steps_interval_seconds = 3600.0
+    send(container, ws.id, {"type": "track", "userId": "a", "event": "E", "messageId": "1"}, drain=False)
+    container.worker.run_once()
+    assert ran == [1]  # the first pass runs them
+    send(container, ws.id, {"type": "track", "userId": "a", "event": "E", "messageId": "2"}, drain=False)
+    container.worker.run_once()
+    assert ran == [1]  # events applied, interval not over: not again
+    container.worker.run_once()
+    assert ran == [1, 1]  # nothing applied: at once
+    container.worker.steps_interval_seconds = 0.0
+    send(container, ws.id, {"type": "track", "userId": "a", "event": "E", "messageId": "3"}, drain=False)
+    container.worker.run_once()
+    assert ran == [1, 1, 1]

@@ -56,6 +56,11 @@ class PipelineWorker:
     #: The pipeline part of a pass stops taking partitions after this long, so the steps
     #: (timers) run at least that often under load; the next pass goes on from there.
     pass_budget_seconds: float = 0.25
+    #: While events keep coming, the steps run at most this often (each is a transaction
+    #: of a few reads even with nothing due: on every pass of a few events they cost more
+    #: than the events); a pass that applied no event runs them at once.
+    steps_interval_seconds: float = 0.05
+    _steps_at: float | None = None
     _owned: set[int] | None = None
     _renewed_at: datetime | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
@@ -87,8 +92,15 @@ class PipelineWorker:
             handled += n
             if n < self.settings.batch_size or time.monotonic() - started >= self.pass_budget_seconds:
                 break
-        for step in self.steps:
-            handled += step()
+        applied = handled
+        if (
+            applied == 0
+            or self._steps_at is None
+            or time.monotonic() - self._steps_at >= self.steps_interval_seconds
+        ):
+            self._steps_at = time.monotonic()
+            for step in self.steps:
+                handled += step()
         if handled:
             self._background_wake.set()  # new outbox jobs, most likely
         if background:
