@@ -352,3 +352,42 @@ def test_api_enrollment_with_a_payload_used_in_the_email(env: JourneyEnv, http: 
     assert len(env.mail_to("ann@example.com")) == 1
     with TestClient(create_app(env.c, run_worker=False)) as anonymous:
         assert anonymous.post("/api/v1/journeys/ticket/enroll", json={"user_id": "ann"}).status_code == 401
+
+
+def test_a_trait_set_by_a_journey_starts_a_trait_change_journey(env: JourneyEnv) -> None:
+    """A journey's ``update_profile`` changes traits as an identify would: journeys that
+    trigger on that trait start, in the same transaction."""
+    env.publish(
+        """
+        key: upgrade
+        name: Mark buyers of the pro plan
+        trigger: {kind: event, event: Plan Bought}
+        entry: {frequency: every_time}
+        start: mark
+        nodes:
+          mark:
+            kind: update_profile
+            set: {plan: pro}
+        """
+    )
+    env.publish(
+        """
+        key: pro-welcome
+        name: Welcome to pro
+        trigger: {kind: trait_change, trait: plan, to: pro}
+        start: hello
+        nodes:
+          hello:
+            kind: send_email
+            email:
+              subject: "Welcome to {{ event.properties.to }} (was {{ event.properties.from }})"
+              text: "."
+        """
+    )
+    env.identify("pat", email="pat@example.com")
+    env.track("pat", "Plan Bought")
+    assert subjects(env, "pat@example.com") == ["Welcome to pro (was )"]
+    assert env.profile("pat").traits["plan"] == "pro"
+    # Set again to the same value: no change, no second welcome.
+    env.track("pat", "Plan Bought", again=True)
+    assert subjects(env, "pat@example.com") == ["Welcome to pro (was )"]

@@ -182,7 +182,24 @@ def _persist(
                 writes.queued.append(queued)
         elif isinstance(effect, UpdateProfile):
             if effect.set or effect.unset:
-                profiles.update_traits(conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now)
+                change = profiles.update_traits(
+                    conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now
+                )
+                if change is not None and change[0] != change[1] and depth < 5:
+                    # As an identify's change would: trait-change journeys, date triggers.
+                    _on_traits_changed(
+                        conn,
+                        ws,
+                        repo.active_journeys(conn, ws),
+                        profile_id,
+                        change[0],
+                        change[1],
+                        at=now,
+                        cause=f"{state.enrollment_id}:{effect.node}",
+                        now=now,
+                        depth=depth + 1,
+                        writes=writes,
+                    )
             if effect.add_tags:
                 profiles.add_tags(conn, ws, profile_id, effect.add_tags, now)
             if effect.remove_tags:
@@ -455,12 +472,45 @@ def on_event(
     for journey in active.values():
         definition = definition_of(conn, journey.id, journey.active_version)
         trigger = definition.trigger
-        if isinstance(trigger, EventTrigger):
-            if event_matches(facts_event, trigger.event, trigger.where):
-                try_enter(
-                    conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now, writes=writes
-                )
-        elif isinstance(trigger, TraitChangeTrigger):
+        if isinstance(trigger, EventTrigger) and event_matches(facts_event, trigger.event, trigger.where):
+            try_enter(
+                conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now, writes=writes
+            )
+    if traits_before != traits_after:
+        _on_traits_changed(
+            conn,
+            ws,
+            list(active.values()),
+            profile_id,
+            traits_before,
+            traits_after,
+            at=event.timestamp,
+            cause=event.message_id,
+            now=now,
+            writes=writes,
+        )
+
+
+def _on_traits_changed(
+    conn: Connection,
+    ws: str,
+    candidates: list[Any],
+    profile_id: str,
+    traits_before: Mapping[str, Any],
+    traits_after: Mapping[str, Any],
+    *,
+    at: datetime,
+    cause: str,
+    now: datetime,
+    depth: int = 0,
+    writes: Writes | None = None,
+) -> None:
+    """Enter the person where the change triggers a journey, and (re)schedule the date
+    triggers that read a changed trait: after an identify, and after a journey's own
+    ``update_profile`` (``depth`` counts such steps, as for jumps)."""
+    for journey in candidates:
+        trigger = definition_of(conn, journey.id, journey.active_version).trigger
+        if isinstance(trigger, TraitChangeTrigger):
             before = lookup_path(traits_before, trigger.trait)
             after = lookup_path(traits_after, trigger.trait)
             if after is _MISSING or before == after:
@@ -476,10 +526,20 @@ def on_event(
                     "from": None if before is _MISSING else before,
                     "to": after,
                 },
-                timestamp=event.timestamp,
-                message_id=event.message_id,
+                timestamp=at,
+                message_id=cause,
             )
-            try_enter(conn, ws, journey, profile_id, trigger=change, payload=None, now=now, writes=writes)
+            try_enter(
+                conn,
+                ws,
+                journey,
+                profile_id,
+                trigger=change,
+                payload=None,
+                now=now,
+                depth=depth,
+                writes=writes,
+            )
         elif isinstance(trigger, DateTrigger) and lookup_path(traits_before, trigger.trait) != lookup_path(
             traits_after, trigger.trait
         ):

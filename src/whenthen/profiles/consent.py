@@ -116,11 +116,12 @@ def update_traits(
     set_: Mapping[str, Any],
     unset: Iterable[str],
     now: datetime,
-) -> None:
-    """Set and remove traits as of ``now`` (latest timestamp wins, like identify)."""
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Set and remove traits as of ``now`` (latest timestamp wins, like identify).
+    Returns the traits before and after, or ``None`` when the person is gone."""
     profile = repo.get(conn, ws, profile_id, lock=True)
     if profile is None:
-        return
+        return None
     traits, times = apply_traits(profile.traits, profile.trait_times, normalise_traits(dict(set_)), now)
     for key in unset:
         traits.pop(key, None)
@@ -133,6 +134,7 @@ def update_traits(
         replace(profile, traits=traits, trait_times=times, email=reach.email, phone=reach.phone),
         now,
     )
+    return profile.traits, traits
 
 
 def move_to(conn: Connection, ws: str, from_id: str, into_id: str, now: datetime) -> None:
