@@ -116,6 +116,9 @@ from whenthen.storage import Database
 
 T = TypeVar("T")
 
+#: The log's partition count the product runs with (events a journey step appends).
+PARTITIONS = PipelineSettings().partitions
+
 #: Goals (the issue): p99 event -> SMTP under 100 ms at 1,000 events/s; wake-up lag p99
 #: under 1 s with 10,000 due at once; idle poll cost independent of how many wait.
 DELIVERY_GOAL_P99 = 0.100
@@ -1035,7 +1038,7 @@ def idle_poll(container: Container, waiting: int, reps: int) -> IdlePoll:
     step_times: list[float] = []
     for i in range(reps // 2 + 5):
         t0 = time.perf_counter()
-        fire_timers(db, clock)
+        fire_timers(db, clock, partitions=PARTITIONS)
         elapsed = time.perf_counter() - t0
         if i >= 5:
             step_times.append(elapsed)
@@ -1120,7 +1123,12 @@ def real_path(db: Database, ws: str, count: int, per_tx: int, first: int) -> tup
         if per_tx == 1:
             for pid in profile_ids:
                 with db.write() as conn:
-                    if journeys.enroll(conn, ws, key, pid, payload=None, now=clock.now()) is None:
+                    if (
+                        journeys.enroll(
+                            conn, ws, key, pid, payload=None, now=clock.now(), partitions=PARTITIONS
+                        )
+                        is None
+                    ):
                         raise RuntimeError(f"{pid} was not entered")
         else:
             for lo in range(0, count, per_tx):
@@ -1128,7 +1136,14 @@ def real_path(db: Database, ws: str, count: int, per_tx: int, first: int) -> tup
                     journey = journey_repo.journey_by_key(conn, ws, key)
                     for pid in profile_ids[lo : lo + per_tx]:
                         entered = runtime.try_enter(
-                            conn, ws, journey, pid, trigger=None, payload=None, now=clock.now()
+                            conn,
+                            ws,
+                            journey,
+                            pid,
+                            trigger=None,
+                            payload=None,
+                            now=clock.now(),
+                            partitions=PARTITIONS,
                         )
                         if entered is None:
                             raise RuntimeError(f"{pid} was not entered")
@@ -1175,7 +1190,7 @@ def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, 
     with measure_cpu() as cpu:
         deadline = due_at + limit
         while fired < len(ids) and time.time() < deadline:
-            n = fire_timers(db, clock)
+            n = fire_timers(db, clock, partitions=PARTITIONS)
             if n:
                 batches.append((time.time(), n))
                 fired += n

@@ -87,13 +87,13 @@ def build(
             "webhook": WebhookJob(
                 db, clock, settings.webhooks, secret=webhook_signing_secret(settings), caller=webhook_caller
             ),
-            "signal": SignalJob(db, clock),
+            "signal": SignalJob(db, clock, partitions=settings.pipeline.partitions),
             "backfill_dates": BackfillDatesJob(db, clock),
             "list_import": ListImportJob(db, clock),
         },
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
-    worker.steps.append(lambda: fire_timers(db, clock))
+    worker.steps.append(lambda: fire_timers(db, clock, partitions=settings.pipeline.partitions))
     # Its own thread while the worker runs: emails do not wait behind pipeline passes.
     worker.background.append(dispatcher.drain_for)
     worker.steps.append(

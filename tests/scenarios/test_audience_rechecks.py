@@ -137,3 +137,43 @@ def test_marks_of_erased_or_merged_people_are_dropped(env: JourneyEnv, http: Tes
     env.advance(seconds=1)
     assert members(http, "vips") == []
     assert env.system_events("Segment Entered") == []
+
+
+def test_a_stage_set_by_a_journey_is_announced_and_starts_journeys(env: JourneyEnv) -> None:
+    env.publish(
+        """
+        key: first-order
+        name: A first order makes a customer
+        trigger: {kind: event, event: Order Completed}
+        entry: {frequency: every_time}
+        start: promote
+        nodes:
+          promote:
+            kind: update_profile
+            stage: customer
+        """
+    )
+    env.publish(
+        """
+        key: customer-welcome
+        name: Welcome, customer
+        trigger:
+          kind: event
+          event: Lifecycle Stage Changed
+          where: [{path: properties.to, op: eq, value: customer}]
+        start: hello
+        nodes:
+          hello:
+            kind: send_email
+            email: {subject: "Welcome (was {{ event.properties.from | default: 'new' }})", text: "."}
+        """
+    )
+    env.identify("ann", email="ann@example.com")
+    env.track("ann", "Order Completed")
+    env.advance(seconds=1)
+    assert env.system_events("Lifecycle Stage Changed") == [{"user": "ann", "from": None, "to": "customer"}]
+    assert [m.subject for m in env.mail_to("ann@example.com")] == ["Welcome (was new)"]
+    # Already a customer: a second move to the same stage is no change and not announced.
+    env.track("ann", "Order Completed", second=True)
+    env.advance(seconds=1)
+    assert len(env.system_events("Lifecycle Stage Changed")) == 1

@@ -191,7 +191,13 @@ async def enroll(request: Request, principal: Admin, key: str, body: EnrollBody)
                 assert body.profile_id is not None
                 pid = profiles.get_profile(conn, principal.workspace_id, body.profile_id).id
             enrollment = journeys.enroll(
-                conn, principal.workspace_id, key, pid, payload=body.payload, now=c.clock.now()
+                conn,
+                principal.workspace_id,
+                key,
+                pid,
+                payload=body.payload,
+                now=c.clock.now(),
+                partitions=c.settings.pipeline.partitions,
             )
         c.worker.notify()
         return {"enrolled": enrollment is not None, "enrollment_id": enrollment, "profile_id": pid}

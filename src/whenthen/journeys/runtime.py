@@ -9,6 +9,7 @@ webhooks) are queued in the outbox in the same transaction; effects inside the d
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -133,6 +134,7 @@ def _persist(
     transition: Transition,
     now: datetime,
     new: bool,
+    partitions: int,
     entry_key: str | None = None,
     depth: int = 0,
     writes: Writes | None = None,
@@ -197,6 +199,7 @@ def _persist(
                         at=now,
                         cause=f"{state.enrollment_id}:{effect.node}",
                         now=now,
+                        partitions=partitions,
                         depth=depth + 1,
                         writes=writes,
                     )
@@ -205,9 +208,22 @@ def _persist(
             if effect.remove_tags:
                 profiles.remove_tags(conn, ws, profile_id, effect.remove_tags)
             if effect.stage:
-                scoring.set_stage(
+                before = scoring.stage_of(conn, ws, profile_id)
+                if scoring.set_stage(
                     conn, ws, profile_id, effect.stage, source=f"journey:{journey.key}", now=now
-                )
+                ):
+                    # As a rule's or the API's move: journeys can trigger on it.
+                    profiles.emit_event(
+                        conn,
+                        ws,
+                        profile_id,
+                        "Lifecycle Stage Changed",
+                        {"from": before, "to": effect.stage},
+                        message_id=f"wt-sys-{uuid.uuid4().hex}",
+                        library="whenthen",
+                        now=now,
+                        partitions=partitions,
+                    )
             # Segments reading traits, tags or the stage follow (the worker's recheck step).
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, ChangeList):
@@ -219,7 +235,7 @@ def _persist(
                 lists.remove_member(conn, ws, effect.list_key, profile_id)
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
-            _jump(conn, ws, journey, state, effect, profile_id, now, depth)
+            _jump(conn, ws, journey, state, effect, profile_id, now, depth, partitions)
 
 
 def _render_context(journey: Any, state: State) -> dict[str, Any]:
@@ -285,6 +301,7 @@ def _jump(
     profile_id: str,
     now: datetime,
     depth: int,
+    partitions: int,
 ) -> None:
     """Enter the person into the jump's target journey if it admits them. A target that
     is missing, paused or archived admits nobody (as for any entry): the refusal is
@@ -306,6 +323,7 @@ def _jump(
             payload=state.context.get("payload"),
             now=now,
             depth=depth + 1,
+            partitions=partitions,
         )
     if entered is None:
         repo.write_journal(
@@ -382,10 +400,13 @@ def try_enter(
     trigger: EventFacts | None,
     payload: Mapping[str, Any] | None,
     now: datetime,
+    partitions: int,
     depth: int = 0,
     writes: Writes | None = None,
 ) -> str | None:
-    """Enter the person if the entry rules allow; returns the enrollment id or ``None``."""
+    """Enter the person if the entry rules allow; returns the enrollment id or ``None``.
+    ``partitions`` is the log's partition count, for the events a step appends (a stage
+    move)."""
     version = journey.active_version
     definition = definition_of(conn, journey.id, version)
     entry_key = _entry_key(definition, trigger, payload)
@@ -407,6 +428,7 @@ def try_enter(
         transition=t,
         now=now,
         new=True,
+        partitions=partitions,
         entry_key=None if entry_key is None else str(entry_key),
         depth=depth,
         writes=writes,
@@ -422,6 +444,7 @@ def enroll(
     *,
     payload: Mapping[str, Any] | None,
     now: datetime,
+    partitions: int,
     depth: int = 0,
 ) -> str | None:
     """Enter one profile through the API (or a jump), whatever the journey's trigger kind."""
@@ -432,7 +455,17 @@ def enroll(
         raise NotFound("journey")
     if journey.status != "active":
         raise DomainError("journey_not_active", f"journey {key} is {journey.status}", status=409)
-    return try_enter(conn, ws, journey, profile_id, trigger=None, payload=payload, now=now, depth=depth)
+    return try_enter(
+        conn,
+        ws,
+        journey,
+        profile_id,
+        trigger=None,
+        payload=payload,
+        now=now,
+        partitions=partitions,
+        depth=depth,
+    )
 
 
 # ---- reacting to events -----------------------------------------------------------------
@@ -446,6 +479,7 @@ def on_event(
     traits_before: Mapping[str, Any],
     traits_after: Mapping[str, Any],
     now: datetime,
+    partitions: int,
     active_journeys: list[Any] | None = None,
     writes: Writes | None = None,
 ) -> None:
@@ -468,13 +502,21 @@ def on_event(
             journey = active.get(row.journey_id)
             if journey is None:
                 continue  # paused: frozen
-            _advance_row(conn, row, journey, EventSeen(facts_event), now, writes)
+            _advance_row(conn, row, journey, EventSeen(facts_event), now, partitions, writes)
     for journey in active.values():
         definition = definition_of(conn, journey.id, journey.active_version)
         trigger = definition.trigger
         if isinstance(trigger, EventTrigger) and event_matches(facts_event, trigger.event, trigger.where):
             try_enter(
-                conn, ws, journey, profile_id, trigger=facts_event, payload=None, now=now, writes=writes
+                conn,
+                ws,
+                journey,
+                profile_id,
+                trigger=facts_event,
+                payload=None,
+                now=now,
+                partitions=partitions,
+                writes=writes,
             )
     if traits_before != traits_after:
         _on_traits_changed(
@@ -487,6 +529,7 @@ def on_event(
             at=event.timestamp,
             cause=event.message_id,
             now=now,
+            partitions=partitions,
             writes=writes,
         )
 
@@ -502,6 +545,7 @@ def _on_traits_changed(
     at: datetime,
     cause: str,
     now: datetime,
+    partitions: int,
     depth: int = 0,
     writes: Writes | None = None,
 ) -> None:
@@ -537,6 +581,7 @@ def _on_traits_changed(
                 trigger=change,
                 payload=None,
                 now=now,
+                partitions=partitions,
                 depth=depth,
                 writes=writes,
             )
@@ -547,7 +592,13 @@ def _on_traits_changed(
 
 
 def _advance_row(
-    conn: Connection, row: Any, journey: Any, stimulus: Stimulus, now: datetime, writes: Writes | None = None
+    conn: Connection,
+    row: Any,
+    journey: Any,
+    stimulus: Stimulus,
+    now: datetime,
+    partitions: int,
+    writes: Writes | None = None,
 ) -> None:
     definition = definition_of(conn, journey.id, row.version)
     facts = DbFacts(conn, row.workspace_id, row.profile_id)
@@ -563,6 +614,7 @@ def _advance_row(
         transition=t,
         now=now,
         new=False,
+        partitions=partitions,
         writes=writes,
     )
 
@@ -615,7 +667,7 @@ def forget(conn: Connection, ws: str, profile_ids: list[str]) -> None:
 # ---- timers ---------------------------------------------------------------------------
 
 
-def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = False) -> int:
+def fire_due(conn: Connection, now: datetime, *, limit: int, partitions: int, careful: bool = False) -> int:
     """Advance enrollments whose timers are due. An enrollment that keeps failing is
     retried with backoff and, after ``MAX_FAILURES``, dead-lettered with the reason.
 
@@ -641,7 +693,7 @@ def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = Fal
         if careful:
             savepoint = conn.begin_nested()
             try:
-                _advance_row(conn, row, journey, Wake(row.wake_at), now)
+                _advance_row(conn, row, journey, Wake(row.wake_at), now, partitions)
                 savepoint.commit()
                 fired += 1
             except Exception as exc:
@@ -684,6 +736,7 @@ def fire_due(conn: Connection, now: datetime, *, limit: int, careful: bool = Fal
                 transition=t,
                 now=now,
                 new=False,
+                partitions=partitions,
             )
             savepoint.commit()
             fired += 1
@@ -820,7 +873,7 @@ def backfill_dates(
     return page[-1].id if len(page) == limit else None
 
 
-def fire_due_dates(conn: Connection, now: datetime, *, limit: int) -> int:
+def fire_due_dates(conn: Connection, now: datetime, *, limit: int, partitions: int) -> int:
     fired = 0
     for row in repo.due_schedules(conn, now, limit):
         journey = repo.journey_by_id(conn, row.journey_id)
@@ -843,7 +896,16 @@ def fire_due_dates(conn: Connection, now: datetime, *, limit: int) -> int:
                 properties={"trait": trigger.trait, "value": lookup_path(profile.traits, trigger.trait)},
                 timestamp=row.due_at,
             )
-            try_enter(conn, row.workspace_id, journey, profile.id, trigger=event, payload=None, now=now)
+            try_enter(
+                conn,
+                row.workspace_id,
+                journey,
+                profile.id,
+                trigger=event,
+                payload=None,
+                now=now,
+                partitions=partitions,
+            )
             later = _date_due(trigger, profile.traits, profile.timezone, now) if trigger.annual else None
             repo.upsert_schedule(conn, row.workspace_id, journey.id, profile.id, later)
         else:
@@ -864,6 +926,7 @@ def signal_page(
     *,
     after: str | None,
     limit: int,
+    partitions: int,
 ) -> tuple[int, str | None]:
     """Enter one page of profiles into every active journey triggered by signal ``name``
     whose filter they match. Returns (entered, cursor for the next page or None)."""
@@ -880,7 +943,14 @@ def signal_page(
     for p in page:
         for journey, trigger in targets:
             if all(trait_holds(p.traits, c) for c in trigger.where) and try_enter(
-                conn, ws, journey, p.id, trigger=event, payload=dict(properties), now=now
+                conn,
+                ws,
+                journey,
+                p.id,
+                trigger=event,
+                payload=dict(properties),
+                now=now,
+                partitions=partitions,
             ):
                 entered += 1
     return entered, (page[-1].id if len(page) == limit else None)

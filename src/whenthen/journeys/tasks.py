@@ -15,7 +15,7 @@ SIGNAL_PAGE = 500
 log = logging.getLogger("whenthen.journeys")
 
 
-def fire_timers(db: Database, clock: Clock, limit: int = 500) -> int:
+def fire_timers(db: Database, clock: Clock, *, partitions: int, limit: int = 500) -> int:
     """One batch of due timers and date triggers, in one transaction. The batch is written
     with one statement per table; when anything in it fails (the database refuses a row),
     it is done again with a savepoint per enrollment, so the faulty one is retried later
@@ -23,14 +23,16 @@ def fire_timers(db: Database, clock: Clock, limit: int = 500) -> int:
     try:
         with db.write() as conn:
             now = clock.now()
-            return runtime.fire_due(conn, now, limit=limit) + runtime.fire_due_dates(conn, now, limit=limit)
+            return runtime.fire_due(conn, now, limit=limit, partitions=partitions) + runtime.fire_due_dates(
+                conn, now, limit=limit, partitions=partitions
+            )
     except Exception as exc:
         log.warning("timer batch failed (%r); again with a savepoint per enrollment", exc)
     with db.write() as conn:
         now = clock.now()
-        return runtime.fire_due(conn, now, limit=limit, careful=True) + runtime.fire_due_dates(
-            conn, now, limit=limit
-        )
+        return runtime.fire_due(
+            conn, now, limit=limit, partitions=partitions, careful=True
+        ) + runtime.fire_due_dates(conn, now, limit=limit, partitions=partitions)
 
 
 class SignalJob:
@@ -38,9 +40,10 @@ class SignalJob:
     own transaction, so a signal to a million people never blocks the request that sent
     it nor holds one long transaction. The cursor is kept in the job between pages."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, *, partitions: int) -> None:
         self.db = db
         self.clock = clock
+        self.partitions = partitions
 
     def __call__(self, job: Any) -> Outcome:
         p = dict(job.payload)
@@ -54,6 +57,7 @@ class SignalJob:
                 now,
                 after=p.get("cursor"),
                 limit=SIGNAL_PAGE,
+                partitions=self.partitions,
             )
             p["entered"] = int(p.get("entered", 0)) + entered
             if cursor is None:

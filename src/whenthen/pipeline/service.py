@@ -253,6 +253,7 @@ def process_events(
             traits_before=applied.traits_before,
             traits_after=applied.traits_after,
             now=now,
+            partitions=partitions,
             active_journeys=setup.active,
             writes=writes,
         )
