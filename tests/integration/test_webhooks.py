@@ -369,7 +369,20 @@ def test_map_response_writes_traits(env: HookEnv) -> None:
             },
         }
     )
+    # A segment on a mapped trait follows the answer (the worker's recheck step).
+    r = env.http.put(
+        "/api/v1/segments/crm-created",
+        json={
+            "name": "In the CRM",
+            "definition": {"condition": {"kind": "trait", "path": "crm_status", "value": "created"}},
+        },
+        headers=env.ws.admin_headers,
+    )
+    assert r.status_code == 200, r.text
     env.sign_up("ann", email="ann@example.com")
+    env.advance(seconds=1)
+    in_segment = env.http.get("/api/v1/segments/crm-created/members", headers=env.ws.admin_headers).json()
+    assert [m["profile_id"] for m in in_segment["data"]] == [env.profile("ann").id]
     traits = env.profile("ann").traits
     assert traits["crm_id"] == "crm-42"
     assert traits["crm_score"] == 0.9
@@ -491,3 +504,56 @@ def test_webhooks_are_not_signed_with_the_master_secret() -> None:
     assert key == webhook_signing_secret(Settings(secret_key="master"))  # stable across restarts
     assert key != webhook_signing_secret(Settings(secret_key="other"))
     assert webhook_signing_secret(Settings(webhooks={"signing_secret": "s3"})) == b"s3"
+
+
+def test_a_name_that_rebinds_to_a_private_address_is_refused_where_it_connects() -> None:
+    """DNS rebinding: the name resolves to a public address when the call is checked and
+    to the loopback address when the socket is opened. The guard decides on the address it
+    connects to, so the local endpoint is never reached, and the refusal is permanent."""
+    from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
+
+    with WebhookServer() as hook:
+        answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+        asked: list[str] = []
+
+        def rebinding(host: str, port: int) -> list[str]:
+            asked.append(host)
+            return next(answers, ["127.0.0.1"])
+
+        caller = HttpxWebhookCaller(timeout=ROOMY_TIMEOUT, allow_private=False, resolver=rebinding)
+        try:
+            result = caller.call(f"http://rebind.example:{hook.port}/x", b"{}", {})
+        finally:
+            caller.close()
+        assert asked == ["rebind.example", "rebind.example"]  # checked, then resolved to connect
+        assert (result.status, result.permanent) == (None, True)
+        assert result.error is not None
+        assert "private address" in result.error
+        assert hook.requests == []
+
+
+def test_the_guard_connects_to_the_address_it_checked() -> None:
+    """A name whose only address is public is connected to at that address, never
+    resolved again by the socket layer: ``public.example`` does not resolve on this
+    machine, so any outcome but a name error (an answer from whatever sits at that
+    address, or a network error, retried) shows the checked address was used."""
+    from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
+
+    asked: list[str] = []
+
+    def public(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["93.184.216.34"]
+
+    caller = HttpxWebhookCaller(timeout=0.3, allow_private=False, resolver=public)
+    try:
+        result = caller.call("http://public.example:9/x", b"{}", {})
+    finally:
+        caller.close()
+    assert asked == ["public.example", "public.example"]
+    assert result.permanent is False
+    error = result.error or ""
+    assert "private" not in error
+    assert "Name or service not known" not in error
+    assert "nodename nor servname" not in error
+    assert result.status is not None or "Connect" in error or "Timeout" in error

@@ -493,6 +493,8 @@ class WebhookJob:
                 )
                 if mapped:
                     profiles.update_traits(conn, msg.workspace_id, profile.id, set_=mapped, unset=(), now=now)
+                    # Segments reading those traits follow (the worker's recheck step).
+                    profiles.mark_for_recheck(conn, msg.workspace_id, [profile.id], "webhook", now)
             return Outcome()
         error = result.error or f"HTTP {result.status}"
         if result.retryable and attempt < self.settings.max_attempts:
