@@ -31,6 +31,8 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
     pipeline worker runs in a thread of this process for the app's lifetime."""
     embedded = c.settings.server.embedded_worker if run_worker is None else run_worker
 
+    single_calls = tracking.make_writer(c)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if embedded:
@@ -38,6 +40,7 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await run_in_threadpool(single_calls.stop)
             if embedded:
                 await run_in_threadpool(c.worker.stop)
 
@@ -50,6 +53,7 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
         default_response_class=JSONBody,
     )
     app.state.container = c
+    app.state.single_call_writer = single_calls
     # Browsers post tracking calls from other origins (analytics.js); the tracking API is
     # authenticated by write key, not by cookies, so any origin may call it.
     app.add_middleware(

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from whenthen.api.auth import authenticate_write_key, authenticate_write_key_in, basic_user, container
 from whenthen.api.errors import error_response
+from whenthen.api.group_commit import SingleCallWriter, writer
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 from whenthen.kernel.errors import DomainError, Unauthorized
@@ -62,9 +63,45 @@ async def _handle(request: Request, forced_type: CallType | None) -> Response:
         if not body or body.isspace():
             raise Invalid("invalid_json", "the body is empty")
         value, exact = service.parse(body)
+        if forced_type is not None:
+            grouped = await _single(c, request, body, value, exact, forced_type)
+            if grouped is not None:
+                return grouped
         return await run_in_threadpool(_ingest, c, request, body, value, exact, forced_type)
     except Invalid as exc:
         return error_response(exc.status, exc.code, exc.message)
+
+
+async def _single(
+    c: Container, request: Request, body: bytes, value: Any, exact: bool, forced_type: CallType
+) -> Response | None:
+    """A valid single call, stored by the group-commit writer with the calls of concurrent
+    requests (``api/group_commit.py``); ``None`` for a call that is not valid, which
+    ``_ingest`` answers (its checks come in the documented order)."""
+    key = _write_key(request, value)
+    if not key:
+        return None
+    received_at = c.clock.now()
+    try:
+        prepared = service.prepare(
+            body,
+            value,
+            exact,
+            forced_type=forced_type,
+            received_at=received_at,
+            limits=_limits(c),
+            max_batch_events=c.settings.ingest.max_batch_events,
+        )
+    except Invalid:
+        return None
+    [event] = prepared.accepted
+    refusal = await writer(request.app.state).write(key, event, received_at)
+    return refusal if refusal is not None else JSONBody(_SINGLE_OK)
+
+
+def make_writer(c: Container) -> SingleCallWriter:
+    """The group-commit writer of single calls for an app over ``c``."""
+    return SingleCallWriter(c, _rate_limited)
 
 
 def _write_key(request: Request, value: Any) -> str | None:
