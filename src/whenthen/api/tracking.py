@@ -83,20 +83,26 @@ async def _single(
         return None
     received_at = c.clock.now()
     try:
-        prepared = service.prepare(
-            body,
-            value,
-            exact,
-            forced_type=forced_type,
-            received_at=received_at,
-            limits=_limits(c),
-            max_batch_events=c.settings.ingest.max_batch_events,
-        )
+        prepared = _prepare(c, body, value, exact, forced_type, received_at)
     except Invalid:
         return None
     [event] = prepared.accepted
     refusal = await writer(request.app.state).write(key, event, received_at)
     return refusal if refusal is not None else JSONBody(_SINGLE_OK)
+
+
+def _prepare(
+    c: Container, body: bytes, value: Any, exact: bool, forced_type: CallType | None, received_at: datetime
+) -> service.Prepared:
+    return service.prepare(
+        body,
+        value,
+        exact,
+        forced_type=forced_type,
+        received_at=received_at,
+        limits=_limits(c),
+        max_batch_events=c.settings.ingest.max_batch_events,
+    )
 
 
 def make_writer(c: Container) -> SingleCallWriter:
@@ -135,15 +141,7 @@ def _ingest(
         raise Unauthorized("a write key is required: HTTP Basic user name or writeKey in the body")
     received_at = c.clock.now()
     try:
-        prepared = service.prepare(
-            body,
-            value,
-            exact,
-            forced_type=forced_type,
-            received_at=received_at,
-            limits=_limits(c),
-            max_batch_events=c.settings.ingest.max_batch_events,
-        )
+        prepared = _prepare(c, body, value, exact, forced_type, received_at)
     except Invalid:
         authenticate_write_key(c, key)
         raise
