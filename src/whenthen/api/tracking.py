@@ -106,8 +106,11 @@ def _prepare(
 
 
 def make_writer(c: Container) -> SingleCallWriter:
-    """The group-commit writer of single calls for an app over ``c``."""
-    return SingleCallWriter(c, _rate_limited)
+    """The group-commit writer of single calls for an app over ``c``; stopped with the
+    app (its lifespan) or, at the latest, when the container is closed."""
+    made = SingleCallWriter(c, _rate_limited)
+    c.closers.append(made.stop)
+    return made
 
 
 def _write_key(request: Request, value: Any) -> str | None:
