@@ -42,16 +42,36 @@ def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[Any
     Each partition's share is read on its own through ``ix_events_pending`` (one
     statement, a ``UNION ALL`` of one ``LIMIT`` read a partition): a single ``partition
     IN (...) ORDER BY seq`` would read every pending row of those partitions before
-    sorting, which costs as much as the backlog is long. A partition gives at most
-    ``limit / len(partitions)`` (rounded up) events, the oldest of its pending ones, so
-    every person's calls are still applied in order.
+    sorting, which costs as much as the backlog is long. A partition first gives at most
+    ``limit / len(partitions)`` (rounded up) events, the oldest of its pending ones; what
+    the others leave of ``limit`` is then shared among the partitions that filled their
+    share (one more read, after the events already taken), so one busy partition among
+    quiet ones still moves in large batches. Each partition's events are a prefix of its
+    pending ones: every person's calls are applied in order.
     """
-    locking = conn.dialect.name == "postgresql"
     n = len(partitions)
     share = limit if n == 1 else max(1, -(-limit // n))
-    params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(partitions)}
-    params["share"] = share
-    return list(conn.execute(_pending_statement(n, locking), params))
+    rows = _read_pending(conn, {p: 0 for p in partitions}, share)
+    if n == 1 or len(rows) >= limit:
+        return rows
+    taken: dict[int, list[Any]] = {}
+    for r in rows:
+        taken.setdefault(r.partition, []).append(r)
+    full = {p: got[-1].seq for p, got in taken.items() if len(got) >= share}
+    if not full:
+        return rows
+    more = _read_pending(conn, full, max(1, (limit - len(rows)) // len(full)))
+    return sorted(rows + more, key=lambda r: r.seq)
+
+
+def _read_pending(conn: Connection, after: dict[int, int], share: int) -> list[Any]:
+    """Up to ``share`` pending events of each partition, those after the given ``seq``."""
+    params: dict[str, Any] = {"share": share}
+    for i, (p, seq) in enumerate(after.items()):
+        params[f"p{i}"] = p
+        params[f"a{i}"] = seq
+    stmt = _pending_statement(len(after), conn.dialect.name == "postgresql")
+    return list(conn.execute(stmt, params))
 
 
 #: The statement for n partitions (and locking or not), built once: made afresh on every
@@ -62,7 +82,7 @@ _PENDING: dict[tuple[int, bool], Any] = {}
 def _pending_statement(n: int, locking: bool) -> Any:
     stmt = _PENDING.get((n, locking))
     if stmt is None:
-        reads = [_pending_of(bindparam(f"p{i}"), locking) for i in range(n)]
+        reads = [_pending_of(bindparam(f"p{i}"), bindparam(f"a{i}"), locking) for i in range(n)]
         if n == 1:
             stmt = reads[0]
         else:
@@ -72,10 +92,10 @@ def _pending_statement(n: int, locking: bool) -> Any:
     return stmt
 
 
-def _pending_of(partition: Any, locking: bool) -> Select[Any]:
+def _pending_of(partition: Any, after: Any, locking: bool) -> Select[Any]:
     stmt = (
         select(events)
-        .where(events.c.partition == partition, events.c.state == PENDING)
+        .where(events.c.partition == partition, events.c.state == PENDING, events.c.seq > after)
         .order_by(events.c.seq)
         .limit(bindparam("share", type_=Integer))
     )
