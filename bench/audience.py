@@ -371,7 +371,7 @@ def _drain(db: Database) -> int:
     total = 0
     while True:
         with db.read() as conn:
-            parts = pipeline.pending_partitions(conn)
+            parts = pipeline.pending_partitions(conn, range(PARTITIONS))
         if not parts:
             return total
         for p in parts:

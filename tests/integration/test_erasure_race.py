@@ -56,7 +56,7 @@ def test_an_erasure_waits_for_the_batch_in_flight_and_nothing_of_the_person_surv
             # Read in a transaction of its own, as the worker does when it isolates a
             # failing event: no lock on her rows is held while the events are applied.
             with c.db.write() as conn:
-                partition = tracking.pending_partitions(conn)[0]
+                partition = tracking.pending_partitions(conn, range(c.settings.pipeline.partitions))[0]
                 pending = tracking.pending_events(conn, [partition], 100)
             with c.db.write() as conn:
                 # Inside a batch, between its check of the erasure hashes and its writes,

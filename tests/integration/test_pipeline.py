@@ -337,3 +337,20 @@ def test_steps_run_at_most_every_interval_while_events_keep_coming(container: Co
     send(container, ws.id, {"type": "track", "userId": "a", "event": "E", "messageId": "3"}, drain=False)
     container.worker.run_once()
     assert ran == [1, 1, 1]
+
+
+def test_pending_partitions_probe_only_the_candidates(container: Container) -> None:
+    ws = make_workspace(container)
+    parts = container.settings.pipeline.partitions
+    send(container, ws.id, {"type": "track", "userId": "x", "event": "E", "messageId": "1"}, drain=False)
+    send(container, ws.id, {"type": "track", "userId": "y", "event": "E", "messageId": "2"}, drain=False)
+    px, py = partition_for(ws.id, "x", parts), partition_for(ws.id, "y", parts)
+    with container.db.read() as conn:
+        assert pipeline.pending_partitions(conn, range(parts)) == sorted({px, py})
+        assert pipeline.pending_partitions(conn, [px]) == [px]
+        others = [p for p in range(parts) if p not in (px, py)]
+        assert pipeline.pending_partitions(conn, others) == []
+        assert pipeline.pending_partitions(conn, []) == []
+    container.worker.drain()
+    with container.db.read() as conn:
+        assert pipeline.pending_partitions(conn, range(parts)) == []

@@ -419,8 +419,8 @@ def park(conn: Connection, event: StoredEvent) -> BatchOutcome:
     return BatchOutcome(processed=0, suppressed=0, failed=1)
 
 
-def pending_partitions(conn: Connection) -> list[int]:
-    return tracking.pending_partitions(conn)
+def pending_partitions(conn: Connection, candidates: Sequence[int]) -> list[int]:
+    return tracking.pending_partitions(conn, candidates)
 
 
 def count_pending(conn: Connection) -> int:

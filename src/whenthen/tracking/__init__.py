@@ -91,8 +91,9 @@ def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
     _repo.mark(conn, {seq: profile_id}, _repo.PENDING)
 
 
-def pending_partitions(conn: Connection) -> list[int]:
-    return _repo.pending_partitions(conn)
+def pending_partitions(conn: Connection, candidates: Sequence[int]) -> list[int]:
+    """Those of ``candidates`` that hold pending events (an index probe each)."""
+    return _repo.pending_partitions(conn, candidates)
 
 
 def count_pending(conn: Connection) -> int:

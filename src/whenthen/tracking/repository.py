@@ -4,13 +4,30 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Select, bindparam, delete, func, or_, select, union_all, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Select,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
 
 PENDING, PROCESSED, FAILED = 0, 1, 3
+
+#: ``state = 0`` written as a literal, not a bound parameter, so that every plan can use
+#: the partial index ``ix_events_pending`` (``WHERE state = 0``): a plan made without the
+#: parameter's value (PostgreSQL's generic plans for prepared statements) cannot.
+IS_PENDING = events.c.state == literal_column(str(PENDING))
 
 
 def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
@@ -95,22 +112,43 @@ def _pending_statement(n: int, locking: bool) -> Any:
 def _pending_of(partition: Any, after: Any, locking: bool) -> Select[Any]:
     stmt = (
         select(events)
-        .where(events.c.partition == partition, events.c.state == PENDING, events.c.seq > after)
+        .where(events.c.partition == partition, IS_PENDING, events.c.seq > after)
         .order_by(events.c.seq)
         .limit(bindparam("share", type_=Integer))
     )
     return stmt.with_for_update(skip_locked=True) if locking else stmt
 
 
-def pending_partitions(conn: Connection) -> list[int]:
-    rows = conn.execute(
-        select(events.c.partition).where(events.c.state == PENDING).group_by(events.c.partition)
-    )
-    return [r[0] for r in rows]
+def pending_partitions(conn: Connection, candidates: Sequence[int]) -> list[int]:
+    """Those of ``candidates`` that hold pending events: one index probe a partition
+    (a ``GROUP BY`` over the pending rows would cost as much as the backlog is long)."""
+    if not candidates:
+        return []
+    params = {f"p{i}": p for i, p in enumerate(candidates)}
+    return sorted(r[0] for r in conn.execute(_probe_statement(len(candidates)), params))
+
+
+_PROBES: dict[int, Any] = {}
+
+
+def _probe_statement(n: int) -> Any:
+    stmt = _PROBES.get(n)
+    if stmt is None:
+        probes = [
+            select(bindparam(f"p{i}", type_=Integer).label("partition")).where(
+                select(events.c.seq)
+                .where(events.c.partition == bindparam(f"p{i}", type_=Integer), IS_PENDING)
+                .limit(1)
+                .exists()
+            )
+            for i in range(n)
+        ]
+        stmt = _PROBES[n] = probes[0] if n == 1 else union_all(*probes)
+    return stmt
 
 
 def count_pending(conn: Connection) -> int:
-    return int(conn.execute(select(func.count()).where(events.c.state == PENDING)).scalar_one())
+    return int(conn.execute(select(func.count()).where(IS_PENDING)).scalar_one())
 
 
 def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) -> None:

@@ -84,7 +84,7 @@ class PipelineWorker:
         background work. Returns how much was done."""
         owned = self._leases()
         with self.db.read() as conn:
-            busy = sorted(p for p in pipeline.pending_partitions(conn) if p in owned)
+            busy = pipeline.pending_partitions(conn, sorted(owned))
         handled = 0
         started = time.monotonic()
         while busy:
