@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -141,21 +140,17 @@ async def set_stage(request: Request, principal: Admin, profile_id: str, body: S
             if lc is not None and body.stage not in lc.stages:
                 raise DomainError("unknown_stage", f"{body.stage!r} is not a stage of the lifecycle")
             now = c.clock.now()
-            before = scoring.stage_of(conn, principal.workspace_id, pid)
-            changed = scoring.set_stage(conn, principal.workspace_id, pid, body.stage, source="api", now=now)
+            changed = scoring.move_stage(
+                conn,
+                principal.workspace_id,
+                pid,
+                body.stage,
+                source="api",
+                now=now,
+                partitions=c.settings.pipeline.partitions,
+            )
             if changed:
-                # As a rule's move would: journeys can trigger on it, segments follow.
-                profiles.emit_event(
-                    conn,
-                    principal.workspace_id,
-                    pid,
-                    "Lifecycle Stage Changed",
-                    {"from": before, "to": body.stage},
-                    message_id=f"wt-sys-{uuid.uuid4().hex}",
-                    library="whenthen",
-                    now=now,
-                    partitions=c.settings.pipeline.partitions,
-                )
+                # Segments reading the stage follow (the worker's recheck step).
                 profiles.mark_for_recheck(conn, principal.workspace_id, [pid], "stage", now)
         c.worker.notify()
         return {"stage": body.stage, "changed": changed}

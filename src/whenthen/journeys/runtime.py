@@ -9,7 +9,6 @@ webhooks) are queued in the outbox in the same transaction; effects inside the d
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +47,7 @@ from whenthen.journeys.model import (
     Wake,
 )
 from whenthen.kernel.durations import parse_duration
+from whenthen.kernel.errors import DomainError, NotFound
 from whenthen.kernel.filters import MISSING as _MISSING
 from whenthen.kernel.filters import Filter, lookup_path
 from whenthen.kernel.ids import new_secret
@@ -208,22 +208,16 @@ def _persist(
             if effect.remove_tags:
                 profiles.remove_tags(conn, ws, profile_id, effect.remove_tags)
             if effect.stage:
-                before = scoring.stage_of(conn, ws, profile_id)
-                if scoring.set_stage(
-                    conn, ws, profile_id, effect.stage, source=f"journey:{journey.key}", now=now
-                ):
-                    # As a rule's or the API's move: journeys can trigger on it.
-                    profiles.emit_event(
-                        conn,
-                        ws,
-                        profile_id,
-                        "Lifecycle Stage Changed",
-                        {"from": before, "to": effect.stage},
-                        message_id=f"wt-sys-{uuid.uuid4().hex}",
-                        library="whenthen",
-                        now=now,
-                        partitions=partitions,
-                    )
+                # Announced as the API's and the rules' moves are: journeys can trigger on it.
+                scoring.move_stage(
+                    conn,
+                    ws,
+                    profile_id,
+                    effect.stage,
+                    source=f"journey:{journey.key}",
+                    now=now,
+                    partitions=partitions,
+                )
             # Segments reading traits, tags or the stage follow (the worker's recheck step).
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, ChangeList):
@@ -448,8 +442,6 @@ def enroll(
     depth: int = 0,
 ) -> str | None:
     """Enter one profile through the API (or a jump), whatever the journey's trigger kind."""
-    from whenthen.kernel.errors import DomainError, NotFound
-
     journey = repo.journey_by_key(conn, ws, key)
     if journey is None:
         raise NotFound("journey")
@@ -641,9 +633,10 @@ def _needs(conn: Connection, journey: Any) -> tuple[bool, bool]:
     if found is None:
         reacts = reads = False
         for number in range(1, journey.active_version + 1):
-            if repo.version(conn, journey.id, number) is None:
-                continue
-            definition = definition_of(conn, journey.id, number)
+            try:
+                definition = definition_of(conn, journey.id, number)
+            except NotFound:
+                continue  # a number never used
             reacts = reacts or reacts_to_events(definition)
             reads = reads or reads_history(definition)
         if len(_NEEDS) > 2000:

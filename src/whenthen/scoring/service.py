@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from whenthen import profiles
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound, invalid_definition
 from whenthen.profiles import Emit
@@ -316,9 +318,37 @@ def stage_of(conn: Connection, ws: str, profile_id: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def move_stage(
+    conn: Connection, ws: str, profile_id: str, stage: str, *, source: str, now: datetime, partitions: int
+) -> bool:
+    """``set_stage``, and when it moved the person, append ``Lifecycle Stage Changed``
+    (``from``, ``to``) to their log, as a lifecycle rule's move is announced, so journeys
+    can trigger on it. For moves made outside the pipeline (the API, a journey step)."""
+    current = stage_of(conn, ws, profile_id)
+    if not _write_stage(conn, ws, profile_id, current, stage, source=source, now=now):
+        return False
+    profiles.emit_event(
+        conn,
+        ws,
+        profile_id,
+        "Lifecycle Stage Changed",
+        {"from": current, "to": stage},
+        message_id=f"wt-sys-{uuid.uuid4().hex}",
+        library="whenthen",
+        now=now,
+        partitions=partitions,
+    )
+    return True
+
+
 def set_stage(conn: Connection, ws: str, profile_id: str, stage: str, *, source: str, now: datetime) -> bool:
     """Move the person to ``stage`` (any direction); recorded in the history."""
-    current = stage_of(conn, ws, profile_id)
+    return _write_stage(conn, ws, profile_id, stage_of(conn, ws, profile_id), stage, source=source, now=now)
+
+
+def _write_stage(
+    conn: Connection, ws: str, profile_id: str, current: str | None, stage: str, *, source: str, now: datetime
+) -> bool:
     if current == stage:
         return False
     if current is None:
