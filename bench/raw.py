@@ -31,7 +31,6 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select
 
 from bench.workload import Workload
-from whenthen.kernel.bucketing import partition_for
 from whenthen.kernel.clock import SystemClock
 from whenthen.settings import Settings
 from whenthen.storage import Database
@@ -70,22 +69,7 @@ WRITERS: dict[str, Writer] = {"append": _append, "insert": _insert}
 
 def row_of(workspace_id: str, ev: AcceptedEvent, partitions: int) -> Row:
     """The row ``whenthen.tracking.service.append`` builds for ``ev``."""
-    key = ev.user_id or ev.anonymous_id
-    assert key is not None
-    return {
-        "workspace_id": workspace_id,
-        "message_id": ev.message_id,
-        "type": ev.type.value,
-        "event": ev.event,
-        "user_id": ev.user_id,
-        "anonymous_id": ev.anonymous_id,
-        "timestamp": ev.timestamp,
-        "received_at": ev.received_at,
-        "payload": ev.payload,
-        "partition": partition_for(workspace_id, key, partitions),
-        "state": repository.PENDING,
-        "profile_id": None,
-    }
+    return service.log_row(workspace_id, ev, service.partition_of(workspace_id, ev, partitions))
 
 
 def row_pool(workspace_id: str, count: int, run: str, batch_size: int) -> list[Row]:

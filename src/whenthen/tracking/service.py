@@ -173,31 +173,39 @@ def append(
 ) -> tuple[int, int]:
     """Append accepted calls to the log; returns (newly stored, duplicates)."""
     # The calls of a request mostly come from few people: hash each one's key once.
-    partition_of: dict[str, int] = {}
+    by_key: dict[str, int] = {}
     rows = []
     for ev in accepted:
         key = _routing_key(ev)
-        partition = partition_of.get(key)
+        partition = by_key.get(key)
         if partition is None:
-            partition = partition_of[key] = partition_for(workspace_id, key, partitions)
-        rows.append(
-            {
-                "workspace_id": workspace_id,
-                "message_id": ev.message_id,
-                "type": _TYPE_NAMES[ev.type],
-                "event": ev.event,
-                "user_id": ev.user_id,
-                "anonymous_id": ev.anonymous_id,
-                "timestamp": ev.timestamp,
-                "received_at": ev.received_at,
-                "payload": ev.payload,
-                "partition": partition,
-                "state": repository.PENDING,
-                "profile_id": None,
-            }
-        )
+            partition = by_key[key] = partition_for(workspace_id, key, partitions)
+        rows.append(log_row(workspace_id, ev, partition))
     inserted = repository.append(conn, rows)
     return inserted, len(rows) - inserted
+
+
+def log_row(workspace_id: str, ev: AcceptedEvent, partition: int) -> dict[str, Any]:
+    """The ``events`` row of an accepted call, pending in ``partition``."""
+    return {
+        "workspace_id": workspace_id,
+        "message_id": ev.message_id,
+        "type": _TYPE_NAMES[ev.type],
+        "event": ev.event,
+        "user_id": ev.user_id,
+        "anonymous_id": ev.anonymous_id,
+        "timestamp": ev.timestamp,
+        "received_at": ev.received_at,
+        "payload": ev.payload,
+        "partition": partition,
+        "state": repository.PENDING,
+        "profile_id": None,
+    }
+
+
+def partition_of(workspace_id: str, ev: AcceptedEvent, partitions: int) -> int:
+    """The log partition of an accepted call: its person's (userId first)."""
+    return partition_for(workspace_id, _routing_key(ev), partitions)
 
 
 _TYPE_NAMES = {t: t.value for t in CallType}
