@@ -133,7 +133,11 @@ def _rate(n: float) -> str:
     return f"{n:,.0f}"
 
 
+_VERDICTS: list[bool] = []  # every goal report() judged, so main's exit status says it
+
+
 def _mark(ok: bool) -> str:
+    _VERDICTS.append(ok)
     return "MET" if ok else "NOT MET"
 
 
@@ -1042,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
         _say(f"wrote {args.json}")
-    return 1 if failed else 0
+    return 1 if failed or not all(_VERDICTS) else 0
 
 
 if __name__ == "__main__":

@@ -196,7 +196,11 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f} µs"
 
 
+_VERDICTS: list[bool] = []  # every goal report() judged, so main's exit status says it
+
+
 def _mark(ok: bool) -> str:
+    _VERDICTS.append(ok)
     return "MET" if ok else "NOT MET"
 
 
@@ -1588,7 +1592,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_as_json(delivery, timers, args), indent=2))
         _say(f"wrote {args.json}")
-    return 1 if failed else 0
+    return 1 if failed or not all(_VERDICTS) else 0
 
 
 if __name__ == "__main__":
