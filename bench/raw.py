@@ -12,9 +12,10 @@ the timed loop.
 Variants, each into its own fresh database with the schema made by the migrations:
 
 * ``append``: ``whenthen.tracking.repository.append`` (INSERT ... ON CONFLICT DO NOTHING,
-  one executemany) in ``Database.write()`` transactions of 100 rows: the app's statement
-  and unit of work, minus HTTP, parsing and validation.
-* ``insert``: a plain ``insert(events)`` executemany in the same transactions.
+  one executemany at the driver's level) in ``Database.write()`` transactions of 100
+  rows: the app's statement and unit of work, minus HTTP, parsing and validation.
+* ``insert``: a plain SQLAlchemy ``insert(events)`` executemany of the same rows as dicts
+  (made before the clock starts) in the same transactions.
 * ``append xN`` (PostgreSQL): ``append`` from N threads at once, as the server's
   thread pool writes; SQLite takes one writer at a time, so threads cannot add there.
 """
@@ -40,8 +41,8 @@ from whenthen.tracking.model import AcceptedEvent
 from whenthen.tracking.tables import events
 from whenthen.tracking.validation import Limits
 
-Row = dict[str, Any]
-Writer = Callable[[Connection, Sequence[Row]], object]
+Row = tuple[Any, ...]  # in repository.APPEND_COLUMNS order
+Writer = Callable[[Connection, Sequence[Any]], object]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _append(conn: Connection, rows: Sequence[Row]) -> object:
     return repository.append(conn, rows)
 
 
-def _insert(conn: Connection, rows: Sequence[Row]) -> object:
+def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> object:
     return conn.execute(insert(events), list(rows))
 
 
@@ -100,25 +101,29 @@ def row_pool(workspace_id: str, count: int, run: str, batch_size: int) -> list[R
         if prepared.rejected:
             raise RuntimeError(f"the app rejected bench calls: {prepared.rejected[:1]}")
         rows.extend(row_of(workspace_id, ev, settings.pipeline.partitions) for ev in prepared.accepted)
-    columns = {c.name for c in events.columns} - {"seq"}
-    if set(rows[0]) != columns:
-        raise RuntimeError(f"row shape {sorted(rows[0])} differs from the events table {sorted(columns)}")
+    columns = {c.name for c in events.columns} - {"seq", "profile_id"}
+    if set(repository.APPEND_COLUMNS) != columns or len(rows[0]) != len(columns):
+        raise RuntimeError(f"row shape {repository.APPEND_COLUMNS} differs from the events table {columns}")
     return rows
 
 
 class _Renamer:
     """Hands out copies of the pool's rows with message ids never used before."""
 
-    def __init__(self, pool: list[Row], tag: str) -> None:
+    def __init__(self, pool: list[Row], tag: str, *, as_dicts: bool) -> None:
         self.pool = pool
+        self.dicts = [dict(zip(repository.APPEND_COLUMNS, r, strict=True)) for r in pool] if as_dicts else []
         self.tag = tag
         self.n = 0
 
-    def take(self, size: int) -> list[Row]:
-        pool, tag, n = self.pool, self.tag, self.n
-        out = [{**pool[(n + i) % len(pool)], "message_id": f"{tag}-{n + i}"} for i in range(size)]
+    def take(self, size: int) -> list[Any]:
+        tag, n = self.tag, self.n
         self.n = n + size
-        return out
+        if self.dicts:
+            dicts = self.dicts
+            return [{**dicts[(n + i) % len(dicts)], "message_id": f"{tag}-{n + i}"} for i in range(size)]
+        pool = self.pool
+        return [(r[0], f"{tag}-{n + i}", *r[2:]) for i in range(size) for r in (pool[(n + i) % len(pool)],)]
 
 
 def measure(
@@ -141,7 +146,7 @@ def measure(
         deadline = [0.0]
 
         def run(index: int) -> None:
-            renamer = _Renamer(pool, f"raw{index}")
+            renamer = _Renamer(pool, f"raw{index}", as_dicts=variant == "insert")
             start_gate.wait()
             while time.perf_counter() < deadline[0]:
                 rows = renamer.take(rows_per_tx)

@@ -5,6 +5,8 @@ limit; a group that fails is written call by call. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +17,7 @@ from sqlalchemy import event, func, select
 
 from tests.support.workspace import make_workspace
 from whenthen.api.app import create_app
-from whenthen.api.group_commit import SingleCallWriter
+from whenthen.api.group_commit import TrackingWriter
 from whenthen.bootstrap import Container
 from whenthen.kernel.errors import Unauthorized
 from whenthen.tracking import AcceptedEvent, CallType
@@ -107,7 +109,7 @@ def test_a_group_that_fails_is_written_call_by_call(container: Container) -> Non
             raise RuntimeError("limiter broke for this call")
         return None
 
-    writer = SingleCallWriter(container, limiter)
+    writer = TrackingWriter(container, limiter)
 
     async def run() -> list[Any]:
         started = [
@@ -128,7 +130,7 @@ def test_a_group_that_fails_is_written_call_by_call(container: Container) -> Non
 
 def test_a_wrong_key_raises_unauthorized_to_its_request_only(container: Container) -> None:
     ws = make_workspace(container)
-    writer = SingleCallWriter(container, lambda *_: None)
+    writer = TrackingWriter(container, lambda *_: None)
 
     async def run() -> list[Any]:
         answers = await asyncio.gather(
@@ -145,3 +147,75 @@ def test_a_wrong_key_raises_unauthorized_to_its_request_only(container: Containe
     assert isinstance(outcomes[0], Unauthorized)
     assert outcomes[1] is None
     assert stored(container) == 1
+
+
+def test_batches_in_flight_get_their_own_counts(container: Container, commits: list[int]) -> None:
+    """Concurrent /v1/batch requests (group commit on SQLite, a transaction each on
+    PostgreSQL) each answer their own accepted and duplicate counts, even when they share
+    message ids with each other; a wrong key is refused alone."""
+    ws = make_workspace(container)
+    bodies: list[tuple[str, dict[str, Any]]] = []
+    for b in range(12):
+        calls = [
+            {"type": "track", "userId": f"u{b}", "event": "Viewed", "messageId": f"b{b}-{i}"}
+            for i in range(20)
+        ]
+        bodies.append((ws.write_key, {"batch": calls}))
+    # Repeats ids of batch 0 and adds new ones.
+    again = [{"type": "track", "userId": "u0", "event": "Viewed", "messageId": f"b0-{i}"} for i in range(5)]
+    again += [{"type": "track", "userId": "u0", "event": "Viewed", "messageId": f"new-{i}"} for i in range(3)]
+    bodies.append((ws.write_key, {"batch": again}))
+    bodies.append(("wk_not_a_key", {"batch": again}))
+
+    async def post_all() -> list[httpx.Response]:
+        app = create_app(container, run_worker=False)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await asyncio.gather(
+                *(client.post("/v1/batch", json=body, auth=(key, "")) for key, body in bodies)
+            )
+
+    answers = asyncio.run(post_all())
+    assert [a.status_code for a in answers] == [200] * 13 + [401]
+    counts = [(a.json()["accepted"], a.json()["duplicates"]) for a in answers[:13]]
+    # Batch 0 and the repeat may be stored in either order: between them 25 new rows.
+    assert counts[1:12] == [(20, 0)] * 11
+    assert counts[0][0] + counts[12][0] == 20 + 3
+    assert counts[0][1] + counts[12][1] == 5
+    assert stored(container) == 12 * 20 + 3
+
+
+def test_batches_waiting_together_share_a_commit(container: Container, commits: list[int]) -> None:
+    """While the writer is held up (here: another writer holds SQLite's write lock), the
+    batches that arrive queue, and are then stored in one transaction."""
+    ws = make_workspace(container)
+    writer = TrackingWriter(container, lambda *_: None)
+    results: list[Any] = [None] * 5
+    lock = container.db._write_lock
+    assert lock is not None or container.db.dialect.value == "postgresql"
+
+    def submit(n: int) -> None:
+        results[n] = writer.write_batch(
+            ws.write_key, [_call(f"q{n}-{i}") for i in range(10)], datetime(2026, 11, 25, tzinfo=UTC)
+        )
+
+    try:
+        if lock is None:  # PostgreSQL: nothing to hold the writer with; grouping is SQLite's
+            for n in range(5):
+                submit(n)
+        else:
+            with lock:
+                threads = [threading.Thread(target=submit, args=(n,)) for n in range(5)]
+                for t in threads:
+                    t.start()
+                deadline = time.monotonic() + 10
+                while writer._queue.qsize() < 4 and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the writer holds the first; the other four queue
+                commits.clear()
+            for t in threads:
+                t.join(10)
+            assert len(commits) == 2  # the first batch alone, then the four that waited
+    finally:
+        writer.stop()
+    assert results == [10] * 5
+    assert stored(container) == 50

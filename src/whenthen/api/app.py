@@ -53,7 +53,7 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
         default_response_class=JSONBody,
     )
     app.state.container = c
-    app.state.single_call_writer = single_calls
+    app.state.tracking_writer = single_calls
     # Browsers post tracking calls from other origins (analytics.js); the tracking API is
     # authenticated by write key, not by cookies, so any origin may call it.
     app.add_middleware(

@@ -1,20 +1,25 @@
-"""Group commit for single tracking calls (``/v1/track``, ``/v1/identify``, ...).
+"""Group commit for tracking requests: single calls (``/v1/track``, ...) and batches.
 
 A client sending one call a request (analytics.js, a server SDK without batching) pays a
 transaction a call: its begin, the key look-up, the insert and the commit, which on
-SQLite FULL and on PostgreSQL waits for the disk. Here the calls of concurrent requests
-share transactions: each request hands its validated call to one writer thread and
-awaits the outcome; the thread takes every call waiting (up to ``max_group``), and in one
-transaction checks each call's key (once per key), applies the rate limit, and appends
-them all; after the commit each request gets its answer. A 200 still means the call is
-durably stored. When the shared transaction fails, each call of the group is written in
-a transaction of its own, so one call cannot cost the others
-(docs/adr/0005-pipeline-batches-and-group-commit.md).
+SQLite FULL and on PostgreSQL waits for the disk. Here the requests in flight share
+transactions: each hands its validated calls to one writer thread and waits for the
+outcome; the thread takes every request waiting (up to ``max_group`` requests and about
+``max_events`` calls), and in one transaction checks each request's key (once per key),
+applies the rate limit, and appends them all; after the commit each request gets its
+answer. A 200 still means the calls are durably stored. When the shared transaction
+fails, each request of the group is written in a transaction of its own, so one cannot
+cost the others (docs/adr/0005-pipeline-batches-and-group-commit.md).
+
+Batches (``/v1/batch``) go through the same writer since ADR 0006: on SQLite the writers'
+lock is held through the commit's ``fsync``, so batch requests that each committed alone
+queued behind each other's disk waits; sharing commits, they pay one wait per group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
@@ -38,22 +43,30 @@ log = logging.getLogger(__name__)
 RateLimit = Callable[[Container, Principal, int, datetime], Response | None]
 
 
+#: What a request is answered: the refusal (429), the error (401, or a failure), or the
+#: number of its calls newly stored (the rest were duplicates).
+Outcome = Response | BaseException | int
+
+
 @dataclass
 class _Call:
+    """One request's validated calls; ``batch`` requests get their stored count."""
+
     key: str
-    event: AcceptedEvent
+    events: list[AcceptedEvent]
     received_at: datetime
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Response | None]
+    settle: Callable[[Outcome], None]
+    batch: bool
 
 
 @dataclass
-class SingleCallWriter:
-    """Writes single calls of concurrent requests in shared transactions."""
+class TrackingWriter:
+    """Writes the calls of concurrent tracking requests in shared transactions."""
 
     c: Container
     rate_limited: RateLimit
     max_group: int = 500
+    max_events: int = 2_000
     _queue: queue.SimpleQueue[_Call | None] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -64,8 +77,25 @@ class SingleCallWriter:
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Response | None] = loop.create_future()
-        self._queue.put(_Call(key, event, received_at, loop, future))
+        self._queue.put(_Call(key, [event], received_at, _settle_async(loop, future), batch=False))
         return await future
+
+    def write_batch(self, key: str, events: list[AcceptedEvent], received_at: datetime) -> Response | int:
+        """Store the validated calls of one batch request, from a thread that may block
+        (the request's thread-pool thread): the refusal to answer (429), or how many of
+        the calls were new once they are committed. Raises ``Unauthorized`` for a wrong or
+        revoked key, and what storing raised when it failed."""
+        self._start()
+        future: concurrent.futures.Future[Response | int] = concurrent.futures.Future()
+
+        def settle(outcome: Outcome) -> None:
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        self._queue.put(_Call(key, events, received_at, settle, batch=True))
+        return future.result()
 
     def stop(self) -> None:
         with self._lock:
@@ -88,7 +118,8 @@ class SingleCallWriter:
             if first is None:
                 return
             group = [first]
-            while len(group) < self.max_group:
+            size = len(first.events)
+            while len(group) < self.max_group and size < self.max_events:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -97,6 +128,7 @@ class SingleCallWriter:
                     self._queue.put(None)  # stop once this group is written
                     break
                 group.append(more)
+                size += len(more.events)
             try:
                 outcomes = self._write(group)
             except Exception as exc:
@@ -104,16 +136,21 @@ class SingleCallWriter:
                 outcomes = [self._write_alone(call) for call in group]
             stored = False
             for call, outcome in zip(group, outcomes, strict=True):
-                stored = stored or outcome is None
-                _answer(call, outcome)
+                stored = stored or isinstance(outcome, int)
+                call.settle(outcome)
             if stored:
                 self.c.worker.notify()
 
-    def _write(self, group: list[_Call]) -> list[Response | BaseException | None]:
-        """One transaction for the group: each call's answer (``None``: stored)."""
-        outcomes: list[Response | BaseException | None] = []
+    def _write(self, group: list[_Call]) -> list[Outcome]:
+        """One transaction for the group: each request's answer (an int: stored).
+
+        Single calls of one workspace are appended together (their answer does not say
+        whether the call was a duplicate); a batch is appended on its own, for its count.
+        """
+        outcomes: list[Outcome] = []
         principals: dict[str, Principal | Unauthorized] = {}
         by_workspace: dict[str, list[AcceptedEvent]] = {}
+        partitions = self.c.settings.pipeline.partitions
         with self.c.db.write() as conn:
             for call in group:
                 principal = principals.get(call.key)
@@ -126,39 +163,50 @@ class SingleCallWriter:
                 if isinstance(principal, Unauthorized):
                     outcomes.append(principal)
                     continue
-                refusal = self.rate_limited(self.c, principal, 1, call.received_at)
+                refusal = self.rate_limited(self.c, principal, max(1, len(call.events)), call.received_at)
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
-                by_workspace.setdefault(principal.workspace_id, []).append(call.event)
-                outcomes.append(None)
-            partitions = self.c.settings.pipeline.partitions
+                if call.batch:
+                    outcomes.append(
+                        service.append(conn, principal.workspace_id, call.events, partitions=partitions)[0]
+                    )
+                    continue
+                by_workspace.setdefault(principal.workspace_id, []).extend(call.events)
+                outcomes.append(len(call.events))
             for ws, events in by_workspace.items():
                 service.append(conn, ws, events, partitions=partitions)
         return outcomes
 
-    def _write_alone(self, call: _Call) -> Response | BaseException | None:
+    def _write_alone(self, call: _Call) -> Outcome:
         try:
             return self._write([call])[0]
         except Exception as exc:
-            log.exception("single call %s could not be stored", call.event.message_id)
+            log.exception("calls from %s could not be stored", call.events[0].message_id)
             return exc
 
 
-def _answer(call: _Call, outcome: Response | BaseException | None) -> None:
-    def settle() -> None:
-        if call.future.done():  # the request went away
-            return
-        if isinstance(outcome, BaseException):
-            call.future.set_exception(outcome)
-        else:
-            call.future.set_result(outcome)
+def _settle_async(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Response | None]
+) -> Callable[[Outcome], None]:
+    """Settles a single call's future on its event loop (``None``: stored)."""
 
-    with contextlib.suppress(RuntimeError):  # the request's event loop is closed
-        call.loop.call_soon_threadsafe(settle)
+    def answer(outcome: Outcome) -> None:
+        def settle() -> None:
+            if future.done():  # the request went away
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(None if isinstance(outcome, int) else outcome)
+
+        with contextlib.suppress(RuntimeError):  # the request's event loop is closed
+            loop.call_soon_threadsafe(settle)
+
+    return answer
 
 
-def writer(app_state: Any) -> SingleCallWriter:
-    found = app_state.single_call_writer
-    assert isinstance(found, SingleCallWriter)
+def writer(app_state: Any) -> TrackingWriter:
+    found = app_state.tracking_writer
+    assert isinstance(found, TrackingWriter)
     return found

@@ -17,10 +17,11 @@ from starlette.responses import Response
 
 from whenthen.api.auth import authenticate_write_key, authenticate_write_key_in, basic_user, container
 from whenthen.api.errors import error_response
-from whenthen.api.group_commit import SingleCallWriter, writer
+from whenthen.api.group_commit import TrackingWriter, writer
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 from whenthen.kernel.errors import DomainError, Unauthorized
+from whenthen.storage import Dialect
 from whenthen.tracking import CallType, service
 from whenthen.tracking.parsing import decompress
 from whenthen.tracking.validation import Invalid, Limits
@@ -105,10 +106,10 @@ def _prepare(
     )
 
 
-def make_writer(c: Container) -> SingleCallWriter:
+def make_writer(c: Container) -> TrackingWriter:
     """The group-commit writer of single calls for an app over ``c``; stopped with the
     app (its lifespan) or, at the latest, when the container is closed."""
-    made = SingleCallWriter(c, _rate_limited)
+    made = TrackingWriter(c, _rate_limited)
     c.closers.append(made.stop)
     return made
 
@@ -136,8 +137,9 @@ def _ingest(
     Checks answer in the documented order (docs/design/tracking.md): a wrong key is a
     401 before any 400 about the request or its calls, and a refused request is refused
     before the rate limit. The key is looked up in the append's own transaction when there
-    is something to append (one transaction a request, and a key revoked before it
-    commits is refused); else, and before any error about the calls, on its own.
+    is something to append (the writer's transaction, shared with the other requests in
+    flight; a key revoked before it commits is refused); else, and before any error about
+    the calls, on its own.
     """
     key = _write_key(request, value)
     if not key:
@@ -150,17 +152,28 @@ def _ingest(
         raise
     stored, duplicates = 0, prepared.duplicates
     if prepared.accepted:
-        with c.db.write() as conn:
-            principal = authenticate_write_key_in(conn, key)
-            refusal = _rate_limited(c, principal, len(prepared.accepted), received_at)
-            if refusal is not None:
-                return refusal  # nothing written: the transaction commits empty
-            stored, known = service.append(
-                conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
-            )
-        duplicates += known
-        if stored:
-            c.worker.notify()
+        if c.db.dialect is Dialect.SQLITE:
+            # SQLite has one writer: the batch is stored with the calls of the other
+            # requests in flight (group commit), the key checked and the rate limit
+            # applied in that shared transaction.
+            outcome = writer(request.app.state).write_batch(key, prepared.accepted, received_at)
+            if not isinstance(outcome, int):
+                return outcome  # the 429: nothing written
+            stored = outcome
+        else:
+            # PostgreSQL commits concurrent transactions together itself: a transaction
+            # per batch request, from the thread pool, writes in parallel.
+            with c.db.write() as conn:
+                principal = authenticate_write_key_in(conn, key)
+                refusal = _rate_limited(c, principal, len(prepared.accepted), received_at)
+                if refusal is not None:
+                    return refusal  # nothing written: the transaction commits empty
+                stored, _ = service.append(
+                    conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
+                )
+            if stored:
+                c.worker.notify()
+        duplicates += len(prepared.accepted) - stored
     else:
         refusal = _rate_limited(c, authenticate_write_key(c, key), 1, received_at)
         if refusal is not None:

@@ -5,13 +5,20 @@ for a unit of work that changes data, ``db.read()`` for a consistent read. Servi
 the open ``Connection`` and never commit.
 
 SQLite allows one writer at a time. Write transactions start with ``BEGIN IMMEDIATE`` so
-two writers never deadlock on a lock upgrade, and a process-wide lock queues writers of
-this process before they reach SQLite's busy handler.
+two writers never deadlock on a lock upgrade, and writers queue before they reach SQLite's
+busy handler: a process-wide lock queues the threads of this process, and an exclusive
+``flock`` on ``<database>.writer-lock`` queues the processes (several ``serve --workers``,
+a separate ``worker``). SQLite's busy handler polls with sleeps of 1 to 100 ms, so two
+processes that met there lost most of their time asleep; a waiter on ``flock`` wakes as the
+lock is released. A writer that does not take the ``flock`` (the ``sqlite3`` shell, say)
+still meets the others in the busy handler, as before (docs/adr/0006-sqlite-writers.md).
 """
 
 from __future__ import annotations
 
 import enum
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,14 +63,32 @@ class Database:
             raise ValueError(f"unsupported database url scheme: {self.url.split(':', 1)[0]}")
         self.engine: Engine = create_engine(self.url, **kwargs)
         self._write_lock = threading.Lock() if self.dialect is Dialect.SQLITE else None
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
         if self.dialect is Dialect.SQLITE:
             _configure_sqlite(self.engine, sqlite_synchronous)
+            database = self.engine.url.database or ""
+            self._lock_path = os.path.abspath(database) + ".writer-lock"
+
+    @contextmanager
+    def _writer_file(self) -> Iterator[None]:
+        """The processes' queue of SQLite writers (called under ``_write_lock``)."""
+        if self._lock_fd is None or self._lock_pid != os.getpid():
+            # Opened lazily, and again in a forked child: a descriptor inherited through
+            # fork shares its flock with the parent's.
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_pid = os.getpid()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One unit of work that commits on success and rolls back on error."""
         if self._write_lock is not None:
-            with self._write_lock, self.engine.connect() as conn:
+            with self._write_lock, self._writer_file(), self.engine.connect() as conn:
                 conn.execution_options(whenthen_write=True)
                 with conn.begin():
                     yield conn
@@ -79,6 +104,9 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+        self._lock_fd = None
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

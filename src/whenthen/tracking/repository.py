@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Integer,
@@ -18,7 +19,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
@@ -31,26 +31,77 @@ PENDING, PROCESSED, FAILED = 0, 1, 3
 IS_PENDING = events.c.state == literal_column(str(PENDING))
 
 
-def append(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert rows, skipping (workspace, messageId) pairs already stored; returns how many
+#: The columns of a log row, in the order of the tuples ``append`` takes.
+APPEND_COLUMNS = (
+    "workspace_id",
+    "message_id",
+    "type",
+    "event",
+    "user_id",
+    "anonymous_id",
+    "timestamp",
+    "received_at",
+    "payload",
+    "partition",
+    "state",
+)
+
+
+def append(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+    """Insert log rows (tuples in ``APPEND_COLUMNS`` order: aware UTC datetimes, the
+    payload a dict), skipping (workspace, messageId) pairs already stored; returns how many
     were inserted.
 
-    An executemany without RETURNING: with RETURNING, SQLAlchemy renders one huge
-    multi-row statement per batch, which halves the insert rate on PostgreSQL. The row
-    count is kept explicitly (``preserve_rowcount``), since drivers otherwise report -1
-    for ``INSERT .. ON CONFLICT DO NOTHING`` executemany.
+    One ``INSERT ... ON CONFLICT DO NOTHING`` executemany at the driver's level, with the
+    values already in the form the columns store (SQLite: naive UTC text as SQLAlchemy's
+    ``DATETIME`` writes it, JSON text; PostgreSQL: ``timestamptz`` and ``jsonb`` from
+    text). SQLAlchemy's per-value bind processing cost more than the insert itself, and it
+    ran under the writers' lock (docs/adr/0006-sqlite-writers.md); ``tests/integration/
+    test_append.py`` checks that what is stored reads back as through the ORM types.
+    Without RETURNING: with it, a batch becomes one huge multi-row statement, which halves
+    the insert rate on PostgreSQL. Both drivers report the rows an executemany inserted
+    (conflicts not counted) as its ``rowcount``.
     """
     if not rows:
         return 0
-    stmt = _APPEND[conn.dialect.name == "postgresql"]
-    result = conn.execute(stmt, list(rows), execution_options={"preserve_rowcount": True})
-    return int(result.rowcount)
+    dumps = _dumps
+    if conn.dialect.name == "postgresql":
+        values: list[tuple[Any, ...]] = [(*r[:8], dumps(r[8]), r[9], r[10]) for r in rows]
+        sql = _APPEND_POSTGRESQL
+    else:
+        stored = _sqlite_time
+        values = [(*r[:6], stored(r[6]), stored(r[7]), dumps(r[8]), r[9], r[10]) for r in rows]
+        sql = _APPEND_SQLITE
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(sql, values)
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
 
 
-#: Built once (SQLite, PostgreSQL): the append runs for every request.
-_APPEND = (
-    sqlite.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"]),
-    postgresql.insert(events).on_conflict_do_nothing(index_elements=["workspace_id", "message_id"]),
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode("utf-8")
+
+
+def _sqlite_time(value: datetime) -> str:
+    """A UTC datetime as SQLAlchemy's SQLite ``DATETIME`` stores it (``UTCDateTime``)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+#: ``append``'s statements, written out (the columns are ``APPEND_COLUMNS``).
+_APPEND_SQLITE = (
+    'INSERT INTO events (workspace_id, message_id, type, event, user_id, anonymous_id, "timestamp",'
+    ' received_at, payload, "partition", state)'
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workspace_id, message_id) DO NOTHING"
+)
+_APPEND_POSTGRESQL = (
+    'INSERT INTO events (workspace_id, message_id, type, event, user_id, anonymous_id, "timestamp",'
+    ' received_at, payload, "partition", state)'
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)"
+    " ON CONFLICT (workspace_id, message_id) DO NOTHING"
 )
 
 

@@ -185,22 +185,22 @@ def append(
     return inserted, len(rows) - inserted
 
 
-def log_row(workspace_id: str, ev: AcceptedEvent, partition: int) -> dict[str, Any]:
-    """The ``events`` row of an accepted call, pending in ``partition``."""
-    return {
-        "workspace_id": workspace_id,
-        "message_id": ev.message_id,
-        "type": _TYPE_NAMES[ev.type],
-        "event": ev.event,
-        "user_id": ev.user_id,
-        "anonymous_id": ev.anonymous_id,
-        "timestamp": ev.timestamp,
-        "received_at": ev.received_at,
-        "payload": ev.payload,
-        "partition": partition,
-        "state": repository.PENDING,
-        "profile_id": None,
-    }
+def log_row(workspace_id: str, ev: AcceptedEvent, partition: int) -> tuple[Any, ...]:
+    """The ``events`` row of an accepted call, pending in ``partition``, in
+    ``repository.APPEND_COLUMNS`` order."""
+    return (
+        workspace_id,
+        ev.message_id,
+        _TYPE_NAMES[ev.type],
+        ev.event,
+        ev.user_id,
+        ev.anonymous_id,
+        ev.timestamp,
+        ev.received_at,
+        ev.payload,
+        partition,
+        repository.PENDING,
+    )
 
 
 def partition_of(workspace_id: str, ev: AcceptedEvent, partitions: int) -> int:
