@@ -11,7 +11,8 @@ busy handler: a process-wide lock queues the threads of this process, and an exc
 a separate ``worker``). SQLite's busy handler polls with sleeps of 1 to 100 ms, so two
 processes that met there lost most of their time asleep; a waiter on ``flock`` wakes as the
 lock is released. A writer that does not take the ``flock`` (the ``sqlite3`` shell, say)
-still meets the others in the busy handler, as before (docs/adr/0006-sqlite-writers.md).
+still meets the others in the busy handler, as before
+(docs/adr/0006-sqlite-writers-and-driver-level-append.md).
 """
 
 from __future__ import annotations

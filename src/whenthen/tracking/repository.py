@@ -56,8 +56,9 @@ def append(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
     values already in the form the columns store (SQLite: naive UTC text as SQLAlchemy's
     ``DATETIME`` writes it, JSON text; PostgreSQL: ``timestamptz`` and ``jsonb`` from
     text). SQLAlchemy's per-value bind processing cost more than the insert itself, and it
-    ran under the writers' lock (docs/adr/0006-sqlite-writers.md); ``tests/integration/
-    test_append.py`` checks that what is stored reads back as through the ORM types.
+    ran under the writers' lock (docs/adr/0006-sqlite-writers-and-driver-level-append.md);
+    ``tests/integration/test_append.py`` checks that what is stored reads back as through
+    the ORM types.
     Without RETURNING: with it, a batch becomes one huge multi-row statement, which halves
     the insert rate on PostgreSQL. Both drivers report the rows an executemany inserted
     (conflicts not counted) as its ``rowcount``.
