@@ -20,7 +20,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, update
 
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
-from whenthen.segments.views import chunks
+from whenthen.segments.views import chunks, ids_in, per_dialect
 
 ENTERED = "Segment Entered"
 EXITED = "Segment Exited"
@@ -99,26 +99,34 @@ class Moves:
 BATCH = 20_000
 
 
-# Built once (statement construction costs more than a one-row execution).
-_DELETE_MEMBERS = delete(segment_members).where(
-    segment_members.c.segment_id == bindparam("seg"),
-    segment_members.c.profile_id.in_(bindparam("pids", expanding=True)),
+# Built once per dialect (statement construction costs more than a one-row execution);
+# ``pids`` is one list parameter (``views.ids_in``).
+_DELETE_MEMBERS = per_dialect(
+    lambda d: delete(segment_members).where(
+        segment_members.c.segment_id == bindparam("seg"), ids_in(d, segment_members.c.profile_id, "pids")
+    )
 )
 # Exactly the terms of the partial index of open stays (segment, profile): the segment
 # index alone would scan every past stay in the segment.
-_CLOSE_STAYS = (
-    update(segment_history)
-    .where(
-        segment_history.c.segment_id == bindparam("seg"),
-        segment_history.c.profile_id.in_(bindparam("pids", expanding=True)),
-        segment_history.c.exited_at.is_(None),
+_CLOSE_STAYS = per_dialect(
+    lambda d: (
+        update(segment_history)
+        .where(
+            segment_history.c.segment_id == bindparam("seg"),
+            ids_in(d, segment_history.c.profile_id, "pids"),
+            segment_history.c.exited_at.is_(None),
+        )
+        .values(exited_at=bindparam("now"))
     )
-    .values(exited_at=bindparam("now"))
 )
-_DELETE_TIMERS = delete(segment_timers).where(
-    segment_timers.c.segment_id == bindparam("seg"),
-    segment_timers.c.profile_id.in_(bindparam("pids", expanding=True)),
+DELETE_TIMERS = per_dialect(
+    lambda d: delete(segment_timers).where(
+        segment_timers.c.segment_id == bindparam("seg"), ids_in(d, segment_timers.c.profile_id, "pids")
+    )
 )
+_INSERT_MEMBERS = insert(segment_members)
+_INSERT_STAYS = insert(segment_history)
+_INSERT_TIMERS = insert(segment_timers)
 
 
 def write_moves(conn: Connection, moves: Moves, now: datetime, announce: Announce) -> None:
@@ -127,17 +135,18 @@ def write_moves(conn: Connection, moves: Moves, now: datetime, announce: Announc
     for i in range(0, len(moves.entered), BATCH):
         entered = [p for p, _ in moves.entered[i : i + BATCH]]
         conn.execute(
-            insert(segment_members),
+            _INSERT_MEMBERS,
             [{"segment_id": seg, "profile_id": p, "workspace_id": ws, "since": now} for p in entered],
         )
         conn.execute(
-            insert(segment_history),
+            _INSERT_STAYS,
             [{"segment_id": seg, "workspace_id": ws, "profile_id": p, "entered_at": now} for p in entered],
         )
+    d = conn.dialect.name
     for chunk in chunks([p for p, _ in moves.exited]):
         ids = list(chunk)
-        conn.execute(_DELETE_MEMBERS, {"seg": seg, "pids": ids})
-        conn.execute(_CLOSE_STAYS, {"seg": seg, "pids": ids, "now": now})
+        conn.execute(_DELETE_MEMBERS[d], {"seg": seg, "pids": ids})
+        conn.execute(_CLOSE_STAYS[d], {"seg": seg, "pids": ids, "now": now})
     batch: list[Announcement] = []
     for a in moves.announcements():
         batch.append(a)
@@ -180,8 +189,8 @@ def write_timers(
         if d is not None and p not in existing
     ]
     for chunk in chunks(gone):
-        conn.execute(_DELETE_TIMERS, {"seg": segment_id, "pids": list(chunk)})
+        conn.execute(DELETE_TIMERS[conn.dialect.name], {"seg": segment_id, "pids": list(chunk)})
     if moved:
         conn.execute(_UPDATE_TIMER, moved)
     if new:
-        conn.execute(insert(segment_timers), new)
+        conn.execute(_INSERT_TIMERS, new)

@@ -13,12 +13,27 @@ for one profile.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, bindparam, select
+import orjson
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Connection,
+    Dialect,
+    Select,
+    String,
+    TypeDecorator,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    select,
+)
+from sqlalchemy.dialects import postgresql
 
 from whenthen.lists.tables import list_members
 from whenthen.profiles.tables import profile_tags, profiles
@@ -39,9 +54,9 @@ from whenthen.segments.definition import (
 from whenthen.segments.evaluator import DecaySpec, EventTuple, ProfileView
 from whenthen.tracking.tables import events
 
-#: Profile ids per ``IN (...)`` list: far below SQLite's 32,766 variables, large enough
-#: that a million profiles take a few hundred round trips.
-CHUNK = 2000
+#: Profile ids per statement (one list parameter, see :func:`ids_in`): a million
+#: profiles take a few hundred round trips, and memory per statement stays small.
+CHUNK = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +136,44 @@ def chunks(ids: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
         yield ids[i : i + size]
 
 
+class _JsonList(TypeDecorator[list[str]]):
+    """A list of strings bound as one JSON array (read back with ``json_each``)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> str | None:
+        return None if value is None else orjson.dumps(list(value)).decode()
+
+
+def ids_in(dialect_name: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """``column`` is one of the strings of the list parameter ``name``, bound as ONE
+    parameter: ``= ANY(:name)`` (a text array) on PostgreSQL, ``IN (SELECT value FROM
+    json_each(:name))`` on SQLite. An expanding ``IN (:a, :b, ...)`` renders and binds one
+    placeholder per id on every execution and gives a different statement text per list
+    length (so psycopg parses each afresh): in a batch of timers that cost more than
+    the statements themselves. Both forms probe the index on ``column`` per id."""
+    if dialect_name == "postgresql":
+        param: BindParameter[Any] = bindparam(name, type_=postgresql.ARRAY(String()))
+        return column == any_(param)
+    values: Select[Any] = select(literal_column("value")).select_from(
+        func.json_each(bindparam(name, type_=_JsonList()))
+    )
+    return column.in_(values)
+
+
+_T = TypeVar("_T")
+
+#: The dialects statements are prebuilt for.
+DIALECTS = ("sqlite", "postgresql")
+
+
+def per_dialect(build: Callable[[str], _T]) -> dict[str, _T]:
+    """``build(dialect_name)`` for each dialect, done once at import (statements used in
+    loops are prebuilt: constructing one costs more than a small execution)."""
+    return {d: build(d) for d in DIALECTS}
+
+
 def load_views(
     conn: Connection,
     ws: str,
@@ -154,42 +207,51 @@ def load_view(
     return load_views(conn, ws, [profile_id], half_lives, reads)[profile_id]
 
 
-# Built once: the pipeline reads one profile's view for every event, and building a
-# statement costs more than running it. ``pids``/``names`` are expanding IN parameters.
+# Built once per dialect: the pipeline reads one profile's view for every event, and
+# building a statement costs more than running it. ``pids`` is a list parameter
+# (:func:`ids_in`), ``names`` an expanding IN (a few names). The workspace is checked on
+# each row of ``profiles`` and ``events`` rather than in the WHERE: with
+# ``workspace_id = ?`` there, SQLite (no statistics) walks the workspace's whole index
+# ((workspace, last seen) for profiles, (workspace, message id) for events) instead of
+# probing the ids.
 _PIDS = "pids"
-_TRAITS = select(profiles.c.id, profiles.c.traits).where(
-    profiles.c.workspace_id == bindparam("ws"), profiles.c.id.in_(bindparam(_PIDS, expanding=True))
+_TRAITS = per_dialect(
+    lambda d: select(profiles.c.id, profiles.c.workspace_id, profiles.c.traits).where(
+        ids_in(d, profiles.c.id, _PIDS)
+    )
 )
-# The workspace is checked on each event row rather than in the WHERE: with
-# ``workspace_id = ?`` there, SQLite (no statistics) walks the workspace's whole
-# (workspace, message id) index instead of the profiles' events.
 _EVENT_COLUMNS = (events.c.profile_id, events.c.event, events.c.timestamp, events.c.workspace_id)
-_EVENT_WHERE = (events.c.profile_id.in_(bindparam(_PIDS, expanding=True)), events.c.type == "track")
 _NAMED = events.c.event.in_(bindparam("names", expanding=True))
 _EVENTS = {
-    (named, props): select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
-        *_EVENT_WHERE, *([_NAMED] if named else [])
+    (d, named, props): select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
+        ids_in(d, events.c.profile_id, _PIDS), events.c.type == "track", *([_NAMED] if named else [])
     )
+    for d in DIALECTS
     for named in (False, True)
     for props in (False, True)
 }
-_LISTS = select(list_members.c.profile_id, list_members.c.list_key).where(
-    list_members.c.workspace_id == bindparam("ws"),
-    list_members.c.profile_id.in_(bindparam(_PIDS, expanding=True)),
+_LISTS = per_dialect(
+    lambda d: select(list_members.c.profile_id, list_members.c.list_key).where(
+        list_members.c.workspace_id == bindparam("ws"), ids_in(d, list_members.c.profile_id, _PIDS)
+    )
 )
-_TAGS = select(profile_tags.c.profile_id, profile_tags.c.tag).where(
-    profile_tags.c.workspace_id == bindparam("ws"),
-    profile_tags.c.profile_id.in_(bindparam(_PIDS, expanding=True)),
+_TAGS = per_dialect(
+    lambda d: select(profile_tags.c.profile_id, profile_tags.c.tag).where(
+        profile_tags.c.workspace_id == bindparam("ws"), ids_in(d, profile_tags.c.profile_id, _PIDS)
+    )
 )
-_SCORES = select(
-    profile_scores.c.profile_id, profile_scores.c.model_key, profile_scores.c.points, profile_scores.c.as_of
-).where(
-    profile_scores.c.workspace_id == bindparam("ws"),
-    profile_scores.c.profile_id.in_(bindparam(_PIDS, expanding=True)),
+_SCORES = per_dialect(
+    lambda d: select(
+        profile_scores.c.profile_id,
+        profile_scores.c.model_key,
+        profile_scores.c.points,
+        profile_scores.c.as_of,
+    ).where(profile_scores.c.workspace_id == bindparam("ws"), ids_in(d, profile_scores.c.profile_id, _PIDS))
 )
-_STAGES = select(profile_stages.c.profile_id, profile_stages.c.stage).where(
-    profile_stages.c.workspace_id == bindparam("ws"),
-    profile_stages.c.profile_id.in_(bindparam(_PIDS, expanding=True)),
+_STAGES = per_dialect(
+    lambda d: select(profile_stages.c.profile_id, profile_stages.c.stage).where(
+        profile_stages.c.workspace_id == bindparam("ws"), ids_in(d, profile_stages.c.profile_id, _PIDS)
+    )
 )
 
 
@@ -200,15 +262,17 @@ def _load_chunk(
     half_lives: Mapping[str, DecaySpec],
     reads: Reads,
 ) -> dict[str, ProfileView]:
+    d = conn.dialect.name
     params: dict[str, Any] = {"ws": ws, _PIDS: list(ids)}
     traits: dict[str, dict[str, Any]] = {}
     if reads.traits:
-        for pid, doc in conn.execute(_TRAITS, params):
-            traits[pid] = doc if isinstance(doc, dict) else {}
+        for pid, row_ws, doc in conn.execute(_TRAITS[d], params):
+            if row_ws == ws:
+                traits[pid] = doc if isinstance(doc, dict) else {}
     evs: dict[str, list[EventTuple]] = defaultdict(list)
     if reads.names is None or reads.names:
         with_props = reads.needs_properties()
-        stmt = _EVENTS[(reads.names is not None, with_props)]
+        stmt = _EVENTS[(d, reads.names is not None, with_props)]
         args = params if reads.names is None else {**params, "names": sorted(reads.names)}
         empty: dict[str, Any] = {}
         for row in conn.execute(stmt, args):
@@ -218,19 +282,19 @@ def _load_chunk(
             evs[row[0]].append((row[1] or "", props if isinstance(props, dict) else empty, row[2]))
     lists: dict[str, set[str]] = defaultdict(set)
     if reads.lists:
-        for pid, key in conn.execute(_LISTS, params):
+        for pid, key in conn.execute(_LISTS[d], params):
             lists[pid].add(key)
     tags: dict[str, set[str]] = defaultdict(set)
     if reads.tags:
-        for pid, tag in conn.execute(_TAGS, params):
+        for pid, tag in conn.execute(_TAGS[d], params):
             tags[pid].add(tag)
     scores: dict[str, dict[str, tuple[float, datetime]]] = defaultdict(dict)
     if reads.scores:
-        for pid, model, points, as_of in conn.execute(_SCORES, params):
+        for pid, model, points, as_of in conn.execute(_SCORES[d], params):
             scores[pid][model] = (float(points), as_of)
     stages: dict[str, str] = {}
     if reads.stage:
-        for pid, stage in conn.execute(_STAGES, params):
+        for pid, stage in conn.execute(_STAGES[d], params):
             stages[pid] = stage
     return {
         pid: ProfileView(
