@@ -140,12 +140,21 @@ def _read_pending(conn: Connection, after: dict[int, int], share: int) -> list[A
     for i, (p, seq) in enumerate(after.items()):
         params[f"p{i}"] = p
         params[f"a{i}"] = seq
-    stmt = _pending_statement(len(after), conn.dialect.name == "postgresql")
+    # Padded to a power of two with a partition that holds nothing (-1): a statement for
+    # every count of partitions meant up to 128 statements, each compiled the first time
+    # its count came up (tens of milliseconds for a wide union, in the middle of a pass).
+    width = 1
+    while width < len(after):
+        width *= 2
+    for i in range(len(after), width):
+        params[f"p{i}"] = -1
+        params[f"a{i}"] = 0
+    stmt = _pending_statement(width, conn.dialect.name == "postgresql")
     return list(conn.execute(stmt, params))
 
 
-#: The statement for n partitions (and locking or not), built once: made afresh on every
-#: pass, its subqueries' columns cost more than the read itself.
+#: The statement for n partitions (a power of two; locking or not), built once: made
+#: afresh on every pass, its subqueries' columns cost more than the read itself.
 _PENDING: dict[tuple[int, bool], Any] = {}
 
 
