@@ -20,7 +20,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, update
 
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
-from whenthen.segments.views import chunks, ids_in, per_dialect
+from whenthen.segments.views import chunks, of_segment, per_dialect
 
 ENTERED = "Segment Entered"
 EXITED = "Segment Exited"
@@ -101,29 +101,17 @@ BATCH = 20_000
 
 # Built once per dialect (statement construction costs more than a one-row execution);
 # ``pids`` is one list parameter (``views.ids_in``).
-_DELETE_MEMBERS = per_dialect(
-    lambda d: delete(segment_members).where(
-        segment_members.c.segment_id == bindparam("seg"), ids_in(d, segment_members.c.profile_id, "pids")
-    )
-)
-# Exactly the terms of the partial index of open stays (segment, profile): the segment
-# index alone would scan every past stay in the segment.
+_DELETE_MEMBERS = per_dialect(lambda d: delete(segment_members).where(*of_segment(d, segment_members)))
+# The terms of the partial index of open stays (segment, profile): the segment index
+# alone would scan every past stay in the segment.
 _CLOSE_STAYS = per_dialect(
     lambda d: (
         update(segment_history)
-        .where(
-            segment_history.c.segment_id == bindparam("seg"),
-            ids_in(d, segment_history.c.profile_id, "pids"),
-            segment_history.c.exited_at.is_(None),
-        )
+        .where(*of_segment(d, segment_history, open_only=True))
         .values(exited_at=bindparam("now"))
     )
 )
-DELETE_TIMERS = per_dialect(
-    lambda d: delete(segment_timers).where(
-        segment_timers.c.segment_id == bindparam("seg"), ids_in(d, segment_timers.c.profile_id, "pids")
-    )
-)
+DELETE_TIMERS = per_dialect(lambda d: delete(segment_timers).where(*of_segment(d, segment_timers)))
 _INSERT_MEMBERS = insert(segment_members)
 _INSERT_STAYS = insert(segment_history)
 _INSERT_TIMERS = insert(segment_timers)

@@ -64,7 +64,16 @@ from whenthen.segments.membership import (
     write_timers,
 )
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
-from whenthen.segments.views import CHUNK, Reads, chunks, ids_in, load_view, load_views, per_dialect
+from whenthen.segments.views import (
+    CHUNK,
+    Reads,
+    chunks,
+    ids_in,
+    load_view,
+    load_views,
+    of_segment,
+    per_dialect,
+)
 from whenthen.storage import Database
 
 __all__ = [
@@ -585,9 +594,7 @@ _PROFILE_STATE = per_dialect(
     )
 )
 _MEMBERS_AMONG = per_dialect(
-    lambda d: select(segment_members.c.profile_id).where(
-        segment_members.c.segment_id == bindparam("seg"), ids_in(d, segment_members.c.profile_id, "pids")
-    )
+    lambda d: select(segment_members.c.profile_id).where(*of_segment(d, segment_members))
 )
 _DUE = (
     select(
