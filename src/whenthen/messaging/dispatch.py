@@ -60,6 +60,9 @@ class BatchHandler(Protocol):
         raise NotImplementedError
 
 
+#: A claim after a full one takes this many batches' worth (see ``Dispatcher._claim``).
+BACKLOG_FACTOR = 4
+
 #: Attempts after which a job whose handler keeps raising is failed for good.
 MAX_CRASHES = 8
 
@@ -91,6 +94,11 @@ class Dispatcher:
         self.handlers = dict(handlers)
         self.batch = batch
         self.lease = lease
+        #: How many the next claim takes: ``batch``, or ``BACKLOG_FACTOR`` times that after
+        #: a full claim. Each batch waits for SQLite's writers twice (claim, record), behind
+        #: pipeline batches under load, so a backlog drains in larger batches, while a
+        #: quiet outbox keeps small ones (an email waits for the others of its batch).
+        self._claim = batch
 
     def drain_for(self, budget_seconds: float = 0.25) -> int:
         """Run batches until the outbox has nothing ready or the time budget is spent, so
@@ -106,8 +114,10 @@ class Dispatcher:
     def run_once(self) -> int:
         """Claim a batch of ready jobs, perform them (those of a batch handler together),
         and record every outcome in one transaction."""
+        limit = self._claim
         with self.db.write() as conn:
-            jobs = service.claim(conn, self.clock.now(), limit=self.batch, lease=self.lease)
+            jobs = service.claim(conn, self.clock.now(), limit=limit, lease=self.lease)
+        self._claim = self.batch * BACKLOG_FACTOR if len(jobs) >= limit else self.batch
         if not jobs:
             return 0
         outcomes: dict[int, Outcome] = {}

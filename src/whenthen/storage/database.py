@@ -6,7 +6,8 @@ the open ``Connection`` and never commit.
 
 SQLite allows one writer at a time. Write transactions start with ``BEGIN IMMEDIATE`` so
 two writers never deadlock on a lock upgrade, and writers queue before they reach SQLite's
-busy handler: a process-wide lock queues the threads of this process, and an exclusive
+busy handler: a process-wide first-come-first-served lock queues the threads of this
+process, and an exclusive
 ``flock`` on ``<database>.writer-lock`` queues the processes (several ``serve --workers``,
 a separate ``worker``). SQLite's busy handler polls with sleeps of 1 to 100 ms, so two
 processes that met there lost most of their time asleep; a waiter on ``flock`` wakes as the
@@ -44,6 +45,52 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+class WriterQueue:
+    """A lock that serves its waiters in the order they came (a ticket lock).
+
+    The writers of one process (the pipeline, the outbox dispatcher, the tracking
+    writer, request threads) take turns at SQLite. With a plain ``threading.Lock`` the
+    thread that releases it usually takes it again before a woken waiter runs, so a
+    worker looping over pipeline batches kept the dispatcher and the tracking writer
+    waiting for whole passes; here each waits for the writers ahead of it only.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            try:
+                while ticket != self._serving:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: give the turn up
+                self._abandoned.add(ticket)
+                self._advance(0)
+                raise
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._cond:
+            self._advance(1)
+
+    def _advance(self, by: int) -> None:
+        """Called with the condition held: the next turn, past abandoned tickets."""
+        self._serving += by
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def waiting(self) -> int:
+        """Writers holding or waiting for the lock."""
+        with self._cond:
+            return self._next - self._serving
+
+
 class Database:
     """Owns the engine; hands out transactions."""
 
@@ -63,7 +110,7 @@ class Database:
         else:
             raise ValueError(f"unsupported database url scheme: {self.url.split(':', 1)[0]}")
         self.engine: Engine = create_engine(self.url, **kwargs)
-        self._write_lock = threading.Lock() if self.dialect is Dialect.SQLITE else None
+        self._write_lock = WriterQueue() if self.dialect is Dialect.SQLITE else None
         self._lock_fd: int | None = None
         self._lock_pid = 0
         if self.dialect is Dialect.SQLITE:
