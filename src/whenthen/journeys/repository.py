@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, select, update
 
 from whenthen.journeys.model import JournalEntry, State, Status
@@ -130,7 +132,6 @@ def to_state(row: Any) -> State:
 #: parameters: constructing ``insert().values(**kw)`` / ``select().where(...)`` per call
 #: cost several times the statement itself (docs/benchmarks.md, "Journeys").
 _INSERT_ENROLLMENT = insert(enrollments)
-_INSERT_JOURNAL = insert(enrollment_journal)
 
 
 def enrollment_row(
@@ -187,22 +188,94 @@ def insert_enrollment(
     )
 
 
-#: Built once: constructing ``update().values(**kw)`` per call cost ~5x the statement
-#: itself on the timer and pipeline hot paths (docs/benchmarks.md).
-_SAVE_STATE = (
-    update(enrollments)
-    .where(enrollments.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        node=bindparam("b_node"),
-        wake_at=bindparam("b_wake_at"),
-        ended_at=bindparam("b_ended_at"),
-        steps=bindparam("b_steps"),
-        context=bindparam("b_context"),
-        reason=bindparam("b_reason"),
-        updated_at=bindparam("b_updated_at"),
-    )
-)
+#: Enrollment states and journal rows are written at the driver's level (one executemany on
+#: the DBAPI cursor, as ``tracking.repository.append``): SQLAlchemy's per-row parameter
+#: work (``construct_params``, a bind processor per value) cost more than the statements on
+#: the timer step's hot path (docs/design/journeys.md, "Timers"). The values are put in the
+#: form the column types store, by those types' own bind processors, so nothing reads back
+#: differently; ``tests/integration/test_timer_driver_writes.py`` compares the stored rows
+#: with SQLAlchemy's own statements. (State update, journal insert) per dialect, written out.
+_DRIVER_SQL = {
+    "sqlite": (
+        "UPDATE enrollments SET status = ?, node = ?, wake_at = ?, ended_at = ?, steps = ?,"
+        " context = ?, reason = ?, updated_at = ? WHERE id = ?",
+        "INSERT INTO enrollment_journal (workspace_id, journey_id, enrollment_id, profile_id, at,"
+        " kind, node, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    ),
+    # One statement reading the batch from one JSON document (``jsonb_to_recordset``): an
+    # executemany is a statement per row even in psycopg's pipeline mode, and arrays are
+    # dumped value by value in Python; both were slower than SQLAlchemy's multi-row insert.
+    # ``ORDINALITY`` keeps the journal's ids in the rows' order.
+    "postgresql": (
+        "UPDATE enrollments AS e SET status = v.status, node = v.node, wake_at = v.wake_at,"
+        " ended_at = v.ended_at, steps = v.steps, context = v.context, reason = v.reason,"
+        " updated_at = v.updated_at"
+        " FROM jsonb_to_recordset(%s::jsonb) AS v(status text, node text, wake_at timestamptz,"
+        " ended_at timestamptz, steps int, context jsonb, reason text, updated_at timestamptz,"
+        " id text)"
+        " WHERE e.id = v.id",
+        "INSERT INTO enrollment_journal (workspace_id, journey_id, enrollment_id, profile_id, at,"
+        " kind, node, detail)"
+        " SELECT workspace_id, journey_id, enrollment_id, profile_id, at, kind, node, detail"
+        " FROM ROWS FROM (jsonb_to_recordset(%s::jsonb) AS (workspace_id text, journey_id text,"
+        " enrollment_id text, profile_id text, at timestamptz, kind text, node text,"
+        " detail jsonb)) WITH ORDINALITY"
+        " AS v(workspace_id, journey_id, enrollment_id, profile_id, at, kind, node, detail, n)"
+        " ORDER BY n",
+    ),
+}
+
+_STATE_KEYS = ("status", "node", "wake_at", "ended_at", "steps", "context", "reason", "updated_at", "id")
+_JOURNAL_KEYS = ("workspace_id", "journey_id", "enrollment_id", "profile_id", "at", "kind", "node", "detail")
+
+
+class _Stored:
+    """Turns Python values into the form a dialect's columns store: datetimes through
+    ``UTCDateTime``'s bind processor (memoised: a batch's rows share ``now``); on SQLite
+    JSON as text by the engine's serializer (on PostgreSQL it stays in the document)."""
+
+    def __init__(self, conn: Connection) -> None:
+        dialect = conn.dialect
+        self.time = enrollments.c.wake_at.type.bind_processor(dialect) or _same
+        if dialect.name == "postgresql":
+            self.dumps: Any = _same  # nested in the batch's one document (orjson, as the engine)
+        else:
+            self.dumps = getattr(dialect, "_json_serializer", None) or _json_text
+        self.times: dict[datetime, Any] = {}
+
+    def at(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        # Equal instants in other zones share the entry: both store the same UTC value.
+        found = self.times.get(value, _UNSEEN)
+        if found is _UNSEEN:
+            found = self.times[value] = self.time(value)
+        return found
+
+
+_UNSEEN: Any = object()
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _driver_write(conn: Connection, sql: str, keys: Sequence[str], values: list[tuple[Any, ...]]) -> None:
+    """SQLite: one executemany; PostgreSQL: one statement over the rows as one JSON array
+    of objects with ``keys``."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if conn.dialect.name == "postgresql":
+            document = orjson.dumps([dict(zip(keys, row, strict=True)) for row in values])
+            cursor.execute(sql, (document.decode("utf-8"),))
+        else:
+            cursor.executemany(sql, values)
+    finally:
+        cursor.close()
 
 
 def state_params(state: State, now: datetime) -> dict[str, Any]:
@@ -220,13 +293,34 @@ def state_params(state: State, now: datetime) -> dict[str, Any]:
 
 
 def save_state(conn: Connection, state: State, now: datetime) -> None:
-    conn.execute(_SAVE_STATE, state_params(state, now))
+    save_states(conn, [state_params(state, now)])
 
 
 def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
     """Many ``save_state`` at once (one executemany), from :func:`state_params`."""
-    if params:
-        conn.execute(_SAVE_STATE, list(params))
+    if not params:
+        return
+    if conn.dialect.name == "postgresql" and len({p["b_id"] for p in params}) < len(params):
+        # One UPDATE ... FROM applies one row per enrollment: keep each one's last, as a
+        # statement per row would leave it.
+        params = list({p["b_id"]: p for p in params}.values())
+    stored = _Stored(conn)
+    at, dumps = stored.at, stored.dumps
+    values = [
+        (
+            p["b_status"],
+            p["b_node"],
+            at(p["b_wake_at"]),
+            at(p["b_ended_at"]),
+            p["b_steps"],
+            dumps(p["b_context"]),
+            p["b_reason"],
+            at(p["b_updated_at"]),
+            p["b_id"],
+        )
+        for p in params
+    ]
+    _driver_write(conn, _DRIVER_SQL[conn.dialect.name][0], _STATE_KEYS, values)
 
 
 def enrollment(conn: Connection, enrollment_id: str, *, lock: bool = False) -> Any:
@@ -382,8 +476,24 @@ def write_journal(
 
 def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Journal rows of many enrollments at once (one executemany), from :func:`journal_rows`."""
-    if rows:
-        conn.execute(_INSERT_JOURNAL, list(rows))
+    if not rows:
+        return
+    stored = _Stored(conn)
+    at, dumps = stored.at, stored.dumps
+    values = [
+        (
+            r["workspace_id"],
+            r["journey_id"],
+            r["enrollment_id"],
+            r["profile_id"],
+            at(r["at"]),
+            r["kind"],
+            r["node"],
+            dumps(r["detail"]),
+        )
+        for r in rows
+    ]
+    _driver_write(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:
