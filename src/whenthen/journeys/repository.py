@@ -355,8 +355,28 @@ def active_for_journey(conn: Connection, journey_id: str, limit: int) -> list[An
     return list(conn.execute(_locking(conn, stmt)))
 
 
+#: The columns the timer step uses (its state, where it belongs, its failures): the
+#: others' result processing (two more timestamps a row) is skipped.
+_DUE_COLUMNS = [
+    enrollments.c[name]
+    for name in (
+        "id",
+        "workspace_id",
+        "journey_id",
+        "version",
+        "profile_id",
+        "status",
+        "node",
+        "wake_at",
+        "entered_at",
+        "steps",
+        "context",
+        "reason",
+        "failures",
+    )
+]
 _DUE = (
-    select(enrollments)
+    select(*_DUE_COLUMNS)
     .where(
         enrollments.c.status == Status.ACTIVE.value,
         enrollments.c.wake_at.is_not(None),
@@ -369,8 +389,8 @@ _DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[Any]:
-    """Active enrollments whose timer has fallen due, oldest first; locked, skipping rows
-    another worker holds (PostgreSQL)."""
+    """Active enrollments whose timer has fallen due, oldest first (the columns of
+    ``_DUE_COLUMNS``); locked, skipping rows another worker holds (PostgreSQL)."""
     stmt = _DUE_LOCKED if conn.dialect.name == "postgresql" else _DUE
     return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
 

@@ -15,11 +15,15 @@ SIGNAL_PAGE = 500
 log = logging.getLogger("whenthen.journeys")
 
 
-def fire_timers(db: Database, clock: Clock, *, partitions: int, limit: int = 500) -> int:
+def fire_timers(db: Database, clock: Clock, *, partitions: int, limit: int = 1000) -> int:
     """One batch of due timers and date triggers, in one transaction. The batch is written
     with one statement per table; when anything in it fails (the database refuses a row),
     it is done again with a savepoint per enrollment, so the faulty one is retried later
-    (and dead-lettered in the end) while the others go on."""
+    (and dead-lettered in the end) while the others go on.
+
+    1,000 a batch: a batch's fixed costs (its commit, the due read, a statement a table)
+    then weigh half what they did at 500, and a batch still takes well under 0.2 s on
+    SQLite; the worker fires again at once while it finds work."""
     try:
         with db.write() as conn:
             now = clock.now()
