@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 from sqlalchemy import insert, select
@@ -354,3 +355,48 @@ def test_pending_partitions_probe_only_the_candidates(container: Container) -> N
     container.worker.drain()
     with container.db.read() as conn:
         assert pipeline.pending_partitions(conn, range(parts)) == []
+
+
+def test_the_dispatcher_is_woken_after_each_group_not_at_the_end_of_the_pass(
+    container: Container, clock: ManualClock
+) -> None:
+    """Outbox jobs a pipeline group committed are taken while the pass goes on: here a
+    step of the pass waits for the background work, which only a wake sent after the
+    group can start (a wake at the end of the pass would come after the step)."""
+    ws = make_workspace(container)
+    send(
+        container,
+        ws.id,
+        *({"type": "track", "userId": f"u{i}", "event": "E", "messageId": f"w{i}"} for i in range(5)),
+        drain=False,
+    )
+    background_ran = threading.Event()
+    step_saw_it: list[bool] = []
+
+    def background() -> int:
+        background_ran.set()
+        return 0
+
+    def step() -> int:
+        step_saw_it.append(background_ran.wait(10))
+        return 0
+
+    worker = PipelineWorker(
+        db=container.db,
+        clock=clock,
+        settings=PipelineSettings(
+            partitions=container.settings.pipeline.partitions, poll_interval_seconds=30
+        ),
+        secret=container.secret,
+        steps=[step],
+        background=[background],
+    )
+    worker._background_thread = threading.Thread(target=worker._background_loop, daemon=True)
+    worker._background_thread.start()
+    background_ran.wait(5)  # the loop's first round, before any event
+    background_ran.clear()
+    try:
+        assert worker.run_once(background=False) == 5
+    finally:
+        worker.stop()
+    assert step_saw_it == [True]

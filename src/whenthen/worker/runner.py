@@ -90,6 +90,10 @@ class PipelineWorker:
         while busy:
             n = self._process_group(busy)
             handled += n
+            if n:
+                # The group committed its outbox jobs: the dispatcher need not wait for the
+                # rest of the pass (up to ``pass_budget_seconds`` under load).
+                self._background_wake.set()
             if n < self.settings.batch_size or time.monotonic() - started >= self.pass_budget_seconds:
                 break
         applied = handled
