@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, select, update
 
 from whenthen.journeys.model import JournalEntry, State, Status
@@ -16,6 +14,7 @@ from whenthen.journeys.tables import (
     journey_versions,
     journeys,
 )
+from whenthen.storage.driver import StoredValues, write_rows
 
 
 def _locking(conn: Connection, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -229,55 +228,6 @@ _STATE_KEYS = ("status", "node", "wake_at", "ended_at", "steps", "context", "rea
 _JOURNAL_KEYS = ("workspace_id", "journey_id", "enrollment_id", "profile_id", "at", "kind", "node", "detail")
 
 
-class _Stored:
-    """Turns Python values into the form a dialect's columns store: datetimes through
-    ``UTCDateTime``'s bind processor (memoised: a batch's rows share ``now``); on SQLite
-    JSON as text by the engine's serializer (on PostgreSQL it stays in the document)."""
-
-    def __init__(self, conn: Connection) -> None:
-        dialect = conn.dialect
-        self.time = enrollments.c.wake_at.type.bind_processor(dialect) or _same
-        if dialect.name == "postgresql":
-            self.dumps: Any = _same  # nested in the batch's one document (orjson, as the engine)
-        else:
-            self.dumps = getattr(dialect, "_json_serializer", None) or _json_text
-        self.times: dict[datetime, Any] = {}
-
-    def at(self, value: datetime | None) -> Any:
-        if value is None:
-            return None
-        # Equal instants in other zones share the entry: both store the same UTC value.
-        found = self.times.get(value, _UNSEEN)
-        if found is _UNSEEN:
-            found = self.times[value] = self.time(value)
-        return found
-
-
-_UNSEEN: Any = object()
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _json_text(value: Any) -> str:
-    return json.dumps(value)
-
-
-def _driver_write(conn: Connection, sql: str, keys: Sequence[str], values: list[tuple[Any, ...]]) -> None:
-    """SQLite: one executemany; PostgreSQL: one statement over the rows as one JSON array
-    of objects with ``keys``."""
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        if conn.dialect.name == "postgresql":
-            document = orjson.dumps([dict(zip(keys, row, strict=True)) for row in values])
-            cursor.execute(sql, (document.decode("utf-8"),))
-        else:
-            cursor.executemany(sql, values)
-    finally:
-        cursor.close()
-
-
 def state_params(state: State, now: datetime) -> dict[str, Any]:
     return {
         "b_id": state.enrollment_id,
@@ -304,7 +254,7 @@ def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
         # One UPDATE ... FROM applies one row per enrollment: keep each one's last, as a
         # statement per row would leave it.
         params = list({p["b_id"]: p for p in params}.values())
-    stored = _Stored(conn)
+    stored = StoredValues(conn)
     at, dumps = stored.at, stored.dumps
     values = [
         (
@@ -320,7 +270,7 @@ def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
         )
         for p in params
     ]
-    _driver_write(conn, _DRIVER_SQL[conn.dialect.name][0], _STATE_KEYS, values)
+    write_rows(conn, _DRIVER_SQL[conn.dialect.name][0], _STATE_KEYS, values)
 
 
 def enrollment(conn: Connection, enrollment_id: str, *, lock: bool = False) -> Any:
@@ -498,7 +448,7 @@ def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> Non
     """Journal rows of many enrollments at once (one executemany), from :func:`journal_rows`."""
     if not rows:
         return
-    stored = _Stored(conn)
+    stored = StoredValues(conn)
     at, dumps = stored.at, stored.dumps
     values = [
         (
@@ -513,7 +463,7 @@ def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> Non
         )
         for r in rows
     ]
-    _driver_write(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
+    write_rows(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Integer, bindparam, delete, insert, select, u
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.messaging.tables import messages, outbox
+from whenthen.storage.driver import StoredValues, write_rows
 
 # Statements run for every message and job are built once, with bind parameters: building
 # ``insert().values(**row)`` per call cost several times the statement (docs/benchmarks.md).
@@ -127,9 +128,84 @@ def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> in
             fresh.setdefault(q.idempotency_key, q)
     if not fresh:
         return 0
-    conn.execute(_INSERT_MESSAGE[conn.dialect.name], [_message_row(q, now) for q in fresh.values()])
-    conn.execute(_INSERT_OUTBOX, [_job_row(q, now) for q in fresh.values()])
+    # At the driver's level (storage.driver): on the timer step's path this was the
+    # largest write left, 28 us a message on SQLite and 85 on PostgreSQL through
+    # SQLAlchemy. ``tests/integration/test_enqueue_many.py`` compares the stored rows with
+    # ``enqueue``'s (SQLAlchemy's statements).
+    stored = StoredValues(conn)
+    at, dumps = stored.at, stored.dumps
+    created = at(now)
+    no_links = dumps([])
+    message_rows = [
+        (
+            q.message_id,
+            q.ws,
+            q.profile_id,
+            q.journey_id,
+            q.enrollment_id,
+            q.node,
+            q.channel,
+            q.idempotency_key,
+            "queued",
+            no_links,
+            0,
+            created,
+        )
+        for q in fresh.values()
+    ]
+    job_rows = [
+        (q.ws, q.channel, dumps({"message_id": q.message_id, **q.payload}), created, 0, created)
+        for q in fresh.values()
+    ]
+    sql = _DRIVER_SQL[conn.dialect.name]
+    write_rows(conn, sql[0], _MESSAGE_KEYS, message_rows)
+    write_rows(conn, sql[1], _JOB_KEYS, job_rows)
     return len(fresh)
+
+
+_MESSAGE_KEYS = (
+    "id",
+    "workspace_id",
+    "profile_id",
+    "journey_id",
+    "enrollment_id",
+    "node",
+    "channel",
+    "idempotency_key",
+    "status",
+    "links",
+    "attempts",
+    "created_at",
+)
+_JOB_KEYS = ("workspace_id", "kind", "payload", "available_at", "attempts", "created_at")
+#: (message insert, outbox insert) per dialect, written out; on PostgreSQL each reads the
+#: batch from one JSON document, the outbox in the rows' order (its ids are the order the
+#: dispatcher takes jobs in).
+_DRIVER_SQL = {
+    "sqlite": (
+        "INSERT INTO messages (id, workspace_id, profile_id, journey_id, enrollment_id, node, channel,"
+        " idempotency_key, status, links, attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (idempotency_key) DO NOTHING",
+        "INSERT INTO outbox (workspace_id, kind, payload, available_at, attempts, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+    ),
+    "postgresql": (
+        "INSERT INTO messages (id, workspace_id, profile_id, journey_id, enrollment_id, node, channel,"
+        " idempotency_key, status, links, attempts, created_at)"
+        " SELECT id, workspace_id, profile_id, journey_id, enrollment_id, node, channel,"
+        " idempotency_key, status, links, attempts, created_at"
+        " FROM jsonb_to_recordset(%s::jsonb) AS v(id text, workspace_id text, profile_id text,"
+        " journey_id text, enrollment_id text, node text, channel text, idempotency_key text,"
+        " status text, links jsonb, attempts int, created_at timestamptz)"
+        " ON CONFLICT (idempotency_key) DO NOTHING",
+        "INSERT INTO outbox (workspace_id, kind, payload, available_at, attempts, created_at)"
+        " SELECT workspace_id, kind, payload, available_at, attempts, created_at"
+        " FROM ROWS FROM (jsonb_to_recordset(%s::jsonb) AS (workspace_id text, kind text,"
+        " payload jsonb, available_at timestamptz, attempts int, created_at timestamptz))"
+        " WITH ORDINALITY AS v(workspace_id, kind, payload, available_at, attempts, created_at, n)"
+        " ORDER BY n",
+    ),
+}
 
 
 def enqueue_job(conn: Connection, ws: str, kind: str, payload: Mapping[str, Any], now: datetime) -> int:

@@ -1,0 +1,75 @@
+"""Writes at the driver's level for the hot paths (the log append, enrollment states and
+journal rows, queued messages): SQLAlchemy's per-row parameter work (``construct_params``,
+a bind processor per value) cost more than the statements themselves there.
+
+The values are put in the form the column types store by those types' own bind
+processors, so nothing reads back differently (each user has a test comparing its stored
+rows with SQLAlchemy's own statements). SQLite takes one ``executemany``; PostgreSQL one
+statement reading the rows from one JSON document (``jsonb_to_recordset``): psycopg's
+``executemany`` sends a statement per row even in pipeline mode
+(docs/adr/0006-sqlite-writers-and-driver-level-append.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from whenthen.storage.metadata import UTCDateTime
+
+
+class StoredValues:
+    """Turns Python values into the form a dialect's columns store: datetimes through
+    ``UTCDateTime``'s bind processor (memoised: a batch's rows share ``now``); on SQLite
+    JSON as text by the engine's serializer (on PostgreSQL it stays in the document)."""
+
+    def __init__(self, conn: Connection) -> None:
+        dialect = conn.dialect
+        self.postgresql = dialect.name == "postgresql"
+        self.time = UTCDateTime().dialect_impl(dialect).bind_processor(dialect) or _same
+        if self.postgresql:
+            self.dumps: Any = _same  # nested in the batch's one document (orjson, as the engine)
+        else:
+            self.dumps = getattr(dialect, "_json_serializer", None) or _json_text
+        self.times: dict[datetime, Any] = {}
+
+    def at(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        # Equal instants in other zones share the entry: both store the same UTC value.
+        found = self.times.get(value, _UNSEEN)
+        if found is _UNSEEN:
+            found = self.times[value] = self.time(value)
+        return found
+
+
+_UNSEEN: Any = object()
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tuple[Any, ...]]) -> int:
+    """SQLite: one executemany of ``values``; PostgreSQL: one statement over the rows as
+    one JSON array of objects with ``keys`` (its one parameter). Returns the rows the
+    statement reported."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if conn.dialect.name == "postgresql":
+            document = orjson.dumps([dict(zip(keys, row, strict=True)) for row in values])
+            cursor.execute(sql, (document.decode("utf-8"),))
+        else:
+            cursor.executemany(sql, values)
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
