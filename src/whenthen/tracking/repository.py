@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from sqlalchemy import (
     update,
 )
 
+from whenthen.storage.driver import StoredValues
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
 
@@ -70,7 +71,7 @@ def append(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
         values: list[tuple[Any, ...]] = [(*r[:8], dumps(r[8]), r[9], r[10]) for r in rows]
         sql = _APPEND_POSTGRESQL
     else:
-        stored = _sqlite_time
+        stored = StoredValues(conn).at  # memoised: a request's calls share received_at
         values = [(*r[:6], stored(r[6]), stored(r[7]), dumps(r[8]), r[9], r[10]) for r in rows]
         sql = _APPEND_SQLITE
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -83,13 +84,6 @@ def append(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode("utf-8")
-
-
-def _sqlite_time(value: datetime) -> str:
-    """A UTC datetime as SQLAlchemy's SQLite ``DATETIME`` stores it (``UTCDateTime``)."""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 #: ``append``'s statements, written out (the columns are ``APPEND_COLUMNS``).
