@@ -106,7 +106,7 @@ from whenthen.journeys import runtime
 from whenthen.journeys.definition import JourneyDefinition, parse_definition
 from whenthen.journeys.engine import start as engine_start
 from whenthen.journeys.tables import enrollment_journal, enrollments
-from whenthen.journeys.tasks import fire_timers
+from whenthen.journeys.tasks import fire_timers, seconds_to_next_timer
 from whenthen.kernel.clock import SystemClock
 from whenthen.kernel.ids import new_secret
 from whenthen.messaging.smtp_sink import SmtpSink
@@ -1185,7 +1185,7 @@ def _lags(batches: list[tuple[float, int]], due_at: float, due: int, name: str, 
 
 def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, poll: float) -> Lag:
     """The timer step alone, looped as ``PipelineWorker.loop`` loops: at once again while it
-    finds work, else after the poll interval."""
+    finds work, else after the poll interval or, when sooner, when the next timer is due."""
     clock = SystemClock()
     due_at = time.time() + lead
     _make_due(db, ids, datetime.fromtimestamp(due_at, UTC))
@@ -1199,7 +1199,10 @@ def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, 
                 batches.append((time.time(), n))
                 fired += n
             else:
-                time.sleep(poll)
+                # As the worker's idle wait (PipelineWorker._idle_wait): the poll interval,
+                # or until the next timer falls due when that is sooner.
+                until = seconds_to_next_timer(db, clock)
+                time.sleep(min(poll, until + 0.002) if until else poll)
     return _lags(batches, due_at, len(ids), "timer step alone (tasks.fire_timers loop)", cpu)
 
 

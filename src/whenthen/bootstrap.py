@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from whenthen.imports.tasks import ListImportJob
-from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers
+from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers, seconds_to_next_timer
 from whenthen.kernel.clock import Clock, SystemClock
 from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
@@ -94,6 +94,7 @@ def build(
     )
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
     worker.steps.append(lambda: fire_timers(db, clock, partitions=settings.pipeline.partitions))
+    worker.next_due.append(lambda: seconds_to_next_timer(db, clock))
     # Its own thread while the worker runs: emails do not wait behind pipeline passes.
     worker.background.append(dispatcher.drain_for)
     worker.steps.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import insert, select
 
 from tests.support.ingest import send
@@ -400,3 +401,22 @@ def test_the_dispatcher_is_woken_after_each_group_not_at_the_end_of_the_pass(
     finally:
         worker.stop()
     assert step_saw_it == [True]
+
+
+def test_an_idle_worker_sleeps_until_the_next_timer_not_a_whole_poll(
+    container: Container, clock: ManualClock
+) -> None:
+    worker = container.worker
+    poll = container.settings.pipeline.poll_interval_seconds
+    assert worker._idle_wait() == poll  # nothing waits
+    due_in: list[float | None] = [0.05]
+    worker.next_due.append(lambda: due_in[0])
+    try:
+        assert worker._idle_wait() == pytest.approx(0.052)
+        due_in[0] = poll * 10
+        assert worker._idle_wait() == poll
+        due_in[0] = 0.0  # due, yet the pass did not take it: no spinning
+        assert worker._idle_wait() == poll
+    finally:
+        worker.next_due.pop()
+

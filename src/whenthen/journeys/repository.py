@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, literal_column, select, update
 
 from whenthen.journeys.model import JournalEntry, State, Status
 from whenthen.journeys.tables import (
@@ -343,6 +343,18 @@ def due(conn: Connection, now: datetime, limit: int) -> list[Any]:
     ``_DUE_COLUMNS``); locked, skipping rows another worker holds (PostgreSQL)."""
     stmt = _DUE_LOCKED if conn.dialect.name == "postgresql" else _DUE
     return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
+
+
+_NEXT_WAKE = select(func.min(enrollments.c.wake_at)).where(
+    enrollments.c.status == literal_column("'active'"), enrollments.c.wake_at.is_not(None)
+)
+
+
+def next_wake(conn: Connection) -> datetime | None:
+    """The earliest timer of an active enrollment (one probe of ``ix_enrollments_due``:
+    the predicate is the partial index's, written as literals)."""
+    found = conn.execute(_NEXT_WAKE).scalar()
+    return found if isinstance(found, datetime) else None
 
 
 _PREVIOUS_ENTRIES = select(enrollments.c.entry_key, enrollments.c.entered_at, enrollments.c.status).where(

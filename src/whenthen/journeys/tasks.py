@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from whenthen.journeys import runtime
+from whenthen.journeys import repository, runtime
 from whenthen.kernel.clock import Clock
 from whenthen.messaging import service as outbox
 from whenthen.messaging.dispatch import Outcome
@@ -37,6 +37,15 @@ def fire_timers(db: Database, clock: Clock, *, partitions: int, limit: int = 100
         return runtime.fire_due(
             conn, now, limit=limit, partitions=partitions, careful=True
         ) + runtime.fire_due_dates(conn, now, limit=limit, partitions=partitions)
+
+
+def seconds_to_next_timer(db: Database, clock: Clock) -> float | None:
+    """How long until the earliest journey timer falls due (0 when one is due already);
+    ``None`` when none waits. The worker sleeps no longer than that, so a timer fires when
+    it falls due rather than up to a poll interval later."""
+    with db.read() as conn:
+        at = repository.next_wake(conn)
+    return None if at is None else max(0.0, (at - clock.now()).total_seconds())
 
 
 class SignalJob:

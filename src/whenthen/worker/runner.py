@@ -53,6 +53,10 @@ class PipelineWorker:
     #: delivery must not wait behind pipeline passes), woken when a pass did something;
     #: ``run_once`` and ``drain`` run it inline after the steps.
     background: list[Callable[[], int]] = field(default_factory=list)
+    #: Seconds until a step next has work that falls due (a journey timer), ``None`` for
+    #: none: an idle worker sleeps no longer than that, so a timer fires when it falls
+    #: due, not up to ``poll_interval_seconds`` later.
+    next_due: list[Callable[[], float | None]] = field(default_factory=list)
     #: The pipeline part of a pass stops taking partitions after this long, so the steps
     #: (timers) run at least that often under load; the next pass goes on from there.
     pass_budget_seconds: float = 0.25
@@ -225,7 +229,23 @@ class PipelineWorker:
                 log.exception("pipeline pass failed")
                 handled = 0
             if handled == 0:
-                self._wake.wait(self.settings.poll_interval_seconds)
+                self._wake.wait(self._idle_wait())
+
+    def _idle_wait(self) -> float:
+        """How long an idle loop sleeps (a notify wakes it earlier): the poll interval, or
+        less when a timer falls due sooner."""
+        wait = self.settings.poll_interval_seconds
+        for due in self.next_due:
+            try:
+                seconds = due()
+            except Exception:
+                log.exception("next due time unknown")
+                continue
+            # Due already, yet the pass just made did not take it (another worker holds
+            # it, or it waits for a retry): no sooner than the poll, or the loop would spin.
+            if seconds is not None and seconds > 0:
+                wait = min(wait, seconds + 0.002)  # a hair late rather than a pass early
+        return wait
 
     def _background_loop(self) -> None:
         while not self._stop.is_set():
