@@ -419,4 +419,3 @@ def test_an_idle_worker_sleeps_until_the_next_timer_not_a_whole_poll(
         assert worker._idle_wait() == poll
     finally:
         worker.next_due.pop()
-
