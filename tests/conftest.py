@@ -25,6 +25,7 @@ from whenthen.api.app import create_app
 from whenthen.bootstrap import Container, build
 from whenthen.kernel.clock import ManualClock
 from whenthen.settings import Settings
+from whenthen.storage import Database
 
 REQUIRE_PG = os.environ.get("WHENTHEN_REQUIRE_POSTGRES") == "1"
 _pg_tests_run = 0
@@ -77,6 +78,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template_path:
         yield url
     finally:
         server.release_database(url)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A ``Database`` over ``db_url`` (no container), disposed after the test."""
+    database = Database(db_url)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture

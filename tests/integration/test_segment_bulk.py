@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, delete, insert, select
@@ -45,13 +43,6 @@ from whenthen.storage import Database
 from whenthen.tracking.tables import events
 
 PARTITIONS = 8
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    yield database
-    database.dispose()
 
 
 def _view(p: Person) -> ProfileView:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from itertools import count
@@ -196,13 +195,6 @@ def agree(db: Database, people: list[Person], d: SegmentDefinition, now: datetim
             + "\n".join(repr(p) for p in differing)
         )
     return got
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    yield database
-    database.dispose()
 
 
 # ---- generated data ---------------------------------------------------------------

@@ -4,10 +4,8 @@ PostgreSQL) select exactly the listed rows, whatever characters the ids hold."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import insert, select
 
 from whenthen.profiles.tables import profiles
@@ -22,13 +20,6 @@ SEG = "seg_lists"
 # Characters that mean something in a JSON array, a PostgreSQL array literal or SQL.
 AWKWARD = ['a"b', "c\\d", "e,f", "{g}", " h ", "NULL", "i'j", "plain", ""]
 OTHERS = ["other_1", "a", "b", "NULL_", "{g"]
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    yield database
-    database.dispose()
 
 
 def _populate(db: Database) -> None:
