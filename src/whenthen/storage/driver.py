@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
 
 from whenthen.storage.metadata import UTCDateTime
 
@@ -30,9 +31,8 @@ class StoredValues:
 
     def __init__(self, conn: Connection) -> None:
         dialect = conn.dialect
-        self.postgresql = dialect.name == "postgresql"
-        self.time = UTCDateTime().dialect_impl(dialect).bind_processor(dialect) or _same
-        if self.postgresql:
+        self.time = _time_processor(dialect)
+        if dialect.name == "postgresql":
             self.dumps: Any = _same  # nested in the batch's one document (orjson, as the engine)
         else:
             self.dumps = getattr(dialect, "_json_serializer", None) or _json_text
@@ -49,6 +49,19 @@ class StoredValues:
 
 
 _UNSEEN: Any = object()
+
+#: ``UTCDateTime``'s bind processor per dialect name: one is made per batch written (per
+#: tracking request), and adapting the type to the dialect each time is needless work.
+_TIME_PROCESSORS: dict[str, Any] = {}
+
+
+def _time_processor(dialect: Dialect) -> Any:
+    found = _TIME_PROCESSORS.get(dialect.name)
+    if found is None:
+        found = _TIME_PROCESSORS[dialect.name] = (
+            UTCDateTime().dialect_impl(dialect).bind_processor(dialect) or _same
+        )
+    return found
 
 
 def _same(value: Any) -> Any:
