@@ -3,7 +3,7 @@ transaction as the decision, performed after the commit by the dispatcher. Never
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -74,40 +74,40 @@ class Queued:
     payload: Mapping[str, Any]
 
 
-def _message_row(q: Queued, now: datetime) -> dict[str, Any]:
-    return {
-        "id": q.message_id,
-        "workspace_id": q.ws,
-        "profile_id": q.profile_id,
-        "journey_id": q.journey_id,
-        "enrollment_id": q.enrollment_id,
-        "node": q.node,
-        "channel": q.channel,
-        "idempotency_key": q.idempotency_key,
-        "status": "queued",
-        "links": [],
-        "attempts": 0,
-        "created_at": now,
-    }
+def _message_values(q: Queued, created: Any, no_links: Any) -> tuple[Any, ...]:
+    """A queued message's row in ``_MESSAGE_KEYS`` order; ``created`` and ``no_links`` as
+    the writer binds them (Python values for SQLAlchemy, stored forms at the driver)."""
+    return (
+        q.message_id,
+        q.ws,
+        q.profile_id,
+        q.journey_id,
+        q.enrollment_id,
+        q.node,
+        q.channel,
+        q.idempotency_key,
+        "queued",
+        no_links,
+        0,
+        created,
+    )
 
 
-def _job_row(q: Queued, now: datetime) -> dict[str, Any]:
-    return {
-        "workspace_id": q.ws,
-        "kind": q.channel,
-        "payload": {"message_id": q.message_id, **q.payload},
-        "available_at": now,
-        "attempts": 0,
-        "created_at": now,
-    }
+def _job_values(q: Queued, created: Any, dumps: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """Its outbox job's row in ``_JOB_KEYS`` order (``dumps`` writes the payload)."""
+    return (q.ws, q.channel, dumps({"message_id": q.message_id, **q.payload}), created, 0, created)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def enqueue(conn: Connection, q: Queued, now: datetime) -> bool:
     """Queue one message. Returns False when a message with its idempotency key exists
     already: it is never queued twice."""
-    created = _insert_message(conn, _message_row(q, now))
+    created = _insert_message(conn, dict(zip(_MESSAGE_KEYS, _message_values(q, now, []), strict=True)))
     if created:
-        conn.execute(_INSERT_OUTBOX, _job_row(q, now))
+        conn.execute(_INSERT_OUTBOX, dict(zip(_JOB_KEYS, _job_values(q, now, _same), strict=True)))
     return created
 
 
@@ -136,27 +136,8 @@ def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> in
     at, dumps = stored.at, stored.dumps
     created = at(now)
     no_links = dumps([])
-    message_rows = [
-        (
-            q.message_id,
-            q.ws,
-            q.profile_id,
-            q.journey_id,
-            q.enrollment_id,
-            q.node,
-            q.channel,
-            q.idempotency_key,
-            "queued",
-            no_links,
-            0,
-            created,
-        )
-        for q in fresh.values()
-    ]
-    job_rows = [
-        (q.ws, q.channel, dumps({"message_id": q.message_id, **q.payload}), created, 0, created)
-        for q in fresh.values()
-    ]
+    message_rows = [_message_values(q, created, no_links) for q in fresh.values()]
+    job_rows = [_job_values(q, created, dumps) for q in fresh.values()]
     sql = _DRIVER_SQL[conn.dialect.name]
     write_rows(conn, sql[0], _MESSAGE_KEYS, message_rows)
     write_rows(conn, sql[1], _JOB_KEYS, job_rows)
