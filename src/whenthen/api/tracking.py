@@ -15,13 +15,12 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from whenthen.api.auth import authenticate_write_key, authenticate_write_key_in, basic_user, container
+from whenthen.api.auth import authenticate_write_key, basic_user, container
 from whenthen.api.errors import error_response
 from whenthen.api.group_commit import TrackingWriter, writer
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 from whenthen.kernel.errors import DomainError, Unauthorized
-from whenthen.storage import Dialect
 from whenthen.tracking import CallType, service
 from whenthen.tracking.parsing import decompress
 from whenthen.tracking.validation import Invalid, Limits
@@ -107,8 +106,9 @@ def _prepare(
 
 
 def make_writer(c: Container) -> TrackingWriter:
-    """The group-commit writer of single calls for an app over ``c``; stopped with the
-    app (its lifespan) or, at the latest, when the container is closed."""
+    """The tracking writer (group commit of single calls, and of batches on SQLite) for an
+    app over ``c``; stopped with the app (its lifespan) or, at the latest, when the
+    container is closed."""
     made = TrackingWriter(c, _rate_limited)
     c.closers.append(made.stop)
     return made
@@ -152,27 +152,13 @@ def _ingest(
         raise
     stored, duplicates = 0, prepared.duplicates
     if prepared.accepted:
-        if c.db.dialect is Dialect.SQLITE:
-            # SQLite has one writer: the batch is stored with the calls of the other
-            # requests in flight (group commit), the key checked and the rate limit
-            # applied in that shared transaction.
-            outcome = writer(request.app.state).write_batch(key, prepared.accepted, received_at)
-            if not isinstance(outcome, int):
-                return outcome  # the 429: nothing written
-            stored = outcome
-        else:
-            # PostgreSQL commits concurrent transactions together itself: a transaction
-            # per batch request, from the thread pool, writes in parallel.
-            with c.db.write() as conn:
-                principal = authenticate_write_key_in(conn, key)
-                refusal = _rate_limited(c, principal, len(prepared.accepted), received_at)
-                if refusal is not None:
-                    return refusal  # nothing written: the transaction commits empty
-                stored, _ = service.append(
-                    conn, principal.workspace_id, prepared.accepted, partitions=c.settings.pipeline.partitions
-                )
-            if stored:
-                c.worker.notify()
+        # Stored with the calls of the other requests in flight on SQLite (group commit),
+        # in a transaction of its own on PostgreSQL; the key is checked and the rate
+        # limit applied in that transaction.
+        outcome = writer(request.app.state).write_batch(key, prepared.accepted, received_at)
+        if not isinstance(outcome, int):
+            return outcome  # the 429: nothing written
+        stored = outcome
         duplicates += len(prepared.accepted) - stored
     else:
         refusal = _rate_limited(c, authenticate_write_key(c, key), 1, received_at)
