@@ -63,7 +63,19 @@ class UTCDateTime(TypeDecorator[datetime]):
     def bind_processor(self, dialect: Dialect) -> Any:
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
-        return _sqlite_bind
+        naive_utc = self.process_bind_param
+
+        def process(value: datetime | None) -> str | None:
+            """As SQLAlchemy's SQLite ``DATETIME`` stores it: naive UTC text with
+            microseconds."""
+            if value is not None and not isinstance(value, datetime):
+                raise TypeError(
+                    f"SQLite DateTime type only accepts Python datetime objects as input, not {value!r}"
+                )
+            stored = naive_utc(value, dialect)
+            return None if stored is None else stored.isoformat(" ", "microseconds")
+
+        return process
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         chain = super().result_processor(dialect, coltype)
@@ -78,20 +90,6 @@ class UTCDateTime(TypeDecorator[datetime]):
                 parsed = datetime.fromisoformat(value)
             except (TypeError, ValueError):
                 return chain(value)  # whatever SQLAlchemy itself makes of it
-            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            return self.process_result_value(parsed, dialect)
 
         return process
-
-
-def _sqlite_bind(value: datetime | None) -> str | None:
-    """An aware datetime as SQLAlchemy's SQLite ``DATETIME`` stores it: naive UTC text
-    with microseconds."""
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        raise TypeError(f"SQLite DateTime type only accepts Python datetime objects as input, not {value!r}")
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to the database; use aware UTC datetimes")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
