@@ -12,10 +12,12 @@ the timed loop.
 Variants, each into its own fresh database with the schema made by the migrations:
 
 * ``append``: ``whenthen.tracking.repository.append`` (INSERT ... ON CONFLICT DO NOTHING,
-  one executemany at the driver's level) in ``Database.write()`` transactions of 100
-  rows: the app's statement and unit of work, minus HTTP, parsing and validation.
+  one executemany at the driver's level on SQLite, one statement over a JSON document on
+  PostgreSQL) 100 rows at a time in ``Database.autocommit()``, the unit of work of the
+  API's batch (on SQLite ``Database.write()``, on PostgreSQL the statement commits by
+  itself): the app's statement and unit of work, minus HTTP, parsing and validation.
 * ``insert``: a plain SQLAlchemy ``insert(events)`` executemany of the same rows as dicts
-  (made before the clock starts) in the same transactions.
+  (made before the clock starts) in ``Database.write()`` transactions of 100 rows.
 * ``append xN`` (PostgreSQL): ``append`` from N threads at once, as the server's
   thread pool writes; SQLite takes one writer at a time, so threads cannot add there.
 """
@@ -141,6 +143,7 @@ def measure(
     try:
         upgrade(db)
         write = WRITERS[variant]
+        unit = db.write if variant == "insert" else db.autocommit
         counts = [0] * threads
         start_gate = threading.Barrier(threads + 1)
         deadline = [0.0]
@@ -150,7 +153,7 @@ def measure(
             start_gate.wait()
             while time.perf_counter() < deadline[0]:
                 rows = renamer.take(rows_per_tx)
-                with db.write() as conn:
+                with unit() as conn:
                     write(conn, rows)
                 counts[index] += len(rows)
 

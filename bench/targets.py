@@ -209,9 +209,9 @@ class ServerProcess:
         raise RuntimeError(f"the server did not answer /health within {timeout} s; see {self.log_path}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """User + system CPU time so far of the server process (all its threads) and of
+        its live descendants (the API processes ``--api-workers`` forks)."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -222,6 +222,30 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self._log.close()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time so far of process ``root`` and its live descendants."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(proc.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, tick in ticks.items():
+        up = pid
+        while up > 1 and up != root:
+            up = parents.get(up, 0)
+        if up == root:
+            total += tick
+    return total / CLOCK_TICKS
 
 
 def postgres_cpu_seconds() -> float:

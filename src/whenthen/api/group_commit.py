@@ -25,10 +25,12 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection
 from starlette.responses import Response
 
 from whenthen.api.auth import authenticate_write_key_in
@@ -104,7 +106,9 @@ class TrackingWriter:
             self._start()
             self._queue.put(call)
         else:
-            [outcome] = self._write([call])
+            # No transaction block: the key's read and the append are one statement
+            # each, and the append commits the batch by itself (Database.autocommit).
+            [outcome] = self._write([call], self.c.db.autocommit)
             settle(outcome)
             if isinstance(outcome, int) and outcome:
                 self.c.worker.notify()
@@ -154,7 +158,9 @@ class TrackingWriter:
             if stored:
                 self.c.worker.notify()
 
-    def _write(self, group: list[_Call]) -> list[Outcome]:
+    def _write(
+        self, group: list[_Call], unit: Callable[[], AbstractContextManager[Connection]] | None = None
+    ) -> list[Outcome]:
         """One transaction for the group: each request's answer (an int: stored).
 
         Single calls of one workspace are appended together (their answer does not say
@@ -164,7 +170,7 @@ class TrackingWriter:
         principals: dict[str, Principal | Unauthorized] = {}
         by_workspace: dict[str, list[AcceptedEvent]] = {}
         partitions = self.c.settings.pipeline.partitions
-        with self.c.db.write() as conn:
+        with (unit or self.c.db.write)() as conn:
             for call in group:
                 principal = principals.get(call.key)
                 if principal is None:

@@ -22,12 +22,13 @@ import enum
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 
 
 class Dialect(enum.StrEnum):
@@ -106,10 +107,11 @@ class Database:
             self.dialect = Dialect.POSTGRESQL
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
-            kwargs["pool_pre_ping"] = True
         else:
             raise ValueError(f"unsupported database url scheme: {self.url.split(':', 1)[0]}")
         self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.dialect is Dialect.POSTGRESQL:
+            _ping_when_idle(self.engine, IDLE_PING_SECONDS)
         self._write_lock = WriterQueue() if self.dialect is Dialect.SQLITE else None
         self._lock_fd: int | None = None
         self._lock_pid = 0
@@ -145,6 +147,20 @@ class Database:
                 yield conn
 
     @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """PostgreSQL: a connection on which each statement commits on its own, for work
+        whose every write is one statement (the tracking API's batch append): without a
+        transaction block, psycopg sends no ``BEGIN`` and no ``COMMIT``, two of the four
+        round trips such a request made. SQLite has no use for it (its writers queue and
+        share transactions): there it is ``write()``."""
+        if self._write_lock is not None:
+            with self.write() as conn:
+                yield conn
+            return
+        with self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (a consistent snapshot on both dialects)."""
         with self.engine.connect() as conn, conn.begin():
@@ -155,6 +171,43 @@ class Database:
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)
         self._lock_fd = None
+
+
+#: A pooled PostgreSQL connection idle for longer than this is checked before it is used.
+IDLE_PING_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """Check a pooled connection before use when it has sat idle, as ``pool_pre_ping``
+    does for every checkout: a connection the server closed (a restart, an idle timeout,
+    ``pg_terminate_backend``) is then replaced before a unit of work meets it. A
+    connection back in the pool for less than ``idle_seconds`` is handed out unchecked:
+    under load each is reused within milliseconds, and the ping was a round trip and
+    about 0.15 ms of CPU for each tracking request (docs/adr/0007). A connection that
+    breaks while in use fails its unit of work, with or without a ping; SQLAlchemy then
+    replaces every connection of the pool opened before the failure."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        record.info["whenthen_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("whenthen_idle_since")
+        if since is None or time.monotonic() - since <= idle_seconds:
+            return  # new, or back in the pool a moment ago
+        if not ping(engine, dbapi_conn):
+            # The pool closes this one and checks out another (a new connection).
+            raise exc.DisconnectionError("the pooled connection no longer answers")
+
+
+def ping(engine: Engine, dbapi_conn: Any) -> bool:
+    """Whether a pooled connection still answers: the dialect's own ping (the one
+    ``pool_pre_ping`` sends), which leaves the connection as it found it."""
+    try:
+        return bool(engine.dialect.do_ping(dbapi_conn))
+    except engine.dialect.loaded_dbapi.Error:
+        return False
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

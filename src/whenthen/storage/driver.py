@@ -86,3 +86,19 @@ def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tup
         return int(cursor.rowcount)
     finally:
         cursor.close()
+
+
+def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The first row of a query written with ``%s`` placeholders, run on the driver's own
+    cursor (``?`` on SQLite): for a look-up on every request, where SQLAlchemy's
+    execution cost several times the query (the write key's, on each tracking request).
+    Values come back as the driver gives them."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if conn.dialect.name != "postgresql":
+            sql = sql.replace("%s", "?")
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+        return tuple(row) if row is not None else None
+    finally:
+        cursor.close()

@@ -3,9 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from whenthen.kernel.ids import KeyId, WorkspaceId
+from whenthen.storage.driver import first_row
 from whenthen.workspaces.model import ApiKey, KeyKind, Workspace
 from whenthen.workspaces.tables import api_keys, workspaces
 
@@ -65,21 +66,19 @@ class KeyCheck(NamedTuple):
     active: bool
 
 
-#: Built once: a key is checked on every tracking request (docs/benchmarks.md, "Ingest").
-_KEY_BY_HASH = select(
-    api_keys.c.id,
-    api_keys.c.workspace_id,
-    api_keys.c.kind,
-    api_keys.c.key_hash,
-    api_keys.c.revoked_at.is_(None).label("active"),
-).where(api_keys.c.key_hash == bindparam("key_hash"))
+#: At the driver's level: a key is checked on every tracking request, and SQLAlchemy's
+#: execution of this one-row look-up cost about 0.3 ms of CPU (docs/benchmarks.md, "Ingest").
+_KEY_BY_HASH = (
+    "SELECT id, workspace_id, kind, key_hash, CASE WHEN revoked_at IS NULL THEN 1 ELSE 0 END"
+    " FROM api_keys WHERE key_hash = %s"
+)
 
 
 def find_key_by_hash(conn: Connection, key_hash: str) -> KeyCheck | None:
-    row = conn.execute(_KEY_BY_HASH, {"key_hash": key_hash}).first()
+    row = first_row(conn, _KEY_BY_HASH, (key_hash,))
     if row is None:
         return None
-    return KeyCheck(row.id, row.workspace_id, row.kind, row.key_hash, bool(row.active))
+    return KeyCheck(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
 def list_keys(conn: Connection, workspace_id: WorkspaceId) -> list[ApiKey]:
