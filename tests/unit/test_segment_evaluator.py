@@ -644,3 +644,59 @@ def test_next_change_is_exact(cond: dict[str, Any], view: ProfileView, probes: l
         assert flip > NOW
         assert evaluate(d, view, flip) != now_value
         assert evaluate(d, view, flip - US) == now_value
+
+
+# The score flip's search starts from the decay formula's crossing; its answer must be the
+# one a plain bisection from now to the year 9999 finds (the reference below, the search
+# as it was), for every sign, threshold, operator and kind of decay.
+
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def _reference_flip(op: str, value: float, points: float, as_of: datetime, decay: Any) -> datetime | None:
+    def holds(at: datetime) -> bool:
+        v = score_value(points, as_of, decay, at)
+        return {"gt": v > value, "gte": v >= value, "lt": v < value, "lte": v <= value}[op]
+
+    start = holds(NOW)
+    lo, hi = 0, (_LATEST - NOW) // US
+    if holds(NOW + hi * US) == start:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if holds(NOW + mid * US) != start:
+            hi = mid
+        else:
+            lo = mid
+    return NOW + hi * US
+
+
+decays = st.one_of(
+    st.sampled_from([timedelta(hours=6), timedelta(days=2), timedelta(days=30), timedelta(microseconds=7)]),
+    st.integers(min_value=1, max_value=10**12).map(lambda us: timedelta(microseconds=us)),
+    st.tuples(st.sampled_from([0.5, 1.0, 3.0]), st.sampled_from([timedelta(days=1), timedelta(hours=5)])),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["gt", "gte", "lt", "lte"]),
+    st.one_of(
+        st.sampled_from([0, 1, -1, 2.5, 40, 1e-300, 5e-324, -5e-324]),
+        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    ),
+    st.one_of(
+        st.sampled_from([80.0, -80.0, 5.0, 1e300, -1e-300, 5e-324]),
+        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    ),
+    st.integers(min_value=-400 * 24, max_value=10 * 24).map(
+        lambda h: NOW + timedelta(hours=h, microseconds=h * 7)
+    ),
+    decays,
+)
+def test_score_flip_is_the_plain_bisection(
+    op: str, value: float, points: float, as_of: datetime, decay: Any
+) -> None:
+    d = seg({"kind": "score", "model": "e", "op": op, "value": value})
+    view = ProfileView(scores={"e": (points, as_of)}, half_lives={"e": decay})
+    assert next_change(d, view, NOW) == _reference_flip(op, float(value), points, as_of, decay)

@@ -282,7 +282,7 @@ def _segments(
         profile_id,
         now,
         segments=workspace_segments,
-        emit=functools.partial(emit, partitions=partitions),
+        announce=functools.partial(announce, partitions=partitions),
         cause=event.message_id,
         half_lives=half_lives,
         change=change,

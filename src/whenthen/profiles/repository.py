@@ -475,11 +475,7 @@ def senders(
         # By id, the workspace checked per row: with ``workspace_id = ?`` in the WHERE,
         # SQLite walked the workspace's whole index for every chunk (20 s of a 200,000-exit
         # expiry).
-        for pid, owner_ws, merged_into in conn.execute(
-            select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
-                profiles.c.id.in_(chunk)
-            )
-        ):
+        for pid, owner_ws, merged_into in conn.execute(_SENDER_TARGETS, {"ids": chunk}):
             if owner_ws == ws:
                 target[pid] = merged_into or pid
     survivors = sorted({t for p, t in target.items() if t != p})
@@ -487,11 +483,7 @@ def senders(
     for i in range(0, len(survivors), _ID_CHUNK):
         existing.update(
             pid
-            for pid, owner_ws in conn.execute(
-                select(profiles.c.id, profiles.c.workspace_id).where(
-                    profiles.c.id.in_(survivors[i : i + _ID_CHUNK])
-                )
-            )
+            for pid, owner_ws in conn.execute(_SENDER_SURVIVORS, {"ids": survivors[i : i + _ID_CHUNK]})
             if owner_ws == ws
         )
     owners = sorted({t for t in target.values() if t in existing})
@@ -499,16 +491,7 @@ def senders(
     for i in range(0, len(owners), _ID_CHUNK):
         # The workspace is checked per row: with ``workspace_id = ?`` in the WHERE, SQLite
         # (no statistics) walks the workspace's whole primary key instead of the profiles'.
-        rows = conn.execute(
-            select(
-                identities.c.workspace_id,
-                identities.c.profile_id,
-                identities.c.kind,
-                identities.c.value,
-            )
-            .where(identities.c.profile_id.in_(owners[i : i + _ID_CHUNK]))
-            .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
-        )
+        rows = conn.execute(_SENDER_IDS, {"ids": owners[i : i + _ID_CHUNK]})
         for row_ws, pid, kind, value in rows:
             if row_ws == ws:
                 firsts.setdefault(pid, {}).setdefault(kind, value)
@@ -523,3 +506,17 @@ def senders(
 
 
 _ID_CHUNK = 2000
+
+# ``senders``' statements, built once: it runs for every entry or exit the pipeline
+# announces, and building them (``in_``, the cache key) cost more than running them.
+_SENDER_TARGETS = select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
+    profiles.c.id.in_(bindparam("ids", expanding=True))
+)
+_SENDER_SURVIVORS = select(profiles.c.id, profiles.c.workspace_id).where(
+    profiles.c.id.in_(bindparam("ids", expanding=True))
+)
+_SENDER_IDS = (
+    select(identities.c.workspace_id, identities.c.profile_id, identities.c.kind, identities.c.value)
+    .where(identities.c.profile_id.in_(bindparam("ids", expanding=True)))
+    .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+)

@@ -16,6 +16,7 @@ same integer arithmetic in SQL: ``YYYY-MM-DD`` (midnight UTC) or
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -458,7 +459,11 @@ class EngagementCondition(_Model):
         return self
 
     def as_events(self) -> tuple[EventCondition, ...]:
-        """The event conditions this stands for (any of them): engagement is sugar."""
+        """The event conditions this stands for (any of them): engagement is sugar. Made
+        once per condition (the evaluator asks for them on every evaluation)."""
+        return _engagement_events(self)
+
+    def _make_events(self) -> tuple[EventCondition, ...]:
         where: list[Filter] = []
         for key in ("message_id", "journey_id", "node"):
             v = getattr(self, key)
@@ -483,6 +488,12 @@ class EngagementCondition(_Model):
             kind="event", event=ENGAGEMENT_OPENED, where=tuple(where), within_last=self.within_last
         )
         return (opened, clicked)
+
+
+@functools.lru_cache(maxsize=4096)
+def _engagement_events(cond: EngagementCondition) -> tuple[EventCondition, ...]:
+    # Frozen conditions are hashable and equal by value: equal ones share their events.
+    return cond._make_events()
 
 
 Condition = Annotated[

@@ -521,11 +521,17 @@ def on_change(
     cause: str = "",
     half_lives: dict[str, DecaySpec] | None = None,
     change: Change | None = None,
+    announce: Announce | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
     given, else :func:`relevant` for ``event_name``): update membership, history and
     timers (only those that differ), announce entries and exits. Returns the number of
-    entries and exits."""
+    entries and exits.
+
+    The entries and exits of all the segments are announced together at the end, in the
+    order they happened (through ``announce`` when given, else ``emit`` one by one): one
+    look-up of the person's ids and one append for all of them, rather than one of each
+    per entry or exit."""
     if change is not None:
         affected = [s for s in segments if change.affects(s)]
     else:
@@ -541,19 +547,25 @@ def on_change(
     timers: dict[str, datetime] = {}
     if any(s.timed for s in affected):
         timers = {r.segment_id: r.due_at for r in conn.execute(_TIMERS, who)}
-    announce = one_by_one(emit)
+    pending: list[Announcement] = []
+
+    def collect(conn: Connection, ws: str, announcements: Sequence[Announcement], *, now: datetime) -> None:
+        pending.extend(announcements)
+
     why = cause or f"change:{now.isoformat()}"
     moved = 0
     for seg in affected:
         moves = Moves(seg.id, ws, seg.key)
         settle(seg, profile_id, view, now, seg.id in current, why, moves)
         if moves:
-            write_moves(conn, moves, now, announce)
+            write_moves(conn, moves, now, collect)
             moved += len(moves)
         due = next_change(seg.definition, view, now) if seg.timed else None
         if due != timers.get(seg.id):
             existing = {profile_id: timers[seg.id]} if seg.id in timers else {}
             write_timers(conn, seg.id, ws, {profile_id: due}, existing)
+    if pending:
+        (announce or one_by_one(emit))(conn, ws, pending, now=now)
     return moved
 
 
