@@ -4,6 +4,7 @@ and the segments admin API, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -233,3 +234,49 @@ def test_merge_and_erasure_keep_memberships_right(env: JourneyEnv, http: TestCli
     with env.c.db.read() as conn:  # no trace left, not merely hidden
         for table in (segment_members, segment_timers, segment_history):
             assert conn.execute(select(table).where(table.c.profile_id == pid)).all() == []
+
+
+def test_one_call_that_moves_a_person_in_and_out_of_several_segments_announces_each_move_in_order(
+    env: JourneyEnv, http: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline announces all of one call's entries and exits together (one look-up
+    of the person's ids, one append), in the order of the segments, as it did one by one."""
+    free = {
+        "name": "Free plan",
+        "definition": {"condition": {"kind": "trait", "path": "plan", "value": "free"}},
+    }
+    team = {
+        "name": "Team or pro",
+        "definition": {"condition": {"kind": "trait", "path": "plan", "op": "in", "value": ["team", "pro"]}},
+    }
+    for key, body in (("free", free), ("pro", PRO), ("paid", team)):
+        assert http.put(f"/api/v1/segments/{key}", json=body).status_code == 200
+    env.identify("cy", plan="free")
+    assert [e["segment"] for e in env.system_events("Segment Entered")] == ["free"]
+
+    from whenthen.pipeline import service as pipeline_service
+
+    calls: list[list[tuple[str, str]]] = []
+    real = pipeline_service.announce
+
+    def recorded(conn: Any, ws: str, announcements: Any, **kw: Any) -> int:
+        calls.append([(a.name, a.properties["segment"]) for a in announcements])
+        return real(conn, ws, announcements, **kw)
+
+    monkeypatch.setattr(pipeline_service, "announce", recorded)
+    env.identify("cy", plan="pro")  # leaves free, enters pro and paid
+    assert len(calls) == 1
+    assert sorted(calls[0]) == [
+        ("Segment Entered", "paid"),
+        ("Segment Entered", "pro"),
+        ("Segment Exited", "free"),
+    ]
+    assert [e["segment"] for e in env.system_events("Segment Entered")] == [
+        "free",
+        *[s for n, s in calls[0] if n == "Segment Entered"],
+    ]
+    assert [e["segment"] for e in env.system_events("Segment Exited")] == ["free"]
+    pid = env.profile("cy").id
+    assert member_ids(http, "pro") == [pid]
+    assert member_ids(http, "paid") == [pid]
+    assert member_ids(http, "free") == []
