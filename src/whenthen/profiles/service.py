@@ -526,6 +526,7 @@ def _emit(
     partitions: int,
 ) -> int:
     calls: list[tracking.SystemCall] = []
+    stamp = now.isoformat()  # the same for every call of the batch
     for item in items:
         sender = senders.get(item.profile_id)
         if sender is None:
@@ -536,8 +537,8 @@ def _emit(
             "event": item.name,
             "messageId": item.message_id,
             "properties": item.properties,
-            "timestamp": now.isoformat(),
-            "receivedAt": now.isoformat(),
+            "timestamp": stamp,
+            "receivedAt": stamp,
             "context": {"library": {"name": library}},
         }
         if user_id:

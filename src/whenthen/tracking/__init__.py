@@ -69,17 +69,11 @@ def emit_many(
     deduplicated on the message id like any call; returns how many were newly stored."""
     from whenthen.tracking import service
 
+    track = CallType.TRACK
+    # Positional: AcceptedEvent's fields in order (message id, type, event, user id,
+    # anonymous id, timestamp, received at, payload); keywords cost twice the time.
     accepted = [
-        AcceptedEvent(
-            message_id=c.message_id,
-            type=CallType.TRACK,
-            event=c.event,
-            user_id=c.user_id,
-            anonymous_id=c.anonymous_id,
-            timestamp=now,
-            received_at=now,
-            payload=c.payload,
-        )
+        AcceptedEvent(c.message_id, track, c.event, c.user_id, c.anonymous_id, now, now, c.payload)
         for c in calls
     ]
     stored, _ = service.append(conn, workspace_id, accepted, partitions=partitions)
