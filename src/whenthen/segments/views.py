@@ -34,6 +34,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    true,
 )
 from sqlalchemy.dialects import postgresql
 
@@ -275,10 +276,47 @@ _TRAITS = per_dialect(
 )
 _EVENT_COLUMNS = (events.c.profile_id, events.c.event, events.c.timestamp, events.c.workspace_id)
 _NAMED = events.c.event.in_(bindparam("names", expanding=True))
-_EVENTS = {
-    (d, named, props): select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
-        ids_in(d, events.c.profile_id, _PIDS), events.c.type == "track", *([_NAMED] if named else [])
+
+
+def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
+    """The profiles' ``track`` rows. On PostgreSQL one index probe per id (a ``LATERAL``
+    subquery per element of the id array, kept apart by ``OFFSET 0``), as
+    :func:`of_segment` does: with the ids as ``profile_id = ANY(:pids)`` the planner
+    chose a parallel scan of the whole log for 5,000 ids, comparing every row with the
+    array (over a minute a statement at 2,000,000 events; the probes take milliseconds)."""
+    if d != "postgresql":
+        return select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
+            ids_in(d, events.c.profile_id, _PIDS), events.c.type == "track", *([_NAMED] if named else [])
+        )
+    ids = func.unnest(_array_param(_PIDS)).table_valued("pid").render_derived(name="u")
+    x = events.alias("x")
+    probe = (
+        select(
+            x.c.profile_id,
+            x.c.event,
+            x.c.timestamp,
+            x.c.workspace_id,
+            *([x.c.payload["properties"].label("properties")] if props else []),
+        )
+        .where(
+            x.c.profile_id == ids.c.pid,
+            x.c.type == "track",
+            *([x.c.event.in_(bindparam("names", expanding=True))] if named else []),
+        )
+        .offset(literal_column("0"))
+        .lateral("e")
     )
+    return select(
+        probe.c.profile_id,
+        probe.c.event,
+        probe.c.timestamp,
+        probe.c.workspace_id,
+        *([probe.c.properties] if props else []),
+    ).select_from(ids.join(probe, true()))
+
+
+_EVENTS = {
+    (d, named, props): _events_read(d, named, props)
     for d in DIALECTS
     for named in (False, True)
     for props in (False, True)
