@@ -70,6 +70,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template_path:
         shutil.copyfile(sqlite_template_path, path)
         yield f"sqlite:///{path}"
         return
+    yield from _postgres_database(request)
+
+
+@pytest.fixture(params=["postgres"])
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty PostgreSQL database, private to the test (PostgreSQL-only tests)."""
+    yield from _postgres_database(request)
+
+
+def _postgres_database(request: pytest.FixtureRequest) -> Iterator[str]:
     server: PostgresServer | None = request.getfixturevalue("pg_server")
     if server is None:
         pytest.skip("PostgreSQL not reachable (set WHENTHEN_TEST_POSTGRES_URL)")

@@ -4,27 +4,13 @@ every checkout), and ``Database.autocommit`` commits each statement by itself.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import exc, text
 
-from tests.support.databases import PostgresServer
 from whenthen.storage import Database, database
-
-
-@pytest.fixture(params=["postgres"])
-def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    server: PostgresServer | None = request.getfixturevalue("pg_server")
-    if server is None:
-        pytest.skip("PostgreSQL not reachable (set WHENTHEN_TEST_POSTGRES_URL)")
-    url = server.create_database()
-    try:
-        yield url
-    finally:
-        server.release_database(url)
 
 
 def _dsn(url: str) -> str:
