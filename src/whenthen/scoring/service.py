@@ -310,12 +310,15 @@ def lifecycle_of(conn: Connection, ws: str) -> Lifecycle | None:
 
 
 def stage_of(conn: Connection, ws: str, profile_id: str) -> str | None:
-    row = conn.execute(
-        select(profile_stages.c.stage).where(
-            profile_stages.c.workspace_id == ws, profile_stages.c.profile_id == profile_id
-        )
-    ).first()
+    row = conn.execute(_STAGE_OF, {"ws": ws, "pid": profile_id}).first()
     return str(row[0]) if row else None
+
+
+#: Built once: the pipeline reads a person's stage for every event of a workspace with a
+#: lifecycle, and building the statement cost more than running it.
+_STAGE_OF = select(profile_stages.c.stage).where(
+    profile_stages.c.workspace_id == bindparam("ws"), profile_stages.c.profile_id == bindparam("pid")
+)
 
 
 def move_stage(

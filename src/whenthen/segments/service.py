@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from whenthen import scoring
@@ -238,13 +239,30 @@ def _parse(data: Any) -> SegmentDefinition:
         ) from None
 
 
+#: Parsed definitions by their document (``parse_segment`` is a function of it alone):
+#: the pipeline reads a workspace's segments for every batch, and parsing 100
+#: definitions cost more than reading them; writing a document out is a fraction of
+#: parsing it. Emptied when it grows past a bound.
+_PARSED: dict[bytes, SegmentDefinition] = {}
+
+
+def _parsed(document: Any) -> SegmentDefinition:
+    key = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    found = _PARSED.get(key)
+    if found is None:
+        if len(_PARSED) > 10_000:
+            _PARSED.clear()
+        found = _PARSED[key] = parse_segment(document)
+    return found
+
+
 def _row_to_segment(row: Any) -> Segment:
     return Segment(
         id=row.id,
         workspace_id=row.workspace_id,
         key=row.key,
         name=row.name,
-        definition=parse_segment(row.definition),
+        definition=_parsed(row.definition),
         document=dict(row.definition),
         version=row.version,
         created_at=row.created_at,

@@ -205,12 +205,16 @@ def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) ->
     """Set the state (and the profile the event now belongs to) of processed events."""
     if not seq_to_profile:
         return
-    stmt = (
-        update(events)
-        .where(events.c.seq == bindparam("b_seq"))
-        .values(state=state, profile_id=bindparam("b_profile_id"))
-    )
-    conn.execute(stmt, [{"b_seq": s, "b_profile_id": p} for s, p in seq_to_profile.items()])
+    rows = [{"b_seq": s, "b_state": state, "b_profile_id": p} for s, p in seq_to_profile.items()]
+    conn.execute(_MARK, rows)
+
+
+#: Built once: ``mark`` runs for every event the pipeline attributes or finishes.
+_MARK = (
+    update(events)
+    .where(events.c.seq == bindparam("b_seq"))
+    .values(state=bindparam("b_state"), profile_id=bindparam("b_profile_id"))
+)
 
 
 def delete_seqs(conn: Connection, seqs: Sequence[int]) -> None:
