@@ -126,20 +126,27 @@ def _store(
         "decay_due_at": next_decay_crossing(model, score, score.points),
         "decay_from": score.points,
     }
-    if existed:
-        conn.execute(
-            update(profile_scores)
-            .where(
-                profile_scores.c.workspace_id == ws,
-                profile_scores.c.profile_id == profile_id,
-                profile_scores.c.model_key == key,
-            )
-            .values(**values)
-        )
-    else:
-        conn.execute(
-            insert(profile_scores).values(workspace_id=ws, profile_id=profile_id, model_key=key, **values)
-        )
+    params = {"ws": ws, "pid": profile_id, "key": key, **{f"v_{c}": v for c, v in values.items()}}
+    conn.execute(_UPDATE_SCORE if existed else _INSERT_SCORE, params)
+
+
+#: ``_store``'s statements, built once: a score is stored for most events of a workspace
+#: with scoring models, and building the statement cost more than running it.
+_SCORE_VALUES: dict[str, Any] = {
+    c: bindparam(f"v_{c}") for c in ("points", "as_of", "caps", "decay_due_at", "decay_from")
+}
+_UPDATE_SCORE = (
+    update(profile_scores)
+    .where(
+        profile_scores.c.workspace_id == bindparam("ws"),
+        profile_scores.c.profile_id == bindparam("pid"),
+        profile_scores.c.model_key == bindparam("key"),
+    )
+    .values(_SCORE_VALUES)
+)
+_INSERT_SCORE = insert(profile_scores).values(
+    workspace_id=bindparam("ws"), profile_id=bindparam("pid"), model_key=bindparam("key"), **_SCORE_VALUES
+)
 
 
 def scores_of(conn: Connection, ws: str, profile_id: str, now: datetime) -> dict[str, float]:
