@@ -1,4 +1,4 @@
-"""The id lists of the timer path bound as one parameter (``views.ids_in``,
+"""The id lists of the timer path bound as one parameter (``storage.id_lists.ids_in``,
 ``views.of_segment``: a JSON array on SQLite, an array literal and per-id probes on
 PostgreSQL) select exactly the listed rows, whatever characters the ids hold."""
 

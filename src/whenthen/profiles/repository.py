@@ -16,6 +16,7 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
+from whenthen.storage.id_lists import ids_in, per_dialect
 
 
 def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
@@ -468,6 +469,7 @@ def senders(
     the survivor's when merged away, its first userId,
     else its first anonymousId (identities in creation order); absent when the profile does
     not exist or has neither."""
+    d = conn.dialect.name
     ids = sorted(set(profile_ids))
     target: dict[str, str] = {}
     for i in range(0, len(ids), _ID_CHUNK):
@@ -475,7 +477,7 @@ def senders(
         # By id, the workspace checked per row: with ``workspace_id = ?`` in the WHERE,
         # SQLite walked the workspace's whole index for every chunk (20 s of a 200,000-exit
         # expiry).
-        for pid, owner_ws, merged_into in conn.execute(_SENDER_TARGETS, {"ids": chunk}):
+        for pid, owner_ws, merged_into in conn.execute(_SENDER_TARGETS[d], {"ids": chunk}):
             if owner_ws == ws:
                 target[pid] = merged_into or pid
     survivors = sorted({t for p, t in target.items() if t != p})
@@ -483,7 +485,7 @@ def senders(
     for i in range(0, len(survivors), _ID_CHUNK):
         existing.update(
             pid
-            for pid, owner_ws in conn.execute(_SENDER_SURVIVORS, {"ids": survivors[i : i + _ID_CHUNK]})
+            for pid, owner_ws in conn.execute(_SENDER_SURVIVORS[d], {"ids": survivors[i : i + _ID_CHUNK]})
             if owner_ws == ws
         )
     owners = sorted({t for t in target.values() if t in existing})
@@ -491,7 +493,7 @@ def senders(
     for i in range(0, len(owners), _ID_CHUNK):
         # The workspace is checked per row: with ``workspace_id = ?`` in the WHERE, SQLite
         # (no statistics) walks the workspace's whole primary key instead of the profiles'.
-        rows = conn.execute(_SENDER_IDS, {"ids": owners[i : i + _ID_CHUNK]})
+        rows = conn.execute(_SENDER_IDS[d], {"ids": owners[i : i + _ID_CHUNK]})
         for row_ws, pid, kind, value in rows:
             if row_ws == ws:
                 firsts.setdefault(pid, {}).setdefault(kind, value)
@@ -507,16 +509,21 @@ def senders(
 
 _ID_CHUNK = 2000
 
-# ``senders``' statements, built once: it runs for every entry or exit the pipeline
-# announces, and building them (``in_``, the cache key) cost more than running them.
-_SENDER_TARGETS = select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
-    profiles.c.id.in_(bindparam("ids", expanding=True))
+# ``senders``' statements, built once per dialect with the ids as one list parameter
+# (``storage.id_lists``): it runs for every entry or exit the pipeline announces, and
+# building them (``in_``, the cache key) cost more than running them.
+_SENDER_TARGETS = per_dialect(
+    lambda d: select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
+        ids_in(d, profiles.c.id, "ids")
+    )
 )
-_SENDER_SURVIVORS = select(profiles.c.id, profiles.c.workspace_id).where(
-    profiles.c.id.in_(bindparam("ids", expanding=True))
+_SENDER_SURVIVORS = per_dialect(
+    lambda d: select(profiles.c.id, profiles.c.workspace_id).where(ids_in(d, profiles.c.id, "ids"))
 )
-_SENDER_IDS = (
-    select(identities.c.workspace_id, identities.c.profile_id, identities.c.kind, identities.c.value)
-    .where(identities.c.profile_id.in_(bindparam("ids", expanding=True)))
-    .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+_SENDER_IDS = per_dialect(
+    lambda d: (
+        select(identities.c.workspace_id, identities.c.profile_id, identities.c.kind, identities.c.value)
+        .where(ids_in(d, identities.c.profile_id, "ids"))
+        .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+    )
 )

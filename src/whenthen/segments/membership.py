@@ -20,7 +20,8 @@ from sqlalchemy import Connection, bindparam, delete, insert, update
 
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
-from whenthen.segments.views import chunks, of_segment, per_dialect
+from whenthen.segments.views import chunks, of_segment
+from whenthen.storage.id_lists import per_dialect
 
 ENTERED = "Segment Entered"
 EXITED = "Segment Exited"
@@ -100,7 +101,7 @@ BATCH = 20_000
 
 
 # Built once per dialect (statement construction costs more than a one-row execution);
-# ``pids`` is one list parameter (``views.ids_in``).
+# ``pids`` is one list parameter (``storage.id_lists.ids_in``).
 _DELETE_MEMBERS = per_dialect(lambda d: delete(segment_members).where(*of_segment(d, segment_members)))
 # The terms of the partial index of open stays (segment, profile): the segment index
 # alone would scan every past stay in the segment.

@@ -65,17 +65,9 @@ from whenthen.segments.membership import (
     write_timers,
 )
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
-from whenthen.segments.views import (
-    CHUNK,
-    Reads,
-    chunks,
-    ids_in,
-    load_view,
-    load_views,
-    of_segment,
-    per_dialect,
-)
+from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views, of_segment
 from whenthen.storage import Database
+from whenthen.storage.id_lists import ids_in, per_dialect
 
 __all__ = [
     "ENTERED",

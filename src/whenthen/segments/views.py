@@ -13,30 +13,23 @@ for one profile.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Dialect,
     Select,
-    String,
     Table,
-    TypeDecorator,
-    any_,
     bindparam,
-    cast,
     func,
     literal_column,
     select,
     text,
     true,
 )
-from sqlalchemy.dialects import postgresql
 
 from whenthen.lists.tables import list_members
 from whenthen.profiles.tables import profile_tags, profiles
@@ -55,9 +48,10 @@ from whenthen.segments.definition import (
     walk,
 )
 from whenthen.segments.evaluator import DecaySpec, EventTuple, ProfileView
+from whenthen.storage.id_lists import DIALECTS, ArrayLiteral, array_param, ids_in, per_dialect
 from whenthen.tracking.tables import events
 
-#: Profile ids per statement (one list parameter, see :func:`ids_in`): a million
+#: Profile ids per statement (one list parameter, ``storage.id_lists.ids_in``): a million
 #: profiles take a few hundred round trips, and memory per statement stays small.
 CHUNK = 5000
 
@@ -139,50 +133,6 @@ def chunks(ids: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
         yield ids[i : i + size]
 
 
-class _JsonList(TypeDecorator[list[str]]):
-    """A list of strings bound as one JSON array (read back with ``json_each``)."""
-
-    impl = String
-    cache_ok = True
-
-    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> str | None:
-        return None if value is None else orjson.dumps(list(value)).decode()
-
-
-class _ArrayLiteral(TypeDecorator[list[str]]):
-    """A list of strings bound as one PostgreSQL array literal (``{"a","b"}``, cast to
-    ``VARCHAR[]`` in the statement): psycopg's own list adapter spends ~3 us per element
-    in Python, several times the literal's ``join``."""
-
-    impl = String
-    cache_ok = True
-
-    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> str | None:
-        if value is None:
-            return None
-        quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in value)
-        return "{" + ",".join(f'"{v}"' for v in quoted) + "}"
-
-
-def _array_param(name: str) -> ColumnElement[Any]:
-    return cast(bindparam(name, type_=_ArrayLiteral()), postgresql.ARRAY(String()))
-
-
-def ids_in(dialect_name: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
-    """``column`` is one of the strings of the list parameter ``name``, bound as ONE
-    parameter: ``= ANY(:name)`` (a text array) on PostgreSQL, ``IN (SELECT value FROM
-    json_each(:name))`` on SQLite. An expanding ``IN (:a, :b, ...)`` renders and binds one
-    placeholder per id on every execution and gives a different statement text per list
-    length (so psycopg parses each afresh): in a batch of timers that cost more than
-    the statements themselves. Both forms probe the index on ``column`` per id."""
-    if dialect_name == "postgresql":
-        return column == any_(_array_param(name))
-    values: Select[Any] = select(literal_column("value")).select_from(
-        func.json_each(bindparam(name, type_=_JsonList()))
-    )
-    return column.in_(values)
-
-
 def of_segment(dialect_name: str, table: Table, *, open_only: bool = False) -> list[ColumnElement[bool]]:
     """WHERE terms for the rows of ``table`` (``segment_members``, ``segment_timers``,
     ``segment_history``) of segment ``:seg`` and the profiles of list ``:pids``
@@ -207,25 +157,13 @@ def of_segment(dialect_name: str, table: Table, *, open_only: bool = False) -> l
             f" CROSS JOIN LATERAL (SELECT x.ctid FROM {table.name} AS x WHERE x.segment_id = :seg"
             f" AND x.profile_id = u.pid{open_sql} OFFSET 0) AS p))"
         )
-        probe = text(sql).bindparams(bindparam("pids", type_=_ArrayLiteral()))
+        probe = text(sql).bindparams(bindparam("pids", type_=ArrayLiteral()))
         terms: list[ColumnElement[bool]] = [probe.self_group()]  # type: ignore[list-item]
     else:
         terms = [c.segment_id == bindparam("seg"), ids_in(dialect_name, c.profile_id, "pids")]
     if open_only:
         terms.append(c.exited_at.is_(None))
     return terms
-
-
-_T = TypeVar("_T")
-
-#: The dialects statements are prebuilt for.
-DIALECTS = ("sqlite", "postgresql")
-
-
-def per_dialect(build: Callable[[str], _T]) -> dict[str, _T]:
-    """``build(dialect_name)`` for each dialect, done once at import (statements used in
-    loops are prebuilt: constructing one costs more than a small execution)."""
-    return {d: build(d) for d in DIALECTS}
 
 
 def load_views(
@@ -263,7 +201,7 @@ def load_view(
 
 # Built once per dialect: the pipeline reads one profile's view for every event, and
 # building a statement costs more than running it. ``pids`` is a list parameter
-# (:func:`ids_in`), ``names`` an expanding IN (a few names). The workspace is checked on
+# (``storage.id_lists.ids_in``), ``names`` an expanding IN (a few names). The workspace is checked on
 # each row of ``profiles`` and ``events`` rather than in the WHERE: with
 # ``workspace_id = ?`` there, SQLite (no statistics) walks the workspace's whole index
 # ((workspace, last seen) for profiles, (workspace, message id) for events) instead of
@@ -288,7 +226,7 @@ def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
         return select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
             ids_in(d, events.c.profile_id, _PIDS), events.c.type == "track", *([_NAMED] if named else [])
         )
-    ids = func.unnest(_array_param(_PIDS)).table_valued("pid").render_derived(name="u")
+    ids = func.unnest(array_param(_PIDS)).table_valued("pid").render_derived(name="u")
     x = events.alias("x")
     probe = (
         select(
