@@ -4,6 +4,8 @@ every checkout), and ``Database.autocommit`` commits each statement by itself.""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -47,13 +49,24 @@ def _counting_pings(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return answers
 
 
+@contextmanager
+def _one_connection_pool(
+    url: str, monkeypatch: pytest.MonkeyPatch, idle_ping_seconds: float
+) -> Iterator[Database]:
+    """A ``Database`` whose pool holds one connection, pinged after ``idle_ping_seconds``."""
+    monkeypatch.setattr(database, "IDLE_PING_SECONDS", idle_ping_seconds)
+    db = Database(url, pool_size=1)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
 def test_an_idle_connection_the_server_closed_is_replaced_before_use(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database, "IDLE_PING_SECONDS", 0.05)
     pings = _counting_pings(monkeypatch)
-    db = Database(pg_url, pool_size=1)
-    try:
+    with _one_connection_pool(pg_url, monkeypatch, 0.05) as db:
         first = _backend_pid(db)
         _terminate(pg_url, first)
         time.sleep(0.1)
@@ -61,39 +74,29 @@ def test_an_idle_connection_the_server_closed_is_replaced_before_use(
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
         assert pings == [False]  # the dead one was found out, and a new one used
         assert _backend_pid(db) != first
-    finally:
-        db.dispose()
 
 
 def test_a_connection_back_in_the_pool_a_moment_ago_is_not_pinged(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database, "IDLE_PING_SECONDS", 60.0)
     pings = _counting_pings(monkeypatch)
-    db = Database(pg_url, pool_size=1)
-    try:
+    with _one_connection_pool(pg_url, monkeypatch, 60.0) as db:
         pids = {_backend_pid(db) for _ in range(20)}
         assert len(pids) == 1  # one pooled connection, reused
         assert pings == []
-    finally:
-        db.dispose()
 
 
 def test_an_idle_connection_that_still_answers_is_pinged_once_and_kept(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database, "IDLE_PING_SECONDS", 0.05)
     pings = _counting_pings(monkeypatch)
-    db = Database(pg_url, pool_size=1)
-    try:
+    with _one_connection_pool(pg_url, monkeypatch, 0.05) as db:
         first = _backend_pid(db)
         time.sleep(0.1)
         assert _backend_pid(db) == first
         assert pings == [True]
         with db.read() as conn:  # the ping left no transaction open: this one reads fine
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
-    finally:
-        db.dispose()
 
 
 def test_a_connection_closed_by_the_server_between_two_quick_uses_fails_one_unit_of_work(
@@ -102,17 +105,13 @@ def test_a_connection_closed_by_the_server_between_two_quick_uses_fails_one_unit
     """The documented cost of pinging only idle connections: the unit of work that meets
     the dead connection fails (as any in flight at a restart would); the pool then opens
     a new one."""
-    monkeypatch.setattr(database, "IDLE_PING_SECONDS", 60.0)
-    db = Database(pg_url, pool_size=1)
-    try:
+    with _one_connection_pool(pg_url, monkeypatch, 60.0) as db:
         first = _backend_pid(db)
         _terminate(pg_url, first)
         with pytest.raises(exc.OperationalError) as failure, db.read() as conn:
             conn.execute(text("SELECT 1"))
         assert failure.value.connection_invalidated
         assert _backend_pid(db) != first
-    finally:
-        db.dispose()
 
 
 def test_autocommit_commits_each_statement_by_itself(pg_url: str) -> None:
