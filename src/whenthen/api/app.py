@@ -54,6 +54,8 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
     )
     app.state.container = c
     app.state.tracking_writer = single_calls
+    # Added before CORS, which so wraps it: tracking POSTs skip the routing, not CORS.
+    app.add_middleware(tracking.FastPath)
     # Browsers post tracking calls from other origins (analytics.js); the tracking API is
     # authenticated by write key, not by cookies, so any origin may call it.
     app.add_middleware(

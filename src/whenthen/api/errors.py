@@ -44,15 +44,24 @@ def error_response(
     return JSONBody(error_body(code, message, **extra), status_code=status, headers=headers)
 
 
+def domain_error_response(request: Request, exc: DomainError) -> JSONBody:
+    headers = None
+    if exc.status == 401:
+        # The tracking API takes the write key as a Basic user name; the admin API a Bearer token.
+        tracking = request.url.path.startswith("/v1/")
+        headers = {"WWW-Authenticate": 'Basic realm="whenthen"' if tracking else "Bearer"}
+    return error_response(exc.status, exc.code, exc.message, headers, **exc.details)
+
+
+def unexpected_error_response(exc: BaseException) -> JSONBody:
+    log.exception("unexpected error", exc_info=exc)
+    return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONBody:
-        headers = None
-        if exc.status == 401:
-            # The tracking API takes the write key as a Basic user name; the admin API a Bearer token.
-            tracking = request.url.path.startswith("/v1/")
-            headers = {"WWW-Authenticate": 'Basic realm="whenthen"' if tracking else "Bearer"}
-        return error_response(exc.status, exc.code, exc.message, headers, **exc.details)
+        return domain_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
@@ -69,5 +78,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONBody:
-        log.exception("unexpected error", exc_info=exc)
-        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+        return unexpected_error_response(exc)

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from whenthen.api.auth import authenticate_write_key, basic_user, container
-from whenthen.api.errors import error_response
+from whenthen.api.errors import domain_error_response, error_response, unexpected_error_response
 from whenthen.api.group_commit import TrackingWriter, writer
 from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
@@ -196,6 +197,40 @@ def _rate_limited(c: Container, principal: Principal, calls: int, now: datetime)
     )
 
 
+#: Every tracking path and the call type it forces (``None``: a batch).
+PATHS: dict[str, CallType | None] = {}
+
+
+class FastPath:
+    """Sends ``POST`` requests to the tracking paths straight to their handler, past the
+    framework's routing, dependency and exception layers, which cost about as much as
+    the handler's own work for a single call (docs/benchmarks.md, "Ingest"). Installed
+    inside the CORS middleware, so browsers get the same headers; errors are answered as
+    the app's exception handlers answer them. Any other request, and a path that does not
+    match exactly (a trailing slash, say), goes through the app as before."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path in PATHS:
+                request = Request(scope, receive)
+                try:
+                    response = await _handle(request, PATHS[path])
+                except DomainError as exc:
+                    response = domain_error_response(request, exc)
+                except Exception as exc:
+                    # As Starlette's ServerErrorMiddleware: the JSON 500, then the error
+                    # raised on to the server (which logs it; a test client re-raises it).
+                    await unexpected_error_response(exc)(scope, receive, send)
+                    raise
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _route(paths: tuple[str, ...], forced_type: CallType | None) -> None:
     async def endpoint(request: Request) -> Response:
         return await _handle(request, forced_type)
@@ -203,6 +238,7 @@ def _route(paths: tuple[str, ...], forced_type: CallType | None) -> None:
     name = forced_type.value if forced_type else "batch"
     endpoint.__name__ = f"segment_{name}"
     for i, path in enumerate(paths):
+        PATHS[path] = forced_type
         router.add_api_route(
             path,
             endpoint,
