@@ -5,6 +5,7 @@ limit; a group that fails is written call by call. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -219,3 +220,28 @@ def test_batches_waiting_together_share_a_commit(container: Container, commits: 
         writer.stop()
     assert results == [10] * 5
     assert stored(container) == 50
+
+
+def test_on_postgresql_a_group_is_written_without_a_transaction_block(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the group's key reads and appends run on an autocommit connection (no
+    BEGIN/COMMIT round trips, ADR 0007); SQLite: in one write transaction."""
+    ws = make_workspace(container)
+    modes: list[bool] = []
+    real = container.db.autocommit
+
+    @contextlib.contextmanager
+    def watched() -> Iterator[Any]:
+        with real() as conn:
+            modes.append(bool(getattr(conn.connection.driver_connection, "autocommit", False)))
+            yield conn
+
+    monkeypatch.setattr(container.db, "autocommit", watched)
+    calls = [(ws.write_key, {"userId": f"u{i}", "event": "Viewed", "messageId": f"m{i}"}) for i in range(20)]
+    answers = asyncio.run(_post_all(container, calls))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert stored(container) == 20
+    assert modes  # every group went through Database.autocommit
+    expected = container.db.engine.dialect.name == "postgresql"
+    assert set(modes) == {expected}

@@ -25,12 +25,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
 from starlette.responses import Response
 
 from whenthen.api.auth import authenticate_write_key_in
@@ -108,7 +106,7 @@ class TrackingWriter:
         else:
             # No transaction block: the key's read and the append are one statement
             # each, and the append commits the batch by itself (Database.autocommit).
-            [outcome] = self._write([call], self.c.db.autocommit)
+            [outcome] = self._write([call])
             settle(outcome)
             if isinstance(outcome, int) and outcome:
                 self.c.worker.notify()
@@ -158,19 +156,22 @@ class TrackingWriter:
             if stored:
                 self.c.worker.notify()
 
-    def _write(
-        self, group: list[_Call], unit: Callable[[], AbstractContextManager[Connection]] | None = None
-    ) -> list[Outcome]:
-        """One transaction for the group: each request's answer (an int: stored).
+    def _write(self, group: list[_Call]) -> list[Outcome]:
+        """The group's writes: each request's answer (an int: stored).
 
         Single calls of one workspace are appended together (their answer does not say
         whether the call was a duplicate); a batch is appended on its own, for its count.
+        On SQLite that is one transaction; on PostgreSQL each append is one statement that
+        commits by itself (``Database.autocommit``, ADR 0007): no ``BEGIN`` and ``COMMIT``
+        round trips, and every answer waits for all of the group's statements. A group
+        that fails part-way is written again call by call; what was stored already is
+        then a duplicate (deduplicated on ``messageId``), so nothing is stored twice.
         """
         outcomes: list[Outcome] = []
         principals: dict[str, Principal | Unauthorized] = {}
         by_workspace: dict[str, list[AcceptedEvent]] = {}
         partitions = self.c.settings.pipeline.partitions
-        with (unit or self.c.db.write)() as conn:
+        with self.c.db.autocommit() as conn:
             for call in group:
                 principal = principals.get(call.key)
                 if principal is None:
