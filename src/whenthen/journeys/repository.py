@@ -14,7 +14,7 @@ from whenthen.journeys.tables import (
     journey_versions,
     journeys,
 )
-from whenthen.storage.driver import StoredValues, write_rows
+from whenthen.storage.driver import StoredValues, execute, json_text, write_rows
 
 
 def _locking(conn: Connection, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -127,39 +127,16 @@ def to_state(row: Any) -> State:
     )
 
 
-#: Statements on the hot paths (every event, every timer) are built once with bind
-#: parameters: constructing ``insert().values(**kw)`` / ``select().where(...)`` per call
-#: cost several times the statement itself (docs/benchmarks.md, "Journeys").
-_INSERT_ENROLLMENT = insert(enrollments)
-
-
-def enrollment_row(
-    *,
-    ws: str,
-    journey_id: str,
-    version: int,
-    profile_id: str,
-    state: State,
-    entry_key: str | None,
-    now: datetime,
-) -> dict[str, Any]:
-    return {
-        "id": state.enrollment_id,
-        "workspace_id": ws,
-        "journey_id": journey_id,
-        "version": version,
-        "profile_id": profile_id,
-        "status": state.status.value,
-        "node": state.node,
-        "wake_at": state.wake_at,
-        "entered_at": state.entered_at,
-        "ended_at": now if state.status.ended else None,
-        "steps": state.steps,
-        "context": dict(state.context),
-        "reason": state.reason,
-        "entry_key": entry_key,
-        "updated_at": now,
-    }
+#: A person entering a journey (every triggering event) is one insert at the driver's
+#: level, as the states and journal rows below; ``failures`` keeps its server default.
+_INSERT_ENROLLMENT_SQL = {
+    "sqlite": "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
+    " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "postgresql": "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status,"
+    " node, wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+}
 
 
 def insert_enrollment(
@@ -173,16 +150,26 @@ def insert_enrollment(
     entry_key: str | None,
     now: datetime,
 ) -> None:
-    conn.execute(
-        _INSERT_ENROLLMENT,
-        enrollment_row(
-            ws=ws,
-            journey_id=journey_id,
-            version=version,
-            profile_id=profile_id,
-            state=state,
-            entry_key=entry_key,
-            now=now,
+    at = StoredValues(conn).at
+    execute(
+        conn,
+        _INSERT_ENROLLMENT_SQL,
+        (
+            state.enrollment_id,
+            ws,
+            journey_id,
+            version,
+            profile_id,
+            state.status.value,
+            state.node,
+            at(state.wake_at),
+            at(state.entered_at),
+            at(now) if state.status.ended else None,
+            state.steps,
+            json_text(conn, dict(state.context)),
+            state.reason,
+            entry_key,
+            at(now),
         ),
     )
 

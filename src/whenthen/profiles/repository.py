@@ -16,6 +16,7 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
+from whenthen.storage.driver import StoredValues, execute
 from whenthen.storage.id_lists import ids_in, per_dialect
 
 
@@ -189,33 +190,33 @@ _SAVE_STATE = (
 
 
 #: An event that changed no trait: only the person's activity (and time zone) moves.
-_SAVE_ACTIVITY = (
-    update(profiles)
-    .where(profiles.c.id == bindparam("b_id"))
-    .values(
-        timezone=bindparam("b_timezone"),
-        first_seen=bindparam("b_first_seen"),
-        last_seen=bindparam("b_last_seen"),
-        event_count=bindparam("b_event_count"),
-        updated_at=bindparam("b_updated_at"),
-        version=profiles.c.version + 1,
-    )
-)
+#: A person's activity, written at the driver's level: it runs for nearly every event the
+#: pipeline applies, and SQLAlchemy's execution cost more than the statement
+#: (``tests/integration/test_driver_writes.py`` checks it stores what SQLAlchemy's
+#: ``update(profiles)`` of the same values stores).
+_SAVE_ACTIVITY_SQL = {
+    "sqlite": "UPDATE profiles SET timezone = ?, first_seen = ?, last_seen = ?, event_count = ?,"
+    " updated_at = ?, version = version + 1 WHERE id = ?",
+    "postgresql": "UPDATE profiles SET timezone = %s, first_seen = %s, last_seen = %s, event_count = %s,"
+    " updated_at = %s, version = version + 1 WHERE id = %s",
+}
 
 
 def save_activity(conn: Connection, profile: Profile, now: datetime) -> None:
     """``save_state`` for a profile whose traits, email and phone did not change: the
     traits are not written again (their JSON is most of the statement's cost)."""
-    conn.execute(
-        _SAVE_ACTIVITY,
-        {
-            "b_id": profile.id,
-            "b_timezone": profile.timezone,
-            "b_first_seen": profile.first_seen,
-            "b_last_seen": profile.last_seen,
-            "b_event_count": profile.event_count,
-            "b_updated_at": now,
-        },
+    at = StoredValues(conn).at
+    execute(
+        conn,
+        _SAVE_ACTIVITY_SQL,
+        (
+            profile.timezone,
+            at(profile.first_seen),
+            at(profile.last_seen),
+            profile.event_count,
+            at(now),
+            profile.id,
+        ),
     )
 
 

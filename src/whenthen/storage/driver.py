@@ -88,6 +88,28 @@ def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tup
         cursor.close()
 
 
+def execute(conn: Connection, statements: dict[str, str], params: tuple[Any, ...]) -> int:
+    """One write statement on the driver's own cursor, ``statements`` giving its text per
+    dialect name (``?`` placeholders on SQLite, ``%s`` on PostgreSQL) and ``params`` values
+    already in their stored form (``StoredValues``; on PostgreSQL JSON as text, cast in the
+    statement). For a write on every event, where SQLAlchemy's execution (compiled
+    parameters, a bind processor per value) cost more than the statement. Returns the
+    rows the statement reported."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(statements[conn.dialect.name], params)
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def json_text(conn: Connection, value: Any) -> str:
+    """A JSON value as the engine writes it (its serializer), for a parameter cast to
+    JSON in a driver-level statement."""
+    dumps = getattr(conn.dialect, "_json_serializer", None) or _json_text
+    return str(dumps(value))
+
+
 def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """The first row of a query written with ``%s`` placeholders, run on the driver's own
     cursor (``?`` on SQLite): for a look-up on every request, where SQLAlchemy's

@@ -1,0 +1,137 @@
+"""Writes made at the driver's level on the pipeline's per-event path (a person entering a
+journey, a person's activity) store exactly what SQLAlchemy's own statements through the
+column types store, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, text, update
+
+from whenthen.bootstrap import Container
+from whenthen.journeys import repository as journey_repo
+from whenthen.journeys.model import State, Status
+from whenthen.journeys.tables import enrollments
+from whenthen.kernel.ids import ProfileId
+from whenthen.profiles import repository as profile_repo
+from whenthen.profiles.tables import profiles
+
+TIMES = [
+    datetime(2026, 12, 1, 22, 0, 0, tzinfo=UTC),  # no microseconds
+    datetime(2026, 12, 1, 22, 0, 0, 123456, tzinfo=UTC),
+    datetime(2001, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=8))),  # not UTC
+]
+CONTEXT: dict[str, Any] = {
+    "trigger": {"event": "Cart Updated", "properties": {"cart_id": "c\u00e9-1", "total": 12.5}},
+    "messages": {},
+    "payload": {"list": [1, None, True], "emoji": "\U0001f600", "cjk": "\u4e2d\u6587"},
+}
+
+
+def _raw(conn: Connection, table: str, key: str, value: str) -> dict[str, Any]:
+    """A row as the database holds it, without the column types' result processing."""
+    return dict(conn.execute(text(f"SELECT * FROM {table} WHERE {key} = :v"), {"v": value}).mappings().one())
+
+
+def test_a_new_enrollment_is_stored_as_through_sqlalchemy(container: Container) -> None:
+    cases = [
+        (Status.ACTIVE, "wait", TIMES[1] + timedelta(days=2), None, "cart-1"),
+        (Status.COMPLETED, None, None, "r\u00e9ason", None),
+    ]
+    for i, now in enumerate(TIMES):
+        for j, (status, node, wake, reason, entry_key) in enumerate(cases):
+            fast_id, orm_id = f"enr_fast{i}{j}", f"enr_orm{i}{j}"
+            with container.db.write() as conn:
+                for eid in (fast_id, orm_id):
+                    state = State(eid, status, node, wake, now - timedelta(seconds=5), 2, CONTEXT, reason)
+                    if eid == fast_id:
+                        journey_repo.insert_enrollment(
+                            conn,
+                            ws="ws-1",
+                            journey_id="jrn-1",
+                            version=3,
+                            profile_id="prf-1",
+                            state=state,
+                            entry_key=entry_key,
+                            now=now,
+                        )
+                    else:  # the statement insert_enrollment ran through SQLAlchemy before
+                        conn.execute(
+                            insert(enrollments).values(
+                                id=eid,
+                                workspace_id="ws-1",
+                                journey_id="jrn-1",
+                                version=3,
+                                profile_id="prf-1",
+                                status=status.value,
+                                node=node,
+                                wake_at=wake,
+                                entered_at=state.entered_at,
+                                ended_at=now if status.ended else None,
+                                steps=2,
+                                context=dict(CONTEXT),
+                                reason=reason,
+                                entry_key=entry_key,
+                                updated_at=now,
+                            )
+                        )
+            with container.db.read() as conn:
+                fast = _raw(conn, "enrollments", "id", fast_id)
+                slow = _raw(conn, "enrollments", "id", orm_id)
+                typed = conn.execute(select(enrollments).where(enrollments.c.id == fast_id)).mappings().one()
+            del fast["id"], slow["id"]
+            assert fast == slow
+            assert typed["failures"] == 0  # the server default
+            assert typed["context"] == CONTEXT
+            assert typed["wake_at"] == wake
+            assert typed["updated_at"] == now
+            assert typed["ended_at"] == (now if status.ended else None)
+
+
+def test_a_persons_activity_is_stored_as_through_sqlalchemy(container: Container) -> None:
+    with container.db.write() as conn:
+        for pid in ("prf_fast", "prf_orm"):
+            profile_repo.insert_profile(conn, "ws-1", pid, TIMES[0])
+    for i, now in enumerate(TIMES):
+        with container.db.write() as conn:
+            for pid in ("prf_fast", "prf_orm"):
+                profile = profile_repo.get(conn, "ws-1", pid)
+                assert profile is not None
+                moved = replace(
+                    profile,
+                    timezone="Asia/Shanghai" if i % 2 else None,
+                    first_seen=TIMES[2],
+                    last_seen=now + timedelta(microseconds=i),
+                    event_count=profile.event_count + 1,
+                )
+                if pid == "prf_fast":
+                    profile_repo.save_activity(conn, moved, now)
+                else:  # the statement save_activity ran through SQLAlchemy before
+                    conn.execute(
+                        update(profiles)
+                        .where(profiles.c.id == ProfileId(pid))
+                        .values(
+                            timezone=moved.timezone,
+                            first_seen=moved.first_seen,
+                            last_seen=moved.last_seen,
+                            event_count=moved.event_count,
+                            updated_at=now,
+                            version=profiles.c.version + 1,
+                        )
+                    )
+        with container.db.read() as conn:
+            fast = _raw(conn, "profiles", "id", "prf_fast")
+            slow = _raw(conn, "profiles", "id", "prf_orm")
+            typed = profile_repo.get(conn, "ws-1", "prf_fast")
+        del fast["id"], slow["id"]
+        assert fast == slow
+        assert typed is not None
+        assert (typed.first_seen, typed.last_seen, typed.updated_at, typed.event_count) == (
+            TIMES[2],
+            now + timedelta(microseconds=i),
+            now,
+            i + 1,
+        )
+        assert fast["version"] == i + 2  # inserted at 1, one more a save
