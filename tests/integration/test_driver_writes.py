@@ -16,6 +16,7 @@ from whenthen.journeys.model import State, Status
 from whenthen.journeys.tables import enrollments
 from whenthen.kernel.ids import ProfileId
 from whenthen.profiles import repository as profile_repo
+from whenthen.profiles.model import Identity, IdentityKind
 from whenthen.profiles.tables import profiles
 
 TIMES = [
@@ -135,3 +136,40 @@ def test_a_persons_activity_is_stored_as_through_sqlalchemy(container: Container
             i + 1,
         )
         assert fast["version"] == i + 2  # inserted at 1, one more a save
+
+
+def test_a_profile_read_by_its_identity_is_the_profile_sqlalchemy_reads(container: Container) -> None:
+    """``by_identity`` runs on the driver's cursor; what it gives back (times, JSON, the
+    lock on PostgreSQL aside) is what the same query through SQLAlchemy gives."""
+    now = TIMES[1]
+    with container.db.write() as conn:
+        profile_repo.insert_profile(conn, "ws-1", "prf_read", now)
+        profile_repo.attach_identity(
+            conn, "ws-1", ProfileId("prf_read"), Identity(IdentityKind.USER_ID, "u\u00e9"), now
+        )
+        base = profile_repo.get(conn, "ws-1", "prf_read")
+        assert base is not None
+        profile_repo.save_state(
+            conn,
+            replace(
+                base,
+                traits={"name": "Ann", "cart": {"total": 12.5, "items": [1, None]}, "cjk": "\u4e2d\u6587"},
+                trait_times={"name": "2026-12-01T22:00:00Z"},
+                email="ann@example.com",
+                timezone="Asia/Shanghai",
+                first_seen=TIMES[2],
+                last_seen=now,
+                event_count=7,
+            ),
+            now,
+        )
+    with container.db.write() as conn:
+        fast = profile_repo.by_identity(conn, "ws-1", IdentityKind.USER_ID, "u\u00e9")
+        orm = profile_repo.get(conn, "ws-1", "prf_read", with_identities=False)
+        missing = profile_repo.by_identity(conn, "ws-1", IdentityKind.USER_ID, "nobody")
+    assert fast == orm
+    assert fast is not None
+    assert fast.first_seen == TIMES[2]
+    assert fast.first_seen.tzinfo is not None
+    assert fast.traits["cart"] == {"total": 12.5, "items": [1, None]}
+    assert missing is None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,7 +17,7 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
-from whenthen.storage.driver import StoredValues, execute
+from whenthen.storage.driver import DriverQuery, StoredValues, execute
 from whenthen.storage.id_lists import ids_in, per_dialect
 
 
@@ -67,12 +68,20 @@ _BY_IDENTITY = (
 _BY_IDENTITY_FOR_UPDATE = _BY_IDENTITY.with_for_update(of=profiles)
 
 
+#: Run on the driver's cursor: the read of nearly every event the pipeline applies.
+_BY_IDENTITY_QUERY = {
+    "sqlite": DriverQuery(_BY_IDENTITY),
+    "postgresql": DriverQuery(_BY_IDENTITY_FOR_UPDATE),
+}
+_ProfileRow = namedtuple("_ProfileRow", [c.name for c in _BY_IDENTITY.selected_columns])  # type: ignore[misc]
+
+
 def by_identity(conn: Connection, workspace_id: str, kind: IdentityKind, value: str) -> Profile | None:
     """The profile owning an identity, locked on PostgreSQL (``owner_of`` and ``get``
     with ``lock`` in one statement), without its identities."""
-    stmt = _BY_IDENTITY_FOR_UPDATE if conn.dialect.name == "postgresql" else _BY_IDENTITY
-    row = conn.execute(stmt, {"ws": workspace_id, "kind": kind.value, "value": value}).first()
-    return None if row is None else _profile(row)
+    query = _BY_IDENTITY_QUERY[conn.dialect.name]
+    row = query.first(conn, {"ws": workspace_id, "kind": kind.value, "value": value})
+    return None if row is None else _profile(_ProfileRow._make(row))
 
 
 def get(

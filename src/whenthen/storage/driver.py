@@ -124,3 +124,40 @@ def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any,
         return tuple(row) if row is not None else None
     finally:
         cursor.close()
+
+
+class DriverQuery:
+    """A prebuilt SQLAlchemy ``select`` run on the driver's own cursor, its rows processed
+    by the selected columns' own result processors (datetimes, JSON on SQLite): for a
+    read on every event, where SQLAlchemy's execution cost more than the query. The
+    statement is compiled once per dialect by SQLAlchemy itself, so its SQL is the one
+    SQLAlchemy would send. Its parameters must need no bind processing (plain strings
+    and numbers): they are handed to the driver as given."""
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, list[Any]]] = {}
+
+    def _for(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, list[Any]]:
+        found = self._compiled.get(dialect.name)
+        if found is None:
+            compiled = self.stmt.compile(dialect=dialect)
+            positional = tuple(compiled.positiontup) if compiled.positional else None
+            processors = [
+                c.type.dialect_impl(dialect).result_processor(dialect, None)
+                for c in self.stmt.selected_columns
+            ]
+            found = self._compiled[dialect.name] = (compiled.string, positional, processors)
+        return found
+
+    def first(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        sql, positional, processors = self._for(conn.dialect)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, tuple(params[n] for n in positional) if positional is not None else params)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None:
+            return None
+        return tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True))
