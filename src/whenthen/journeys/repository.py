@@ -14,7 +14,7 @@ from whenthen.journeys.tables import (
     journey_versions,
     journeys,
 )
-from whenthen.storage.driver import StoredValues, execute, json_text, write_rows
+from whenthen.storage.driver import StoredValues, execute, json_text, statements, write_rows
 
 
 def _locking(conn: Connection, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -129,14 +129,11 @@ def to_state(row: Any) -> State:
 
 #: A person entering a journey (every triggering event) is one insert at the driver's
 #: level, as the states and journal rows below; ``failures`` keeps its server default.
-_INSERT_ENROLLMENT_SQL = {
-    "sqlite": "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
+_INSERT_ENROLLMENT_SQL = statements(
+    "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
     " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    "postgresql": "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status,"
-    " node, wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
-}
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)"
+)
 
 
 def insert_enrollment(

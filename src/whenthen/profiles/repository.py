@@ -17,7 +17,7 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
-from whenthen.storage.driver import DriverQuery, StoredValues, execute
+from whenthen.storage.driver import DriverQuery, StoredValues, execute, statements
 from whenthen.storage.id_lists import ids_in, per_dialect
 
 
@@ -69,10 +69,9 @@ _BY_IDENTITY_FOR_UPDATE = _BY_IDENTITY.with_for_update(of=profiles)
 
 
 #: Run on the driver's cursor: the read of nearly every event the pipeline applies.
-_BY_IDENTITY_QUERY = {
-    "sqlite": DriverQuery(_BY_IDENTITY),
-    "postgresql": DriverQuery(_BY_IDENTITY_FOR_UPDATE),
-}
+_BY_IDENTITY_QUERY = per_dialect(
+    lambda d: DriverQuery(_BY_IDENTITY_FOR_UPDATE if d == "postgresql" else _BY_IDENTITY)
+)
 _ProfileRow = namedtuple("_ProfileRow", [c.name for c in _BY_IDENTITY.selected_columns])  # type: ignore[misc]
 
 
@@ -203,12 +202,10 @@ _SAVE_STATE = (
 #: pipeline applies, and SQLAlchemy's execution cost more than the statement
 #: (``tests/integration/test_driver_writes.py`` checks it stores what SQLAlchemy's
 #: ``update(profiles)`` of the same values stores).
-_SAVE_ACTIVITY_SQL = {
-    "sqlite": "UPDATE profiles SET timezone = ?, first_seen = ?, last_seen = ?, event_count = ?,"
-    " updated_at = ?, version = version + 1 WHERE id = ?",
-    "postgresql": "UPDATE profiles SET timezone = %s, first_seen = %s, last_seen = %s, event_count = %s,"
-    " updated_at = %s, version = version + 1 WHERE id = %s",
-}
+_SAVE_ACTIVITY_SQL = statements(
+    "UPDATE profiles SET timezone = %s, first_seen = %s, last_seen = %s, event_count = %s,"
+    " updated_at = %s, version = version + 1 WHERE id = %s"
+)
 
 
 def save_activity(conn: Connection, profile: Profile, now: datetime) -> None:

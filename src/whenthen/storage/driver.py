@@ -35,7 +35,7 @@ class StoredValues:
         if dialect.name == "postgresql":
             self.dumps: Any = _same  # nested in the batch's one document (orjson, as the engine)
         else:
-            self.dumps = getattr(dialect, "_json_serializer", None) or _json_text
+            self.dumps = _serializer(dialect)
         self.times: dict[datetime, Any] = {}
 
     def at(self, value: datetime | None) -> Any:
@@ -72,6 +72,11 @@ def _json_text(value: Any) -> str:
     return json.dumps(value)
 
 
+def _serializer(dialect: Dialect) -> Any:
+    """The engine's JSON serializer (the standard library's when it has none)."""
+    return getattr(dialect, "_json_serializer", None) or _json_text
+
+
 def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tuple[Any, ...]]) -> int:
     """SQLite: one executemany of ``values``; PostgreSQL: one statement over the rows as
     one JSON array of objects with ``keys`` (its one parameter). Returns the rows the
@@ -88,13 +93,23 @@ def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tup
         cursor.close()
 
 
+def statements(sql: str) -> dict[str, str]:
+    """A driver-level statement per dialect name, from its PostgreSQL text (``%s``
+    placeholders, JSON parameters cast with ``::jsonb``): on SQLite ``?`` placeholders and
+    no cast (JSON is stored as text)."""
+    return {"postgresql": sql, "sqlite": _sqlite_form(sql).replace("::jsonb", "")}
+
+
+def _sqlite_form(sql: str) -> str:
+    return sql.replace("%s", "?")
+
+
 def execute(conn: Connection, statements: dict[str, str], params: tuple[Any, ...]) -> int:
     """One write statement on the driver's own cursor, ``statements`` giving its text per
-    dialect name (``?`` placeholders on SQLite, ``%s`` on PostgreSQL) and ``params`` values
-    already in their stored form (``StoredValues``; on PostgreSQL JSON as text, cast in the
-    statement). For a write on every event, where SQLAlchemy's execution (compiled
-    parameters, a bind processor per value) cost more than the statement. Returns the
-    rows the statement reported."""
+    dialect name (from :func:`statements`) and ``params`` values already in their stored
+    form (``StoredValues``; JSON as text, :func:`json_text`). For a write on every event,
+    where SQLAlchemy's execution (compiled parameters, a bind processor per value) cost
+    more than the statement. Returns the rows the statement reported."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute(statements[conn.dialect.name], params)
@@ -106,8 +121,7 @@ def execute(conn: Connection, statements: dict[str, str], params: tuple[Any, ...
 def json_text(conn: Connection, value: Any) -> str:
     """A JSON value as the engine writes it (its serializer), for a parameter cast to
     JSON in a driver-level statement."""
-    dumps = getattr(conn.dialect, "_json_serializer", None) or _json_text
-    return str(dumps(value))
+    return str(_serializer(conn.dialect)(value))
 
 
 def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -118,7 +132,7 @@ def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any,
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         if conn.dialect.name != "postgresql":
-            sql = sql.replace("%s", "?")
+            sql = _sqlite_form(sql)
         cursor.execute(sql, params)
         row = cursor.fetchone()
         return tuple(row) if row is not None else None
