@@ -64,6 +64,8 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.expression import FromClause
 
 from whenthen.kernel.durations import parse_duration
@@ -95,7 +97,14 @@ from whenthen.segments.definition import (
     to_us,
     walk,
 )
-from whenthen.segments.evaluator import DECAY_EPOCH_US, MAX_HALF_LIVES, DecaySpec, fold
+from whenthen.segments.evaluator import (
+    DECAY_EPOCH_US,
+    LEAVING_ONLY,
+    MAX_HALF_LIVES,
+    DecaySpec,
+    fold,
+    time_direction,
+)
 from whenthen.tracking.tables import events
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -404,10 +413,23 @@ def _ts_us_sqlite(col: ColumnElement[Any]) -> ColumnElement[Any]:
 # ---- conditions ---------------------------------------------------------------------
 
 
-def _event_rows(ctx: _Ctx, e: Any, spec_event: str, where: Sequence[Filter]) -> list[Bool]:
+def _event_rows(
+    ctx: _Ctx, e: Any, spec_event: str, where: Sequence[Filter], *, of: ColumnElement[Any] | None = None
+) -> list[Bool]:
+    """The conditions on one alias of ``events`` for an event spec: the track events of
+    that name and those filters in the workspace, attributed to a profile (the set-based
+    form, ``of`` None), or to the profile ``of`` names (a subquery correlated to it).
+
+    In the correlated form on SQLite the workspace is tested as ``+workspace_id``: a unary
+    plus keeps SQLite (no statistics) from searching ``ix_events_workspace_event_time``
+    for it, a scan of every event of that name per outer row, instead of
+    ``ix_events_profile_time`` (the person's events only)."""
+    workspace: ColumnElement[Any] = e.c.workspace_id
+    if of is not None and not ctx.pg:
+        workspace = UnaryExpression(workspace, operator=operators.custom_op("+"), type_=String())
     conds: list[Bool] = [
-        e.c.profile_id == profiles.c.id,
-        e.c.workspace_id == ctx.workspace_id,
+        e.c.profile_id.is_not(None) if of is None else e.c.profile_id == of,
+        workspace == ctx.workspace_id,
         e.c.type == "track",
         e.c.event == spec_event,
     ]
@@ -420,6 +442,17 @@ def _subquery(what: Any, frm: FromClause, conds: Sequence[Bool]) -> Select[Any]:
     return select(what).select_from(frm).where(*conds).correlate_except(frm)
 
 
+def _profiles_in(e: Any, conds: Sequence[Bool], having: Bool | None = None) -> Bool:
+    """``profiles.id IN (SELECT e.profile_id ...)``: the people with matching rows (with
+    ``having`` over each person's group). Set-based: the subquery is run once, over the
+    rows of one event name (``ix_events_workspace_event_time``), not once per profile.
+    Its rows are never NULL (``_event_rows``), so the test is two-valued."""
+    sub = select(e.c.profile_id).select_from(e).where(*conds)
+    if having is not None:
+        sub = sub.group_by(e.c.profile_id).having(having)
+    return profiles.c.id.in_(sub)
+
+
 def _event_condition(ctx: _Ctx, cond: EventCondition) -> Bool:
     e = ctx.alias(events, "ev")
     conds = _event_rows(ctx, e, cond.event, cond.where)
@@ -430,35 +463,39 @@ def _event_condition(ctx: _Ctx, cond: EventCondition) -> Bool:
     if cond.to is not None:
         conds.append(e.c.timestamp < _clamped(_required_us(cond.to)))
     low, high = cond.count_bounds()
+    n = func.count()
+    if low == 0:
+        if high is None:
+            return true()
+        # at most ``high``: not among those with more (none at all counts as zero)
+        return not_(_profiles_in(e, conds, None if high == 0 else n > high))
     if (low, high) == (1, None):
-        return exists(_subquery(_n(1), e, conds))
-    if (low, high) == (0, 0):
-        return not_(exists(_subquery(_n(1), e, conds)))
-    n = _subquery(func.count(), e, conds).scalar_subquery()
-    parts: list[Bool] = []
-    if low > 0:
-        parts.append(n >= low)
-    if high is not None:
-        parts.append(n <= high)
-    return and_(*parts) if parts else true()
+        return _profiles_in(e, conds)
+    return _profiles_in(e, conds, n >= low if high is None else and_(n >= low, n <= high))
 
 
 def _performed_time(ctx: _Ctx, cond: PerformedTimeCondition) -> Bool:
+    """The first or last time as an aggregate per person, compared in ``HAVING``: a person
+    without such an event has no group, so the test is false for them, as the evaluator's
+    is when the time is missing."""
     e = ctx.alias(events, "ev")
-    agg = func.min(e.c.timestamp) if cond.kind == "first_performed" else func.max(e.c.timestamp)
-    t = _subquery(agg, e, _event_rows(ctx, e, cond.event, cond.where)).scalar_subquery()
+    t = func.min(e.c.timestamp) if cond.kind == "first_performed" else func.max(e.c.timestamp)
     op = Op(cond.op)
+    test: Bool
     if op is Op.BEFORE:
-        return _b(t < _clamped(_required_us(cond.value)))
-    if op is Op.AFTER:
-        return _b(t > _clamped(_required_us(cond.value)))
-    d = parse_duration(cond.value) // timedelta(microseconds=1)
-    now = ctx.now_us
-    if op is Op.WITHIN_LAST:
-        return _b(and_(t >= _clamped(now - d), t <= ctx.now))
-    if op is Op.WITHIN_NEXT:
-        return _b(and_(t >= ctx.now, t <= _clamped(now + d)))
-    return _b(t < _clamped(now - d))
+        test = t < _clamped(_required_us(cond.value))
+    elif op is Op.AFTER:
+        test = t > _clamped(_required_us(cond.value))
+    else:
+        d = parse_duration(cond.value) // timedelta(microseconds=1)
+        now = ctx.now_us
+        if op is Op.WITHIN_LAST:
+            test = and_(t >= _clamped(now - d), t <= ctx.now)
+        elif op is Op.WITHIN_NEXT:
+            test = and_(t >= ctx.now, t <= _clamped(now + d))
+        else:
+            test = t < _clamped(now - d)
+    return _profiles_in(e, _event_rows(ctx, e, cond.event, cond.where), test)
 
 
 def _within(ctx: _Ctx, a: Any, b: Any, within: timedelta) -> Bool:
@@ -476,6 +513,8 @@ def _within(ctx: _Ctx, a: Any, b: Any, within: timedelta) -> Bool:
 
 
 def _sequence(ctx: _Ctx, cond: SequenceCondition) -> Bool:
+    """The people with a ``first`` event (set-based) followed, or not, by a ``then`` event
+    of their own (correlated to that first event: ``ix_events_profile_time``)."""
     a = ctx.alias(events, "sa")
     b = ctx.alias(events, "sb")
     a_conds = _event_rows(ctx, a, cond.first.event, cond.first.where)
@@ -485,14 +524,14 @@ def _sequence(ctx: _Ctx, cond: SequenceCondition) -> Bool:
     spec: EventSpec | None = cond.then if cond.then is not None else cond.then_not
     assert spec is not None
     within = parse_duration(cond.within) if cond.within is not None else None
-    b_conds = [*_event_rows(ctx, b, spec.event, spec.where), b.c.timestamp > a.c.timestamp]
+    b_conds = [*_event_rows(ctx, b, spec.event, spec.where, of=a.c.profile_id), b.c.timestamp > a.c.timestamp]
     if within is not None:
         b_conds.append(_within(ctx, a, b, within))
     followed = exists(_subquery(_n(1), b, b_conds))
     if cond.then is not None:
-        return exists(_subquery(_n(1), a, [*a_conds, followed]))
+        return _profiles_in(a, [*a_conds, followed])
     assert within is not None
-    return exists(_subquery(_n(1), a, [*a_conds, a.c.timestamp <= ctx.now - within, not_(followed)]))
+    return _profiles_in(a, [*a_conds, a.c.timestamp <= ctx.now - within, not_(followed)])
 
 
 def _score(ctx: _Ctx, cond: ScoreCondition) -> Bool:
@@ -669,7 +708,13 @@ def timer_candidates_query(
       event at or after ``now - max(w, W)``;
     * a score in a model with a half-life: a score row in that model.
 
-    ``where`` filters are left out: fewer rows to test, a superset still."""
+    The events are those the leaf counts, its ``where`` filters included (a leaf changes
+    by time only when one of its own events enters or leaves a window); each is one
+    set-based ``IN`` over ``ix_events_workspace_event_time``.
+
+    When time can move people only one way (:func:`whenthen.segments.evaluator.time_direction`),
+    only the current members (or only the non-members) among those are candidates, and
+    everyone with a future-dated event of a time-dependent leaf (it will enter a window)."""
     if dialect_name not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported dialect: {dialect_name}")
     if now.tzinfo is None:
@@ -677,11 +722,13 @@ def timer_candidates_query(
     ctx = _Ctx(dialect=dialect_name, workspace_id=workspace_id, now=now, half_lives=half_lives or {})
     ctx.now_us = to_us(now)
     relative = (Op.WITHIN_LAST, Op.WITHIN_NEXT, Op.OLDER_THAN)
-    since: dict[str, int] = {}  # event name -> the earliest instant (us) that matters
+    # (event name, its filters as JSON) -> (the filters, the earliest instant (us) that matters)
+    since: dict[tuple[str, str], tuple[Sequence[Filter], int]] = {}
 
-    def recent(name: str, d: timedelta) -> None:
+    def recent(name: str, where: Sequence[Filter], d: timedelta) -> None:
         at = ctx.now_us - d // timedelta(microseconds=1)
-        since[name] = min(since.get(name, at), at)
+        key = (name, "[" + ",".join(f.model_dump_json() for f in where) + "]")
+        since[key] = (where, min(since.get(key, (where, at))[1], at))
 
     parts: list[Bool] = []
     for cond in walk(definition.condition):
@@ -690,9 +737,9 @@ def timer_candidates_query(
         elif isinstance(cond, EventCondition | EngagementCondition):
             for c in cond.as_events() if isinstance(cond, EngagementCondition) else (cond,):
                 if c.within_last is not None:
-                    recent(c.event, parse_duration(c.within_last))
+                    recent(c.event, c.where, parse_duration(c.within_last))
         elif isinstance(cond, PerformedTimeCondition) and Op(cond.op) in relative:
-            recent(cond.event, parse_duration(cond.value))
+            recent(cond.event, cond.where, parse_duration(cond.value))
         elif isinstance(cond, SequenceCondition):
             waits = [
                 parse_duration(w)
@@ -700,7 +747,7 @@ def timer_candidates_query(
                 if w
             ]
             if waits:
-                recent(cond.first.event, max(waits))
+                recent(cond.first.event, cond.first.where, max(waits))
         elif isinstance(cond, ScoreCondition) and ctx.half_lives.get(cond.model) is not None:
             s = ctx.alias(profile_scores, "sc")
             parts.append(
@@ -716,15 +763,24 @@ def timer_candidates_query(
                     )
                 )
             )
-    for name, at in sorted(since.items()):
+    future: list[Bool] = []
+    for (name, _), (where, at) in since.items():
         e = ctx.alias(events, "ev")
-        parts.append(
-            exists(_subquery(_n(1), e, [*_event_rows(ctx, e, name, []), e.c.timestamp >= _clamped(at)]))
-        )
+        parts.append(_profiles_in(e, [*_event_rows(ctx, e, name, where), e.c.timestamp >= _clamped(at)]))
+        f = ctx.alias(events, "ev")
+        future.append(_profiles_in(f, [*_event_rows(ctx, f, name, where), f.c.timestamp > ctx.now]))
     if not parts:
         return None
+    candidates = or_(*parts)
+    direction = time_direction(definition, ctx.half_lives)
+    if direction is not None:
+        # Time alone moves people one way only, unless an event of theirs lies ahead:
+        # members (or non-members) with a time-dependent event, and anyone with a future one.
+        member = _condition(ctx, definition.condition)
+        side = member if direction == LEAVING_ONLY else not_(member)
+        candidates = or_(and_(side, candidates), *future)
     return select(profiles.c.id).where(
-        profiles.c.workspace_id == workspace_id, profiles.c.merged_into.is_(None), or_(*parts)
+        profiles.c.workspace_id == workspace_id, profiles.c.merged_into.is_(None), candidates
     )
 
 

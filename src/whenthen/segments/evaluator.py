@@ -524,6 +524,83 @@ def _bracket(differs: Callable[[int], bool], guess: int, lo: int, hi: int) -> tu
         a, step = probe, step * 2
 
 
+#: How the answer can move by the passage of time alone, for a profile none of whose
+#: time-dependent events lies in the future (see :func:`time_direction`).
+LEAVING_ONLY = "leaving_only"
+ENTERING_ONLY = "entering_only"
+
+
+def _leaf_direction(cond: Any, half_lives: Mapping[str, DecaySpec]) -> str | None:
+    """``LEAVING_ONLY`` when time alone can only turn the leaf from true to false (for a
+    profile without future events of the leaf), ``ENTERING_ONLY`` when only from false to
+    true, ``""`` when time never changes it, ``None`` when it may go either way (or when
+    this analysis does not know)."""
+    if isinstance(cond, EventCondition | EngagementCondition):
+        direction = ""
+        for c in cond.as_events() if isinstance(cond, EngagementCondition) else (cond,):
+            if c.within_last is None:
+                continue  # all-time or between fixed dates: time changes nothing
+            low, high = c.count_bounds()
+            # with no future event, the count in [now - d, now] only falls as time passes
+            if high is None and low >= 1:
+                leaf = LEAVING_ONLY  # at least n
+            elif low == 0 and high is not None:
+                leaf = ENTERING_ONLY  # at most n, not performed
+            elif low == 0:
+                leaf = ""  # always true
+            else:
+                return None  # between, exactly: both ways
+            if direction and leaf and leaf != direction:
+                return None
+            direction = direction or leaf
+        return direction
+    if isinstance(cond, PerformedTimeCondition):
+        op = Op(cond.op)
+        if op is Op.WITHIN_LAST:
+            return LEAVING_ONLY  # the time, in the past, leaves the window
+        if op is Op.OLDER_THAN:
+            return ENTERING_ONLY
+        if op in (Op.BEFORE, Op.AFTER):
+            return ""
+        return None
+    if isinstance(cond, TraitCondition):
+        return None if cond.op in (Op.WITHIN_LAST, Op.WITHIN_NEXT, Op.OLDER_THAN) else ""
+    if isinstance(cond, SequenceCondition):
+        return None if (cond.first_within_last is not None or cond.then_not is not None) else ""
+    if isinstance(cond, ScoreCondition):
+        return None if half_lives.get(cond.model) is not None else ""
+    return ""  # lists, tags, stage
+
+
+def time_direction(definition: SegmentDefinition, half_lives: Mapping[str, DecaySpec]) -> str | None:
+    """``LEAVING_ONLY`` when the passage of time alone can only take members out of the
+    segment, never bring anyone in, for every profile without a future-dated event of a
+    time-dependent leaf: every time-dependent leaf turns only from true to false and sits
+    under an even number of ``not`` (the rest of the definition is monotone in it);
+    ``ENTERING_ONLY`` for the mirror case; ``None`` otherwise (mixed, both ways, unknown).
+    "Ordered 2 times in the last 30 days, or on plan pro and viewed a page in the last 7
+    days" is ``LEAVING_ONLY``: only its members can have a :func:`next_change`. The
+    compiler's timer candidates use it (``tests/unit/test_segment_time_direction.py``
+    checks it against ``next_change`` on generated definitions and views)."""
+    found: set[str] = set()
+
+    def visit(cond: Any, negated: bool) -> bool:
+        if isinstance(cond, AndCondition | OrCondition):
+            return all(visit(c, negated) for c in cond.conditions)
+        if isinstance(cond, NotCondition):
+            return visit(cond.condition, not negated)
+        leaf = _leaf_direction(cond, half_lives)
+        if leaf is None:
+            return False
+        if leaf:
+            found.add(leaf if not negated else (ENTERING_ONLY if leaf == LEAVING_ONLY else LEAVING_ONLY))
+        return True
+
+    if not visit(definition.condition, False) or len(found) != 1:
+        return None
+    return next(iter(found))
+
+
 def next_change(definition: SegmentDefinition, view: ProfileView, now: datetime) -> datetime | None:
     """The earliest instant after ``now`` at which :func:`evaluate` gives another answer
     with no new data, or ``None`` when it never will.

@@ -32,4 +32,6 @@ events = Table(
         postgresql_where=text("state = 0"),
     ),
     Index("ix_events_profile_time", "profile_id", "timestamp", "seq"),
+    # whole-population segment queries: the rows of one event name in a window (0008)
+    Index("ix_events_workspace_event_time", "workspace_id", "event", "timestamp"),
 )
