@@ -24,6 +24,8 @@ from tests.integration.test_segment_compiler import (
     NOW,
     WS,
     Person,
+    _event_row,
+    _profile_row,
     definitions,
     people,
     store,
@@ -32,7 +34,7 @@ from whenthen import profiles as profiles_facade
 from whenthen.pipeline import service as pipeline
 from whenthen.profiles.tables import identities, profiles
 from whenthen.segments import service as segments
-from whenthen.segments.compiler import timer_candidates_query
+from whenthen.segments.compiler import members_query, timer_candidates_query
 from whenthen.segments.definition import SegmentDefinition, parse_segment
 from whenthen.segments.evaluator import ProfileView, evaluate, next_change
 from whenthen.segments.membership import Announcement
@@ -351,3 +353,52 @@ def test_a_change_affects_the_segments_that_read_what_it_changed() -> None:
     assert hit(segments.Change(event="B", stage=True)) == {"st"}
     assert by_score.timed
     assert not by_trait.timed
+
+
+def test_population_queries_hash_their_sets_on_postgresql(db: Database) -> None:
+    """ADR 0008: an event condition is ``profiles.id IN (subquery)``; under an ``OR``
+    PostgreSQL hashes that set only when it expects it to fit in ``work_mem``, and rescans
+    it for every profile otherwise. ``for_population`` gives the transaction the memory
+    (``POPULATION_WORK_MEM``); here the smallest ``work_mem`` stands for a set too big for
+    the default one. On SQLite it changes nothing (the set is always built once)."""
+    n = 6000
+    with db.write() as conn:
+        for table in (events, profiles):
+            conn.execute(delete(table))
+        conn.execute(insert(profiles), [_profile_row(Person(f"p{i}", {"plan": "pro"}), WS) for i in range(n)])
+        conn.execute(
+            insert(events),
+            [_event_row(WS, f"p{i}", "Page Viewed", {}, NOW - timedelta(hours=1)) for i in range(n)],
+        )
+    d = parse_segment(
+        {
+            "condition": {
+                "kind": "or",
+                "conditions": [
+                    {"kind": "trait", "path": "plan", "op": "eq", "value": "team"},
+                    {"kind": "event", "event": "Page Viewed", "within_last": "7d"},
+                ],
+            }
+        }
+    )
+    query = members_query(d, workspace_id=WS, now=NOW, dialect_name=db.dialect.value)
+    with db.write() as conn:
+        if db.dialect.value != "postgresql":
+            segments.for_population(conn)
+            assert len(conn.execute(query).all()) == n
+            return
+        conn.exec_driver_sql("ANALYZE events")
+        conn.exec_driver_sql("ANALYZE profiles")
+        sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+
+        def plan() -> str:
+            return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+
+        conn.exec_driver_sql("SET LOCAL work_mem = '64kB'")
+        assert "hashed SubPlan" not in plan()
+        segments.for_population(conn)
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() == segments.POPULATION_WORK_MEM
+        assert "hashed SubPlan" in plan()
+        assert len(conn.execute(query).all()) == n
+    with db.read() as conn:  # for the transaction only
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() != segments.POPULATION_WORK_MEM

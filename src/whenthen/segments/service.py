@@ -320,6 +320,26 @@ def save_segment(
     return segment, counts
 
 
+#: PostgreSQL's ``work_mem`` for the whole-population queries of a segment (recompute,
+#: timer candidates, preview), set for their transaction. Their event conditions are
+#: ``profiles.id IN (subquery)`` under ``OR`` / ``NOT`` (ADR 0008), which PostgreSQL runs
+#: as a *hashed* subplan (the set built once, probed per profile) only when it expects
+#: the set to fit in ``work_mem`` times ``hash_mem_multiplier`` (8 MB with the defaults:
+#: about 150,000 people); past that it rescans the set for every profile, hours at a
+#: million. 256 MB (512 MB for a hash with the default multiplier) holds sets of about
+#: nine million people. It is a limit per sort or hash node, taken only while such a
+#: query runs.
+POPULATION_WORK_MEM = "256MB"
+
+
+def for_population(conn: Connection) -> None:
+    """Prepare the transaction for whole-population segment queries (PostgreSQL: see
+    :data:`POPULATION_WORK_MEM`; nothing to do on SQLite, whose ``IN (subquery)`` is
+    always built once)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL work_mem = '{POPULATION_WORK_MEM}'")
+
+
 def recompute(
     conn: Connection,
     segment: Segment,
@@ -335,6 +355,7 @@ def recompute(
     ``announce`` when given (many at once), else ``emit`` one by one."""
     ws = segment.workspace_id
     half_lives = half_lives_of(conn, ws)
+    for_population(conn)
     query = members_query(
         segment.definition,
         workspace_id=ws,
@@ -367,6 +388,7 @@ def rebuild_timers(
     """Insert the segment's timers (none may exist): ``next_change`` for every profile that
     :func:`timer_candidates_query` names, a chunk of views at a time. Returns how many."""
     ws = segment.workspace_id
+    for_population(conn)
     stmt = timer_candidates_query(
         segment.definition, workspace_id=ws, now=now, dialect_name=conn.dialect.name, half_lives=half_lives
     )
@@ -398,6 +420,7 @@ def delete_segment(conn: Connection, ws: str, key: str) -> None:
 def preview(conn: Connection, ws: str, data: Any, now: datetime, *, sample: int = 10) -> dict[str, Any]:
     """How many profiles a definition selects now, and a few of them; nothing is saved."""
     definition = _parse(data)
+    for_population(conn)
     query = members_query(
         definition,
         workspace_id=ws,
