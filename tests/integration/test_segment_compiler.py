@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, insert, select
 
+from tests.support.segment_trees import trees
 from whenthen.lists.tables import list_members
 from whenthen.profiles.tables import profile_tags, profiles
 from whenthen.scoring.tables import profile_scores, profile_stages
@@ -438,15 +439,7 @@ leaves = st.one_of(
         st.lists(st.sampled_from(["lead", "customer", "churned"]), min_size=1, max_size=2),
     ),
 )
-conditions = st.recursive(
-    leaves,
-    lambda inner: st.one_of(
-        st.builds(lambda cs: {"kind": "and", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda cs: {"kind": "or", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda c: {"kind": "not", "condition": c}, inner),
-    ),
-    max_leaves=5,
-)
+conditions = trees(leaves, max_leaves=5)
 definitions = conditions.map(lambda c: parse_segment({"condition": c}))
 
 

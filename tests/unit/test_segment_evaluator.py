@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.segment_trees import trees
 from whenthen.segments.definition import (
     InvalidSegment,
     SegmentDefinition,
@@ -605,15 +606,7 @@ time_leaves = st.one_of(
         st.sampled_from([1, 2.5, 5, 10, -1]),
     ),
 )
-time_conditions = st.recursive(
-    time_leaves,
-    lambda inner: st.one_of(
-        st.builds(lambda cs: {"kind": "and", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda cs: {"kind": "or", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda c: {"kind": "not", "condition": c}, inner),
-    ),
-    max_leaves=4,
-)
+time_conditions = trees(time_leaves, max_leaves=4)
 views = st.builds(
     lambda evs, d, pts, as_of, hl: ProfileView(
         traits={"d": d.isoformat()},

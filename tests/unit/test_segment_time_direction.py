@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.segment_trees import trees
 from whenthen.segments.definition import SegmentDefinition, parse_segment
 from whenthen.segments.evaluator import (
     ENTERING_ONLY,
@@ -103,15 +104,7 @@ leaves = st.one_of(
     st.builds(lambda name: {"kind": "event", "event": name}, names),
     st.just({"kind": "tag", "tag": "vip"}),
 )
-conditions = st.recursive(
-    leaves,
-    lambda inner: st.one_of(
-        st.builds(lambda cs: {"kind": "and", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda cs: {"kind": "or", "conditions": cs}, st.lists(inner, min_size=1, max_size=3)),
-        st.builds(lambda c: {"kind": "not", "condition": c}, inner),
-    ),
-    max_leaves=5,
-)
+conditions = trees(leaves, max_leaves=5)
 views = st.builds(
     lambda evs, vip: ProfileView(traits={}, events=evs, tags=frozenset({"vip"} if vip else ())),
     st.lists(st.tuples(names, st.just({}), past), max_size=6),
