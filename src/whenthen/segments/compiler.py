@@ -763,12 +763,9 @@ def timer_candidates_query(
                     )
                 )
             )
-    future: list[Bool] = []
     for (name, _), (where, at) in since.items():
         e = ctx.alias(events, "ev")
         parts.append(_profiles_in(e, [*_event_rows(ctx, e, name, where), e.c.timestamp >= _clamped(at)]))
-        f = ctx.alias(events, "ev")
-        future.append(_profiles_in(f, [*_event_rows(ctx, f, name, where), f.c.timestamp > ctx.now]))
     if not parts:
         return None
     candidates = or_(*parts)
@@ -776,6 +773,10 @@ def timer_candidates_query(
     if direction is not None:
         # Time alone moves people one way only, unless an event of theirs lies ahead:
         # members (or non-members) with a time-dependent event, and anyone with a future one.
+        future: list[Bool] = []
+        for (name, _), (where, _at) in since.items():
+            f = ctx.alias(events, "ev")
+            future.append(_profiles_in(f, [*_event_rows(ctx, f, name, where), f.c.timestamp > ctx.now]))
         member = _condition(ctx, definition.condition)
         side = member if direction == LEAVING_ONLY else not_(member)
         candidates = or_(and_(side, candidates), *future)

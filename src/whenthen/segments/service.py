@@ -386,9 +386,9 @@ def rebuild_timers(
     conn: Connection, segment: Segment, now: datetime, half_lives: dict[str, DecaySpec]
 ) -> int:
     """Insert the segment's timers (none may exist): ``next_change`` for every profile that
-    :func:`timer_candidates_query` names, a chunk of views at a time. Returns how many."""
+    :func:`timer_candidates_query` names, a chunk of views at a time. Returns how many.
+    Part of :func:`recompute`, whose transaction :func:`for_population` has prepared."""
     ws = segment.workspace_id
-    for_population(conn)
     stmt = timer_candidates_query(
         segment.definition, workspace_id=ws, now=now, dialect_name=conn.dialect.name, half_lives=half_lives
     )
