@@ -19,6 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import event as sa_event
 
 from tests.integration.test_segment_compiler import (
     NOW,
@@ -85,6 +86,47 @@ def test_bulk_views_answer_like_full_views_and_timer_candidates_cover_every_time
                 if due is not None:
                     assert p.id in candidates, (p, d)
             assert candidates <= set(ids)  # never the merged-away or other workspace's copies
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(population=people(), defs=st.lists(definitions, min_size=1, max_size=3), picks=st.data())
+def test_queries_restricted_to_some_people_answer_as_the_whole_population_does_for_them(
+    db: Database, population: list[Person], defs: list[SegmentDefinition], picks: st.DataObject
+) -> None:
+    """``among``: the members and timer candidates among listed people (as a timer batch
+    asks) are the whole population's, intersected with the list; merged-away copies,
+    other workspaces' copies and unknown ids listed are never answered."""
+    store(db, population)
+    ids = [p.id for p in population]
+    chosen = picks.draw(st.lists(st.sampled_from(ids), unique=True))
+    listed = [*chosen, f"{ids[0]}-merged", f"{ids[0]}-other", "nobody"]
+    lives = population[0].view().half_lives
+    d_name = db.dialect.value
+    with db.read() as conn:
+        for d in defs:
+            whole = set(
+                conn.execute(
+                    members_query(d, workspace_id=WS, now=NOW, dialect_name=d_name, half_lives=lives)
+                ).scalars()
+            )
+            among = members_query(
+                d, workspace_id=WS, now=NOW, dialect_name=d_name, half_lives=lives, among=True
+            )
+            assert set(conn.execute(among, {"pids": listed}).scalars()) == whole & set(listed)
+            stmt = timer_candidates_query(d, workspace_id=WS, now=NOW, dialect_name=d_name, half_lives=lives)
+            restricted = timer_candidates_query(
+                d, workspace_id=WS, now=NOW, dialect_name=d_name, half_lives=lives, among=True
+            )
+            if stmt is None:
+                assert restricted is None
+                continue
+            assert restricted is not None
+            everyone = set(conn.execute(stmt).scalars())
+            assert set(conn.execute(restricted, {"pids": listed}).scalars()) == everyone & set(listed)
 
 
 # ---- recompute and timers against the per-profile answer --------------------------------
@@ -402,3 +444,49 @@ def test_population_queries_hash_their_sets_on_postgresql(db: Database) -> None:
         assert len(conn.execute(query).all()) == n
     with db.read() as conn:  # for the transaction only
         assert conn.exec_driver_sql("SHOW work_mem").scalar() != segments.POPULATION_WORK_MEM
+
+
+def test_queries_restricted_to_a_batch_probe_its_people_on_sqlite(db: Database) -> None:
+    """A timer batch asks the compiler about its people only (``among``): on SQLite, which
+    has no statistics, the plan must probe the listed ids (the profiles' key, the
+    person's events by ``ix_events_profile_time``) rather than walk the workspace's
+    profiles or every event of the name, which would cost a pass over the population per
+    batch. On PostgreSQL the planner chooses with statistics; the answer is checked."""
+    n = 300
+    with db.write() as conn:
+        for table in (events, profiles):
+            conn.execute(delete(table))
+        conn.execute(insert(profiles), [_profile_row(Person(f"p{i}", {"plan": "pro"}), WS) for i in range(n)])
+        conn.execute(
+            insert(events),
+            [_event_row(WS, f"p{i}", "Trial Started", {}, NOW - timedelta(days=i % 20)) for i in range(n)],
+        )
+    d = parse_segment({"condition": {"kind": "event", "event": "Trial Started", "within_last": "14d"}})
+    listed = [f"p{i}" for i in range(0, n, 7)]
+    queries = [
+        members_query(d, workspace_id=WS, now=NOW, dialect_name=db.dialect.value, among=True),
+        timer_candidates_query(d, workspace_id=WS, now=NOW, dialect_name=db.dialect.value, among=True),
+    ]
+    captured: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        captured.append((statement, parameters))
+
+    with db.read() as conn:
+        for q in queries:
+            assert q is not None
+            sa_event.listen(conn, "before_cursor_execute", capture)
+            try:
+                got = set(conn.execute(q, {"pids": listed}).scalars())
+            finally:
+                sa_event.remove(conn, "before_cursor_execute", capture)
+            assert got == {p for p in listed if int(p[1:]) % 20 <= 14}
+            if db.dialect.value == "postgresql":
+                continue
+            statement, parameters = captured[-1]
+            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+            text_ = "\n".join(plan)
+            assert "ix_profiles_workspace_last_seen" not in text_, text_
+            assert "ix_events_workspace_event_time" not in text_, text_
+            assert "SEARCH profiles USING INDEX sqlite_autoindex_profiles_1 (id=?)" in text_, text_
+            assert "USING INDEX ix_events_profile_time (profile_id=?" in text_, text_

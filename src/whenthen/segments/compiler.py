@@ -105,6 +105,7 @@ from whenthen.segments.evaluator import (
     fold,
     time_direction,
 )
+from whenthen.storage.id_lists import ids_in
 from whenthen.tracking.tables import events
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -153,6 +154,9 @@ class _Ctx:
     half_lives: Mapping[str, DecaySpec]
     now_us: int = 0
     names: count[int] = field(default_factory=count)
+    #: Restricted to the profiles of the list parameter ``pids`` (:func:`members_query`'s
+    #: ``among``): every set-based subquery reads those people's rows only.
+    among: bool = False
 
     @property
     def pg(self) -> bool:
@@ -418,17 +422,26 @@ def _event_rows(
 ) -> list[Bool]:
     """The conditions on one alias of ``events`` for an event spec: the track events of
     that name and those filters in the workspace, attributed to a profile (the set-based
-    form, ``of`` None), or to the profile ``of`` names (a subquery correlated to it).
+    form, ``of`` None; with ``ctx.among``, to one of the listed profiles), or to the
+    profile ``of`` names (a subquery correlated to it).
 
     In the correlated form on SQLite the workspace is tested as ``+workspace_id``: a unary
     plus keeps SQLite (no statistics) from searching ``ix_events_workspace_event_time``
     for it, a scan of every event of that name per outer row, instead of
-    ``ix_events_profile_time`` (the person's events only)."""
+    ``ix_events_profile_time`` (the person's events only). The restricted form does the
+    same: the listed people's events, not every event of the name."""
     workspace: ColumnElement[Any] = e.c.workspace_id
-    if of is not None and not ctx.pg:
+    if (of is not None or ctx.among) and not ctx.pg:
         workspace = UnaryExpression(workspace, operator=operators.custom_op("+"), type_=String())
+    person: Bool
+    if of is not None:
+        person = e.c.profile_id == of
+    elif ctx.among:
+        person = ids_in(ctx.dialect, e.c.profile_id, "pids")
+    else:
+        person = e.c.profile_id.is_not(None)
     conds: list[Bool] = [
-        e.c.profile_id.is_not(None) if of is None else e.c.profile_id == of,
+        person,
         workspace == ctx.workspace_id,
         e.c.type == "track",
         e.c.event == spec_event,
@@ -653,21 +666,51 @@ def compile_segment(
     now: datetime,
     dialect_name: str,
     half_lives: Mapping[str, DecaySpec] | None = None,
+    among: bool = False,
 ) -> Bool:
     """A predicate over ``profiles``: the profile is in ``workspace_id``, not merged away,
     and in the segment at ``now``. ``half_lives`` gives the decay of each scoring model
-    (absent or ``None``: no decay), as in :class:`whenthen.segments.evaluator.ProfileView`."""
+    (absent or ``None``: no decay), as in :class:`whenthen.segments.evaluator.ProfileView`.
+
+    With ``among``, the profile is also one of the ids of the list parameter ``pids``
+    (``storage.id_lists.ids_in``: bind it as a list), and every set-based subquery reads
+    only those people's rows: the answer for a batch of people (a timer batch) costs
+    their rows, not a pass over the population. For a listed profile the answer is the
+    same either way: a subquery over one person's rows holds the same rows for them."""
+    ctx = _context(dialect_name, workspace_id, now, half_lives, among)
+    return _population(ctx, _condition(ctx, definition.condition))
+
+
+def _context(
+    dialect_name: str,
+    workspace_id: str,
+    now: datetime,
+    half_lives: Mapping[str, DecaySpec] | None,
+    among: bool,
+) -> _Ctx:
     if dialect_name not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported dialect: {dialect_name}")
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime")
-    ctx = _Ctx(dialect=dialect_name, workspace_id=workspace_id, now=now, half_lives=half_lives or {})
-    ctx.now_us = to_us(now)
-    return and_(
-        profiles.c.workspace_id == workspace_id,
-        profiles.c.merged_into.is_(None),
-        _condition(ctx, definition.condition),
+    ctx = _Ctx(
+        dialect=dialect_name, workspace_id=workspace_id, now=now, half_lives=half_lives or {}, among=among
     )
+    ctx.now_us = to_us(now)
+    return ctx
+
+
+def _population(ctx: _Ctx, condition: Bool) -> Bool:
+    """The profiles of the workspace, not merged away (and listed, with ``ctx.among``),
+    for which ``condition`` holds."""
+    workspace: ColumnElement[Any] = profiles.c.workspace_id
+    if ctx.among and not ctx.pg:
+        # As in ``_event_rows``: SQLite (no statistics) would otherwise walk the whole
+        # workspace in ``ix_profiles_workspace_last_seen`` rather than probe the listed ids.
+        workspace = UnaryExpression(workspace, operator=operators.custom_op("+"), type_=String())
+    terms = [workspace == ctx.workspace_id, profiles.c.merged_into.is_(None)]
+    if ctx.among:
+        terms.append(ids_in(ctx.dialect, profiles.c.id, "pids"))
+    return and_(*terms, condition)
 
 
 def members_query(
@@ -677,10 +720,17 @@ def members_query(
     now: datetime,
     dialect_name: str,
     half_lives: Mapping[str, DecaySpec] | None = None,
+    among: bool = False,
 ) -> Select[str]:
-    """``SELECT profiles.id`` of every member of the segment in the workspace at ``now``."""
+    """``SELECT profiles.id`` of every member of the segment in the workspace at ``now``
+    (with ``among``: of those listed in the parameter ``pids``, see :func:`compile_segment`)."""
     predicate = compile_segment(
-        definition, workspace_id=workspace_id, now=now, dialect_name=dialect_name, half_lives=half_lives
+        definition,
+        workspace_id=workspace_id,
+        now=now,
+        dialect_name=dialect_name,
+        half_lives=half_lives,
+        among=among,
     )
     return select(profiles.c.id).where(predicate)
 
@@ -692,6 +742,7 @@ def timer_candidates_query(
     now: datetime,
     dialect_name: str,
     half_lives: Mapping[str, DecaySpec] | None = None,
+    among: bool = False,
 ) -> Select[str] | None:
     """``SELECT profiles.id`` of the profiles for which
     :func:`whenthen.segments.evaluator.next_change` may answer an instant (a superset:
@@ -714,13 +765,10 @@ def timer_candidates_query(
 
     When time can move people only one way (:func:`whenthen.segments.evaluator.time_direction`),
     only the current members (or only the non-members) among those are candidates, and
-    everyone with a future-dated event of a time-dependent leaf (it will enter a window)."""
-    if dialect_name not in ("sqlite", "postgresql"):
-        raise ValueError(f"unsupported dialect: {dialect_name}")
-    if now.tzinfo is None:
-        raise ValueError("now must be an aware datetime")
-    ctx = _Ctx(dialect=dialect_name, workspace_id=workspace_id, now=now, half_lives=half_lives or {})
-    ctx.now_us = to_us(now)
+    everyone with a future-dated event of a time-dependent leaf (it will enter a window).
+
+    ``among``: of the profiles listed in the parameter ``pids`` only (:func:`compile_segment`)."""
+    ctx = _context(dialect_name, workspace_id, now, half_lives, among)
     relative = (Op.WITHIN_LAST, Op.WITHIN_NEXT, Op.OLDER_THAN)
     # (event name, its filters as JSON) -> (the filters, the earliest instant (us) that matters)
     since: dict[tuple[str, str], tuple[Sequence[Filter], int]] = {}
@@ -780,9 +828,7 @@ def timer_candidates_query(
         member = _condition(ctx, definition.condition)
         side = member if direction == LEAVING_ONLY else not_(member)
         candidates = or_(and_(side, candidates), *future)
-    return select(profiles.c.id).where(
-        profiles.c.workspace_id == workspace_id, profiles.c.merged_into.is_(None), candidates
-    )
+    return select(profiles.c.id).where(_population(ctx, candidates))
 
 
 # ---- SQLite without math functions --------------------------------------------------

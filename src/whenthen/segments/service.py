@@ -674,6 +674,36 @@ def _members_among(conn: Connection, segment_id: str, profile_ids: Sequence[str]
     return out
 
 
+def _answers_among(
+    conn: Connection,
+    seg: Segment,
+    profile_ids: Sequence[str],
+    now: datetime,
+    half_lives: dict[str, DecaySpec],
+) -> tuple[set[str], set[str]]:
+    """(members at ``now``, timer candidates) among the profiles, from the compiler's
+    queries restricted to them (``among``): the same answers as :func:`evaluate` and a
+    superset of those whose :func:`next_change` is not ``None``, each kept in agreement
+    with the evaluator by the differential tests, without reading anyone's events into
+    Python."""
+    d = conn.dialect.name
+    ws = seg.workspace_id
+    members = members_query(
+        seg.definition, workspace_id=ws, now=now, dialect_name=d, half_lives=half_lives, among=True
+    )
+    candidates = timer_candidates_query(
+        seg.definition, workspace_id=ws, now=now, dialect_name=d, half_lives=half_lives, among=True
+    )
+    matching: set[str] = set()
+    named: set[str] = set()
+    for chunk in chunks(profile_ids):
+        params = {"pids": list(chunk)}
+        matching.update(conn.execute(members, params).scalars())
+        if candidates is not None:
+            named.update(conn.execute(candidates, params).scalars())
+    return matching, named
+
+
 def fire_due_timers(
     conn: Connection,
     now: datetime,
@@ -684,9 +714,12 @@ def fire_due_timers(
 ) -> int:
     """Re-evaluate the (segment, profile) pairs whose timer is due (the ``limit`` earliest;
     on PostgreSQL those not claimed by another worker), and reschedule them. Per segment,
-    the views of all its due profiles are read in chunks, evaluated in memory, and the
-    entries, exits and new timers written in bulk. Timers of deleted segments, and of
-    profiles merged away or erased, are dropped. Returns how many timers were handled."""
+    the due profiles' answers come from the SQL compiler restricted to them (a chunk of
+    ids a statement, :func:`_answers_among`), the entries and exits are written in bulk,
+    and the next timers come from ``next_change`` on the views of those the compiler's
+    timer candidates name (the others' answer can no longer change by time alone).
+    Timers of deleted segments, and of profiles merged away or erased, are dropped.
+    Returns how many timers were handled."""
     stmt = _DUE_CLAIMED if conn.dialect.name == "postgresql" else _DUE
     due = list(conn.execute(stmt, {"now": now, "limit": limit}))
     if not due:
@@ -714,16 +747,25 @@ def fire_due_timers(
         if ws not in lives:
             lives[ws] = half_lives_of(conn, ws)
         live_ids = [t.profile_id for t in live]
-        views = load_views(conn, ws, live_ids, lives[ws], seg.reads)
         current = _members_among(conn, seg.id, live_ids)
+        matching, candidates = _answers_among(conn, seg, live_ids, now, lives[ws])
         moves = Moves(seg.id, ws, seg.key)
-        next_due: dict[str, datetime | None] = {}
         for t in live:
             pid = t.profile_id
-            cause = f"segment-timer:{seg.id}:v{seg.version}:{pid}:{t.due_at.isoformat()}"
-            view = views[pid]
-            settle(seg, pid, view, now, pid in current, cause, moves)
-            next_due[pid] = next_change(seg.definition, view, now)
+            is_member = pid in matching
+            if is_member != (pid in current):
+                cause = f"segment-timer:{seg.id}:v{seg.version}:{pid}:{t.due_at.isoformat()}"
+                if is_member:
+                    moves.enter(pid, cause)
+                else:
+                    moves.exit(pid, cause)
+        # Only a candidate's answer can change by time alone from here: only their views
+        # are read (for a window that closed on everyone at once, none at all).
+        wanted = [pid for pid in live_ids if pid in candidates]
+        views = load_views(conn, ws, wanted, lives[ws], seg.reads) if wanted else {}
+        next_due: dict[str, datetime | None] = dict.fromkeys(live_ids)
+        for pid in wanted:
+            next_due[pid] = next_change(seg.definition, views[pid], now)
         write_moves(conn, moves, now, announcer)
         write_timers(conn, seg.id, ws, next_due, {t.profile_id: t.due_at for t in live})
     return len(due)
