@@ -370,15 +370,28 @@ def enrollments_of_profile(conn: Connection, ws: str, profile_id: str) -> list[A
     )
 
 
+# A person's journal rows are found through their enrollments (every journal row belongs
+# to an enrollment of the same person: they are written, moved and deleted together):
+# ``ix_enrollments_profile_status`` then ``ix_enrollment_journal_enrollment``. The journal
+# has no index on the person, and ``profile_id = ?`` on it was a scan of the whole
+# journal for every merge the pipeline applies (70 ms at 400,000 journal rows on SQLite,
+# growing with it, under the write lock). Date schedules are keyed (journey, person): they
+# are found by the workspace's journeys and the ids, not by a scan.
+def _enrollments_of(ws: str, profile_ids: Sequence[str]) -> Any:
+    return select(enrollments.c.id).where(
+        enrollments.c.workspace_id == ws, enrollments.c.profile_id.in_(list(profile_ids))
+    )
+
+
 def reassign_profile(conn: Connection, ws: str, from_id: str, into_id: str) -> None:
     conn.execute(
-        update(enrollments)
-        .where(enrollments.c.workspace_id == ws, enrollments.c.profile_id == from_id)
+        update(enrollment_journal)
+        .where(enrollment_journal.c.enrollment_id.in_(_enrollments_of(ws, [from_id])))
         .values(profile_id=into_id)
     )
     conn.execute(
-        update(enrollment_journal)
-        .where(enrollment_journal.c.workspace_id == ws, enrollment_journal.c.profile_id == from_id)
+        update(enrollments)
+        .where(enrollments.c.workspace_id == ws, enrollments.c.profile_id == from_id)
         .values(profile_id=into_id)
     )
 
@@ -386,16 +399,16 @@ def reassign_profile(conn: Connection, ws: str, from_id: str, into_id: str) -> N
 def delete_for_profiles(conn: Connection, ws: str, profile_ids: Sequence[str]) -> None:
     ids = list(profile_ids)
     conn.execute(
-        delete(enrollment_journal).where(
-            enrollment_journal.c.workspace_id == ws, enrollment_journal.c.profile_id.in_(ids)
-        )
+        delete(enrollment_journal).where(enrollment_journal.c.enrollment_id.in_(_enrollments_of(ws, ids)))
     )
     conn.execute(
         delete(enrollments).where(enrollments.c.workspace_id == ws, enrollments.c.profile_id.in_(ids))
     )
     conn.execute(
         delete(date_schedules).where(
-            date_schedules.c.workspace_id == ws, date_schedules.c.profile_id.in_(ids)
+            date_schedules.c.journey_id.in_(select(journeys.c.id).where(journeys.c.workspace_id == ws)),
+            date_schedules.c.profile_id.in_(ids),
+            date_schedules.c.workspace_id == ws,
         )
     )
 

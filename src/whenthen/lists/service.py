@@ -58,12 +58,17 @@ def members(conn: Connection, ws: str, key: str, *, after: str | None = None, li
 
 
 def lists_of(conn: Connection, ws: str, profile_id: str) -> list[str]:
+    # ``added_at`` is read (and not used) so that no index covers the query: SQLite (no
+    # statistics) preferred the primary key (workspace, list, person), which covers
+    # ``list_key`` alone, and walked the whole workspace in it for the person's few rows;
+    # with a column only the table holds, it searches ``ix_list_members_profile``. It runs
+    # on every merge. Sorted here rather than by ``ORDER BY``, which favours the key too.
     rows = conn.execute(
-        select(list_members.c.list_key)
-        .where(list_members.c.workspace_id == ws, list_members.c.profile_id == profile_id)
-        .order_by(list_members.c.list_key)
+        select(list_members.c.list_key, list_members.c.added_at).where(
+            list_members.c.workspace_id == ws, list_members.c.profile_id == profile_id
+        )
     )
-    return [r[0] for r in rows]
+    return sorted(r[0] for r in rows)
 
 
 def all_lists(conn: Connection, ws: str) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, text
 
 from whenthen.storage.metadata import BigIntPK, JsonDoc, UTCDateTime, metadata
 
@@ -26,6 +26,15 @@ profiles = Table(
     Index("ix_profiles_workspace_email", "workspace_id", "email"),
     Index("ix_profiles_workspace_phone", "workspace_id", "phone"),
     Index("ix_profiles_workspace_last_seen", "workspace_id", "last_seen"),
+    # The tombstones redirecting to a profile (a merge flattens chains; erasure finds
+    # them): partial, so it holds the merged-away profiles only (0009).
+    Index(
+        "ix_profiles_merged_into",
+        "merged_into",
+        "workspace_id",
+        sqlite_where=text("merged_into IS NOT NULL"),
+        postgresql_where=text("merged_into IS NOT NULL"),
+    ),
 )
 
 #: userIds and anonymousIds of a profile; one owner per (workspace, kind, value).
@@ -51,6 +60,7 @@ profile_merges = Table(
     Column("message_id", String(255), nullable=True),
     Column("merged_at", UTCDateTime(), nullable=False),
     Index("ix_profile_merges_into", "workspace_id", "into_profile_id"),
+    Index("ix_profile_merges_from", "workspace_id", "from_profile_id"),  # erasure (0009)
 )
 
 #: Keyed hashes of erased identities: re-imports of an erased person are suppressed.
