@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from tests.support.journey_env import JourneyEnv
+from whenthen import lists, profiles
 from whenthen.api.app import create_app
 from whenthen.journeys.tables import date_schedules, enrollment_journal, enrollments
 
@@ -123,7 +124,21 @@ def test_a_merge_and_an_erasure_search_the_persons_rows_only(env: JourneyEnv, ht
     for i in range(30):  # other people, so that a scan would have rows to read
         env.calls({"type": "identify", "userId": f"other-{i}", "traits": {"birthday": "1990-05-01"}})
         env.track(f"other-{i}", "Signed Up")
+    model = {
+        "key": "interest",
+        "name": "Interest",
+        "rules": [{"id": "signup", "event": "Signed Up", "points": 10}],
+        "decay": {"half_life": "7d"},
+    }
+    assert http.put("/api/v1/scoring/models/interest", json=model).status_code == 200
+    assert http.post("/api/v1/lists", json={"key": "vip"}).status_code == 201
     env.calls({"type": "track", "anonymousId": "visitor", "event": "Signed Up"})
+    with env.c.db.read() as conn:
+        visitor = profiles.lookup(conn, env.ws.id, anonymous_id="visitor").id
+    # The visitor's list membership and tags follow them too (and are read on the merge).
+    assert http.post("/api/v1/lists/vip/members", json={"profile_ids": [visitor]}).status_code == 200
+    assert http.post(f"/api/v1/profiles/{visitor}/tags", json={"tags": ["early"]}).status_code == 200
+    env.c.worker.drain()
     env.calls(
         {
             "type": "identify",
@@ -144,6 +159,9 @@ def test_a_merge_and_an_erasure_search_the_persons_rows_only(env: JourneyEnv, ht
         )
         assert owners == {kim}
         assert conn.execute(select(enrollments.c.profile_id).where(enrollments.c.profile_id == kim)).all()
+    with env.c.db.read() as conn:
+        assert lists.lists_of(conn, env.ws.id, kim) == ["vip"]
+        assert "early" in profiles.tags_of(conn, env.ws.id, kim)
     with Statements(env) as erasure:
         assert http.delete(f"/api/v1/profiles/{kim}").status_code == 200
     with env.c.db.read() as conn:
