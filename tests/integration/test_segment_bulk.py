@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -397,6 +398,16 @@ def test_a_change_affects_the_segments_that_read_what_it_changed() -> None:
     assert not by_trait.timed
 
 
+def _one_event_each(db: Database, n: int, name: str, at: Callable[[int], datetime]) -> None:
+    """Replace the population: ``n`` people on plan pro (p0, p1, ...), each with one
+    ``name`` event at ``at(i)``."""
+    with db.write() as conn:
+        for table in (events, profiles):
+            conn.execute(delete(table))
+        conn.execute(insert(profiles), [_profile_row(Person(f"p{i}", {"plan": "pro"}), WS) for i in range(n)])
+        conn.execute(insert(events), [_event_row(WS, f"p{i}", name, {}, at(i)) for i in range(n)])
+
+
 def test_population_queries_hash_their_sets_on_postgresql(db: Database) -> None:
     """ADR 0008: an event condition is ``profiles.id IN (subquery)``; under an ``OR``
     PostgreSQL hashes that set only when it expects it to fit in ``work_mem``, and rescans
@@ -404,14 +415,7 @@ def test_population_queries_hash_their_sets_on_postgresql(db: Database) -> None:
     (``POPULATION_WORK_MEM``); here the smallest ``work_mem`` stands for a set too big for
     the default one. On SQLite it changes nothing (the set is always built once)."""
     n = 6000
-    with db.write() as conn:
-        for table in (events, profiles):
-            conn.execute(delete(table))
-        conn.execute(insert(profiles), [_profile_row(Person(f"p{i}", {"plan": "pro"}), WS) for i in range(n)])
-        conn.execute(
-            insert(events),
-            [_event_row(WS, f"p{i}", "Page Viewed", {}, NOW - timedelta(hours=1)) for i in range(n)],
-        )
+    _one_event_each(db, n, "Page Viewed", lambda i: NOW - timedelta(hours=1))
     d = parse_segment(
         {
             "condition": {
@@ -453,14 +457,7 @@ def test_queries_restricted_to_a_batch_probe_its_people_on_sqlite(db: Database) 
     profiles or every event of the name, which would cost a pass over the population per
     batch. On PostgreSQL the planner chooses with statistics; the answer is checked."""
     n = 300
-    with db.write() as conn:
-        for table in (events, profiles):
-            conn.execute(delete(table))
-        conn.execute(insert(profiles), [_profile_row(Person(f"p{i}", {"plan": "pro"}), WS) for i in range(n)])
-        conn.execute(
-            insert(events),
-            [_event_row(WS, f"p{i}", "Trial Started", {}, NOW - timedelta(days=i % 20)) for i in range(n)],
-        )
+    _one_event_each(db, n, "Trial Started", lambda i: NOW - timedelta(days=i % 20))
     d = parse_segment({"condition": {"kind": "event", "event": "Trial Started", "within_last": "14d"}})
     listed = [f"p{i}" for i in range(0, n, 7)]
     queries = [
