@@ -48,7 +48,9 @@ Part 2, timers ("one million waiting enrollments"). In this process, per databas
    outbox dispatcher (email captured, no SMTP) in its background thread; its timer step (``steps[0]``, as
    ``bootstrap.build`` adds it) is wrapped to timestamp each batch. Lag of an enrollment =
    wall time after the commit of the batch that advanced it minus the due instant.
-   (``--quick`` runs (a) only, with 5,000 due.)
+   (``--quick`` runs (a) only, with 5,000 due.) With ``--timer-processes N`` on
+   PostgreSQL, (c) a third set is fired by the timer step looped in N processes at once,
+   as N ``whenthen worker`` processes share due timers (``FOR UPDATE SKIP LOCKED``).
 
 Nothing is asserted: figures, goals and their ratios are printed. The exit code is 0
 when the run completed (goals met or not), 1 when a part failed, 2 when ``--db postgres``
@@ -1206,6 +1208,71 @@ def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, 
     return _lags(batches, due_at, len(ids), "timer step alone (tasks.fire_timers loop)", cpu)
 
 
+def _timer_process(url: str, due: int, fired: Any, deadline: float, out: Any) -> None:
+    """One timer process of :func:`lag_timer_processes`: the timer step looped as the
+    worker loops it, until the processes together fired ``due`` (``fired``, shared)."""
+    db = Database(url)
+    clock = SystemClock()
+    batches: list[tuple[float, int]] = []
+    try:
+        while time.time() < deadline:
+            with fired.get_lock():
+                if fired.value >= due:
+                    break
+            n = fire_timers(db, clock, partitions=PARTITIONS)
+            if n:
+                batches.append((time.time(), n))
+                with fired.get_lock():
+                    fired.value += n
+            else:
+                time.sleep(0.002)
+    finally:
+        out.put(batches)
+        db.dispose()
+
+
+def lag_timer_processes(url: str, ids: Sequence[str], lead: float, limit: float, processes: int) -> Lag:
+    """The timer step in ``processes`` processes at once, as that many ``whenthen worker``
+    processes share the due timers on PostgreSQL (``FOR UPDATE SKIP LOCKED``); each
+    process's CPU is counted as the workers'."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    fired = ctx.Value("q", 0)
+    out = ctx.Queue()
+    due_at = time.time() + lead
+    db = Database(url)
+    try:
+        _make_due(db, ids, datetime.fromtimestamp(due_at, UTC))
+    finally:
+        db.dispose()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with measure_cpu() as cpu:
+        procs = [
+            ctx.Process(target=_timer_process, args=(url, len(ids), fired, due_at + limit, out))
+            for _ in range(processes)
+        ]
+        for proc in procs:
+            proc.start()
+        batches: list[tuple[float, int]] = []
+        for _ in procs:
+            batches.extend(out.get(timeout=limit + lead + 60))
+        for proc in procs:
+            proc.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    cpu.worker = children / max(1e-9, time.perf_counter() - t0)
+    batches.sort()
+    return _lags(
+        batches,
+        due_at,
+        len(ids),
+        f"timer step in {processes} processes (PostgreSQL; their backends count as other processes)",
+        cpu,
+    )
+
+
 def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: float) -> Lag:
     """The real worker (pipeline and timers on every pass, the outbox dispatcher in its own
     thread), with its timer step wrapped to timestamp each batch after its commit."""
@@ -1260,7 +1327,8 @@ def bench_timers(args: argparse.Namespace, target: Target) -> TimerResult:
         total = args.enrollments
         real_total = args.sample + args.single
         points = sorted({p for p in (1_000, 100_000) if p < total} | {total})
-        lag_sets = 2 * args.due
+        multi = args.timer_processes > 1 and target.kind == "postgres"
+        lag_sets = (3 if multi else 2) * args.due
         for point in points:
             if point == total:
                 bulk_to = total - real_total
@@ -1326,7 +1394,13 @@ def bench_timers(args: argparse.Namespace, target: Target) -> TimerResult:
                 conn.execute(
                     update(outbox).where(outbox.c.done_at.is_(None)).values(done_at=SystemClock().now())
                 )
-            lag = lag_worker(container, picked[args.due : lag_sets], 1.5, args.lag_limit)
+            lag = lag_worker(container, picked[args.due : 2 * args.due], 1.5, args.lag_limit)
+            result.lags.append(lag)
+            _say(_describe_lag(lag))
+        if multi:
+            lag = lag_timer_processes(
+                url, picked[2 * args.due : lag_sets], 1.5, args.lag_limit, args.timer_processes
+            )
             result.lags.append(lag)
             _say(_describe_lag(lag))
     finally:
@@ -1498,6 +1572,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--single", type=int, help="timers: product-path enrollments, one per transaction")
     p.add_argument(
         "--lag-limit", type=float, default=60.0, help="timers: most seconds to wait for the due ones"
+    )
+    p.add_argument(
+        "--timer-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="timers, PostgreSQL: also measure the wake-up lag with the timer step in N processes"
+        " at once, as N `whenthen worker` processes share the timers (default 1: not measured)",
     )
     p.add_argument(
         "--wait-quiet",
