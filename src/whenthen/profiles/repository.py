@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Table, bindparam, delete, insert, or_, select, update
 
 from whenthen.kernel.ids import ProfileId, WorkspaceId
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
@@ -248,18 +248,14 @@ def save_state(conn: Connection, profile: Profile, now: datetime) -> None:
 # A person's identities and group memberships are found by their ``profile_id`` index:
 # the tables' primary keys start with the workspace, and SQLite (no statistics) would
 # otherwise walk the workspace's whole key for ``workspace_id = ?`` (storage.plans).
-def _person_identities(conn: Connection, workspace_id: str) -> ColumnElement[bool]:
-    return tested_only(conn.dialect.name, identities.c.workspace_id) == workspace_id
-
-
-def _person_groups(conn: Connection, workspace_id: str) -> ColumnElement[bool]:
-    return tested_only(conn.dialect.name, group_members.c.workspace_id) == workspace_id
+def _of_workspace(conn: Connection, table: Table, workspace_id: str) -> ColumnElement[bool]:
+    return tested_only(conn.dialect.name, table.c.workspace_id) == workspace_id
 
 
 def move_identities(conn: Connection, workspace_id: str, from_id: str, into_id: str) -> None:
     conn.execute(
         update(identities)
-        .where(_person_identities(conn, workspace_id), identities.c.profile_id == from_id)
+        .where(_of_workspace(conn, identities, workspace_id), identities.c.profile_id == from_id)
         .values(profile_id=into_id)
     )
 
@@ -267,13 +263,15 @@ def move_identities(conn: Connection, workspace_id: str, from_id: str, into_id: 
 def move_group_memberships(conn: Connection, workspace_id: str, from_id: str, into_id: str) -> None:
     rows = conn.execute(
         select(group_members.c.group_id, group_members.c.joined_at).where(
-            _person_groups(conn, workspace_id), group_members.c.profile_id == from_id
+            _of_workspace(conn, group_members, workspace_id), group_members.c.profile_id == from_id
         )
     ).all()
     for r in rows:
         join_group(conn, workspace_id, r.group_id, into_id, r.joined_at)
     conn.execute(
-        delete(group_members).where(_person_groups(conn, workspace_id), group_members.c.profile_id == from_id)
+        delete(group_members).where(
+            _of_workspace(conn, group_members, workspace_id), group_members.c.profile_id == from_id
+        )
     )
 
 
@@ -385,7 +383,7 @@ def groups_of(conn: Connection, workspace_id: str, profile_id: str) -> list[dict
             (groups.c.workspace_id == group_members.c.workspace_id)
             & (groups.c.group_id == group_members.c.group_id),
         )
-        .where(_person_groups(conn, workspace_id), group_members.c.profile_id == profile_id)
+        .where(_of_workspace(conn, group_members, workspace_id), group_members.c.profile_id == profile_id)
         .order_by(group_members.c.joined_at)
     )
     return [{"group_id": r.group_id, "traits": r.traits, "joined_at": r.joined_at} for r in rows]
@@ -463,10 +461,14 @@ def record_erasure(conn: Connection, workspace_id: str, hashes: Sequence[str], n
 def delete_person(conn: Connection, workspace_id: str, profile_ids: Sequence[str]) -> None:
     ids = list(profile_ids)
     conn.execute(
-        delete(identities).where(_person_identities(conn, workspace_id), identities.c.profile_id.in_(ids))
+        delete(identities).where(
+            _of_workspace(conn, identities, workspace_id), identities.c.profile_id.in_(ids)
+        )
     )
     conn.execute(
-        delete(group_members).where(_person_groups(conn, workspace_id), group_members.c.profile_id.in_(ids))
+        delete(group_members).where(
+            _of_workspace(conn, group_members, workspace_id), group_members.c.profile_id.in_(ids)
+        )
     )
     # Two statements, one index each (``ix_profile_merges_from``, ``ix_profile_merges_into``):
     # with the two ids tested under one OR, SQLite walked the workspace's merges.

@@ -64,8 +64,6 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.expression import FromClause
 
 from whenthen.kernel.durations import parse_duration
@@ -106,6 +104,7 @@ from whenthen.segments.evaluator import (
     time_direction,
 )
 from whenthen.storage.id_lists import ids_in
+from whenthen.storage.plans import tested_only
 from whenthen.tracking.tables import events
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -431,8 +430,8 @@ def _event_rows(
     ``ix_events_profile_time`` (the person's events only). The restricted form does the
     same: the listed people's events, not every event of the name."""
     workspace: ColumnElement[Any] = e.c.workspace_id
-    if (of is not None or ctx.among) and not ctx.pg:
-        workspace = UnaryExpression(workspace, operator=operators.custom_op("+"), type_=String())
+    if of is not None or ctx.among:
+        workspace = tested_only(ctx.dialect, workspace)
     person: Bool
     if of is not None:
         person = e.c.profile_id == of
@@ -703,10 +702,10 @@ def _population(ctx: _Ctx, condition: Bool) -> Bool:
     """The profiles of the workspace, not merged away (and listed, with ``ctx.among``),
     for which ``condition`` holds."""
     workspace: ColumnElement[Any] = profiles.c.workspace_id
-    if ctx.among and not ctx.pg:
+    if ctx.among:
         # As in ``_event_rows``: SQLite (no statistics) would otherwise walk the whole
         # workspace in ``ix_profiles_workspace_last_seen`` rather than probe the listed ids.
-        workspace = UnaryExpression(workspace, operator=operators.custom_op("+"), type_=String())
+        workspace = tested_only(ctx.dialect, workspace)
     terms = [workspace == ctx.workspace_id, profiles.c.merged_into.is_(None)]
     if ctx.among:
         terms.append(ids_in(ctx.dialect, profiles.c.id, "pids"))

@@ -762,7 +762,7 @@ def fire_due_timers(
         # Only a candidate's answer can change by time alone from here: only their views
         # are read (for a window that closed on everyone at once, none at all).
         wanted = [pid for pid in live_ids if pid in candidates]
-        views = load_views(conn, ws, wanted, lives[ws], seg.reads) if wanted else {}
+        views = load_views(conn, ws, wanted, lives[ws], seg.reads)
         next_due: dict[str, datetime | None] = dict.fromkeys(live_ids)
         for pid in wanted:
             next_due[pid] = next_change(seg.definition, views[pid], now)
