@@ -20,7 +20,6 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, delete, insert, select
-from sqlalchemy import event as sa_event
 
 from tests.integration.test_segment_compiler import (
     NOW,
@@ -32,6 +31,7 @@ from tests.integration.test_segment_compiler import (
     people,
     store,
 )
+from tests.support.plans import Statements, sqlite_plan
 from whenthen import profiles as profiles_facade
 from whenthen.pipeline import service as pipeline
 from whenthen.profiles.tables import identities, profiles
@@ -464,25 +464,15 @@ def test_queries_restricted_to_a_batch_probe_its_people_on_sqlite(db: Database) 
         members_query(d, workspace_id=WS, now=NOW, dialect_name=db.dialect.value, among=True),
         timer_candidates_query(d, workspace_id=WS, now=NOW, dialect_name=db.dialect.value, among=True),
     ]
-    captured: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        captured.append((statement, parameters))
-
     with db.read() as conn:
         for q in queries:
             assert q is not None
-            sa_event.listen(conn, "before_cursor_execute", capture)
-            try:
+            with Statements(conn) as sent:
                 got = set(conn.execute(q, {"pids": listed}).scalars())
-            finally:
-                sa_event.remove(conn, "before_cursor_execute", capture)
             assert got == {p for p in listed if int(p[1:]) % 20 <= 14}
             if db.dialect.value == "postgresql":
                 continue
-            statement, parameters = captured[-1]
-            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
-            text_ = "\n".join(plan)
+            text_ = "\n".join(sqlite_plan(conn, *sent.seen[-1]))
             assert "ix_profiles_workspace_last_seen" not in text_, text_
             assert "ix_events_workspace_event_time" not in text_, text_
             assert "SEARCH profiles USING INDEX sqlite_autoindex_profiles_1 (id=?)" in text_, text_

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from tests.support.journey_env import JourneyEnv
+from tests.support.plans import Statements, sqlite_plan
 from whenthen import lists, profiles
 from whenthen.api.app import create_app
 from whenthen.journeys.tables import date_schedules, enrollment_journal, enrollments
@@ -67,25 +68,17 @@ def http(env: JourneyEnv) -> Iterator[TestClient]:
         yield client
 
 
-class Statements:
-    """Every statement sent on the engine while active."""
+class Sent(Statements):
+    """The reads and writes sent on the engine while active."""
 
     def __init__(self, env: JourneyEnv) -> None:
-        self.engine = env.c.db.engine
-        self.seen: list[tuple[str, Any]] = []
-
-    def __enter__(self) -> Statements:
-        event.listen(self.engine, "before_cursor_execute", self._capture)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._capture)
+        super().__init__(env.c.db.engine)
 
     def _capture(
         self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
-        if not many and re.match(r"\s*(SELECT|UPDATE|DELETE|INSERT\s.*\sSELECT\s)", statement, re.S | re.I):
-            self.seen.append((statement, parameters))
+        if re.match(r"\s*(SELECT|UPDATE|DELETE|INSERT\s.*\sSELECT\s)", statement, re.S | re.I):
+            super()._capture(conn, cursor, statement, parameters, context, many)
 
     def scans(self, env: JourneyEnv) -> list[str]:
         """The plan steps that walk a people-sized table, with their statement: a scan of
@@ -100,9 +93,7 @@ class Statements:
                 ).scalars()
             )
             for statement, parameters in self.seen:
-                plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
-                for row in plan:
-                    step = str(row[-1])
+                for step in sqlite_plan(conn, statement, parameters):
                     m = re.match(r"(SCAN|SEARCH) (\w+)(?: USING (?:COVERING )?INDEX (\w+))?( \(.*\))?", step)
                     if m is None or m.group(2) in CONFIGURATION or m.group(2) == "json_each":
                         continue
@@ -147,7 +138,7 @@ def test_a_merge_and_an_erasure_search_the_persons_rows_only(env: JourneyEnv, ht
         }
     )
 
-    with Statements(env) as merge:
+    with Sent(env) as merge:
         env.calls({"type": "identify", "userId": "kim", "anonymousId": "visitor"})
     kim = env.profile("kim").id
     with env.c.db.read() as conn:
@@ -162,7 +153,7 @@ def test_a_merge_and_an_erasure_search_the_persons_rows_only(env: JourneyEnv, ht
     with env.c.db.read() as conn:
         assert lists.lists_of(conn, env.ws.id, kim) == ["vip"]
         assert "early" in profiles.tags_of(conn, env.ws.id, kim)
-    with Statements(env) as erasure:
+    with Sent(env) as erasure:
         assert http.delete(f"/api/v1/profiles/{kim}").status_code == 200
     with env.c.db.read() as conn:
         for table in (enrollments, enrollment_journal, date_schedules):
