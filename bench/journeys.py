@@ -4,6 +4,7 @@
     python -m bench.journeys --quick          # 2 s phases, 100,000 timers (5,000 due), < 90 s
     python -m bench.journeys --db sqlite --part delivery
     python -m bench.journeys --quick --part delivery --layout both   # API + worker processes too
+    python -m bench.journeys --quick --part delivery --layout all    # and a worker per role
     python -m bench.journeys --db postgres --part timers --enrollments 1000000
 
 Part 1, delivery ("event to email handed to the SMTP server"). For each database:
@@ -13,7 +14,9 @@ Part 1, delivery ("event to email handed to the SMTP server"). For each database
    event's ``properties.id``;
 2. ``whenthen serve`` (API and embedded pipeline worker, as shipped) in its own process,
    or with ``--layout split`` ``whenthen serve --no-worker`` and ``whenthen worker`` as two
-   processes (``--layout both``: one, then the other, each on a fresh database), its SMTP
+   processes, or with ``--layout roles`` ``whenthen serve --no-worker``, ``whenthen worker
+   --role pipeline`` and ``whenthen worker --role dispatch`` as three (``--layout both``:
+   embedded then split; ``all``: the three; each on a fresh database), its SMTP
    host pointing at an aiosmtpd sink in this process that timestamps every message it
    receives (``time.perf_counter``, the same clock as the send schedule);
 3. ``--users`` people identified with an email address (``/v1/batch``), then a short
@@ -264,7 +267,7 @@ def _own_cpu() -> float:
 
 
 @contextlib.contextmanager
-def measure_cpu(server: ServerProcess | None = None, worker: WorkerProcess | None = None) -> Iterator[Cpu]:
+def measure_cpu(server: ServerProcess | None = None, worker: WorkerGroup | None = None) -> Iterator[Cpu]:
     cpu = Cpu()
     s0 = server.cpu_seconds() if server else 0.0
     w0 = worker.cpu_seconds() if worker else 0.0
@@ -278,7 +281,7 @@ def measure_cpu(server: ServerProcess | None = None, worker: WorkerProcess | Non
         wall = max(1e-9, time.perf_counter() - t0)
         if server is not None and server.proc.poll() is None:
             cpu.server = (server.cpu_seconds() - s0) / wall
-        if worker is not None and worker.proc.poll() is None:
+        if worker is not None and worker.alive():
             cpu.worker = (worker.cpu_seconds() - w0) / wall
         cpu.bench = (_own_cpu() - b0) / wall
         cpu.postgres = max(0.0, _postgres_delta(p0)) / wall
@@ -547,7 +550,7 @@ async def delivery_phase(
     sink: TimedSink,
     db: Database,
     server: ServerProcess,
-    worker: WorkerProcess | None,
+    worker: WorkerGroup | None,
     *,
     prefix: str,
     rate: float,
@@ -652,7 +655,7 @@ async def drive_delivery(
     args: argparse.Namespace,
     result: DeliveryResult,
     server: ServerProcess,
-    worker: WorkerProcess | None,
+    worker: WorkerGroup | None,
     sink: TimedSink,
     write_key: str,
     url: str,
@@ -713,15 +716,22 @@ def publish(url: str, workspace_id: str, definition: dict[str, Any]) -> None:
         db.dispose()
 
 
+LAYOUTS = {
+    "split": "`whenthen worker`",
+    "roles": "`whenthen worker --role pipeline` + `--role dispatch`",
+}
+
+
 class WorkerProcess:
     """``whenthen worker`` in its own process (``--layout split``), beside the API started
-    with ``--no-worker``: the layout a business at 1,000 events/s would run."""
+    with ``--no-worker``: the layout a business at 1,000 events/s would run; with
+    ``role`` (``--layout roles``) one of a pipeline worker and a dispatcher."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, role: str = "all") -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "whenthen"), "worker"],
+            [str(BIN / "whenthen"), "worker", "--role", role],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -737,6 +747,9 @@ class WorkerProcess:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -746,6 +759,27 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self._log.close()
+
+
+class WorkerGroup:
+    """The worker processes of a layout, counted together (CPU) and stopped together."""
+
+    def __init__(self, workers: list[WorkerProcess]) -> None:
+        self.workers = workers
+
+    def cpu_seconds(self) -> float:
+        return sum(w.cpu_seconds() for w in self.workers)
+
+    def alive(self) -> bool:
+        return all(w.alive() for w in self.workers)
+
+    def stop(self) -> int:
+        """Stop them all; returns the errors their logs show."""
+        errors = 0
+        for w in self.workers:
+            w.stop()
+            errors += _errors_in(w.log_path, f"worker ({w.log_path.stem})")
+        return errors
 
 
 def _errors_in(log_path: Path, what: str) -> int:
@@ -759,12 +793,12 @@ def _errors_in(log_path: Path, what: str) -> int:
 
 def bench_delivery(args: argparse.Namespace, target: Target, logs: Path, layout: str) -> DeliveryResult:
     mode = "whenthen serve" if args.server == "cli" else "python -m bench.server (access log off)"
-    split = layout == "split"
+    split = layout in ("split", "roles")
     result = DeliveryResult(
         label=target.label,
         kind=target.kind,
         synchronous=target.synchronous,
-        server=f"{mode} --no-worker + `whenthen worker`" if split else f"{mode}, embedded worker",
+        server=f"{mode}, embedded worker" if not split else f"{mode} --no-worker + " + LAYOUTS[layout],
         layout=layout,
     )
     _say(f"\n== Delivery, {target.label}: {result.server}")
@@ -779,12 +813,15 @@ def bench_delivery(args: argparse.Namespace, target: Target, logs: Path, layout:
         workspace = create_workspace(env)
         publish(url, workspace.id, PING_JOURNEY)
         log_path = logs / f"server-{target.kind}-{target.synchronous}-{layout}.log"
-        worker_log = logs / f"worker-{target.kind}-{target.synchronous}.log"
         server = ServerProcess(env, mode=args.server, worker=not split, log_path=log_path)
-        worker: WorkerProcess | None = None
+        worker: WorkerGroup | None = None
         try:
             if split:
-                worker = WorkerProcess(env, worker_log)
+                roles = ["all"] if layout == "split" else ["pipeline", "dispatch"]
+                worker = WorkerGroup([])
+                for role in roles:
+                    worker_log = logs / f"worker-{role}-{target.kind}-{target.synchronous}.log"
+                    worker.workers.append(WorkerProcess(env, worker_log, role))
             _run_async(drive_delivery(args, result, server, worker, sink, workspace.write_key, url))
         finally:
             # The measurements are taken: a backlog left in the throwaway database need not
@@ -797,8 +834,7 @@ def bench_delivery(args: argparse.Namespace, target: Target, logs: Path, layout:
             server.stop()
             result.server_errors = _errors_in(log_path, "server")
             if worker is not None:
-                worker.stop()
-                result.server_errors += _errors_in(worker_log, "worker")
+                result.server_errors += worker.stop()
         if sink.unmatched:
             _say(f"  WARNING: {sink.unmatched} messages without a ping id in their subject")
     return result
@@ -1422,7 +1458,10 @@ def _describe_lag(lag: Lag) -> str:
 
 
 def _delivery_label(r: DeliveryResult) -> str:
-    return _short_label(r.label, r.kind) + (", API + worker processes" if r.layout == "split" else "")
+    return _short_label(r.label, r.kind) + {
+        "split": ", API + worker processes",
+        "roles": ", API + pipeline + dispatcher processes",
+    }.get(r.layout, "")
 
 
 def report(delivery: list[DeliveryResult], timers: list[TimerResult]) -> None:
@@ -1557,10 +1596,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--layout",
-        choices=("embedded", "split", "both"),
+        choices=("embedded", "split", "roles", "both", "all"),
         default="embedded",
         help="delivery: embedded: `whenthen serve` with its worker (default); split: `whenthen serve "
-        "--no-worker` and `whenthen worker` in two processes; both: one then the other",
+        "--no-worker` and `whenthen worker` in two processes; roles: `whenthen serve --no-worker`, "
+        "`whenthen worker --role pipeline` and `--role dispatch` in three; both: embedded then "
+        "split; all: the three in turn",
     )
     p.add_argument(
         "--enrollments", type=int, help="timers: waiting enrollments (default 1,000,000; --quick 100,000)"
@@ -1636,7 +1677,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="whenthen-bench-journeys-") as logs:
         if args.part in ("delivery", "both"):
             modes = [m.strip().upper() for m in args.sqlite_synchronous.split(",") if m.strip()]
-            layouts = ["embedded", "split"] if args.layout == "both" else [args.layout]
+            layouts = {"both": ["embedded", "split"], "all": ["embedded", "split", "roles"]}.get(
+                args.layout, [args.layout]
+            )
             for make in target_makers(args.db, modes, args.tmpdir, args.postgres_url):
                 target = make()
                 try:

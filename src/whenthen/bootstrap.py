@@ -22,6 +22,7 @@ from whenthen.settings import Settings, webhook_signing_secret
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
 from whenthen.tracking.ratelimit import TokenBuckets
+from whenthen.worker import wakeups
 from whenthen.worker.runner import PipelineWorker
 
 
@@ -92,7 +93,9 @@ def build(
             "list_import": ListImportJob(db, clock),
         },
     )
-    worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret)
+    wake = wakeups.for_database(db)
+    closers.append(wake.close)
+    worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret, wakeups=wake)
     worker.steps.append(lambda: fire_timers(db, clock, partitions=settings.pipeline.partitions))
     worker.next_due.append(lambda: seconds_to_next_timer(db, clock))
     # Its own thread while the worker runs: emails do not wait behind pipeline passes.

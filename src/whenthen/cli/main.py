@@ -25,6 +25,7 @@ from whenthen.journeys import InvalidDefinition, parse_definition
 from whenthen.kernel.errors import DomainError
 from whenthen.settings import load_settings, redacted, webhook_signing_secret
 from whenthen.storage.migrate import current_revision, head_revision, upgrade
+from whenthen.worker.runner import Role
 from whenthen.workspaces import KeyKind
 
 app = typer.Typer(help="whenthen: behavior-triggered marketing automation.", no_args_is_help=True)
@@ -120,20 +121,28 @@ def _freeze_heap() -> None:
 
 
 @app.command()
-def worker() -> None:
-    """Run the pipeline worker alone (for API and worker processes on PostgreSQL)."""
+def worker(
+    role: Annotated[
+        Role,
+        typer.Option(
+            help="What this process runs: the pipeline (events, timers, segment upkeep), the"
+            " dispatcher (emails, webhooks and other outbox jobs), or both."
+        ),
+    ] = Role.ALL,
+) -> None:
+    """Run the worker alone, beside `whenthen serve --no-worker` (one or more of each)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _container() as c:
-        _work(c)
+        _work(c, role)
 
 
-def _work(c: Container) -> None:
+def _work(c: Container, role: Role = Role.ALL) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     _freeze_heap()
-    c.worker.start()
-    console.print(f"worker {c.worker.owner} running; Ctrl-C to stop")
+    c.worker.start(role)
+    console.print(f"worker {c.worker.owner} ({role.value}) running; Ctrl-C to stop")
     stop.wait()
     c.worker.stop()
 

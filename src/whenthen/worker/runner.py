@@ -8,6 +8,7 @@ person's partition forever.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import socket
@@ -24,10 +25,19 @@ from whenthen.kernel.clock import Clock
 from whenthen.kernel.ids import new_secret
 from whenthen.settings import PipelineSettings
 from whenthen.storage import Database
+from whenthen.worker.wakeups import NoWakeups, Topic, Wakeups
 
 log = logging.getLogger("whenthen.worker")
 
 TRANSIENT = (OperationalError, IntegrityError)
+
+
+class Role(enum.StrEnum):
+    """What a worker process runs (``whenthen worker --role``)."""
+
+    ALL = "all"
+    PIPELINE = "pipeline"  # events, journey and segment timers, rechecks, decay
+    DISPATCH = "dispatch"  # the outbox: emails, webhooks, signals, imports
 
 
 @dataclass
@@ -59,6 +69,9 @@ class PipelineWorker:
     next_due: list[Callable[[], float | None]] = field(default_factory=list)
     #: The pipeline part of a pass stops taking partitions after this long, so the steps
     #: (timers) run at least that often under load; the next pass goes on from there.
+    #: Wake-ups to and from the other processes (an API process, dispatchers): see
+    #: :mod:`whenthen.worker.wakeups`; the container closes them.
+    wakeups: Wakeups = field(default_factory=NoWakeups)
     pass_budget_seconds: float = 0.25
     #: While events keep coming, the steps run at most this often (each is a transaction
     #: of a few reads even with nothing due: on every pass of a few events they cost more
@@ -72,14 +85,22 @@ class PipelineWorker:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _background_thread: threading.Thread | None = None
+    _role: Role = Role.ALL
 
     @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.settings.lease_seconds)
 
     def notify(self) -> None:
-        """Wake the loop now (called after an ingest commits), instead of at the next poll."""
+        """Wake the loop now (called after an ingest commits), instead of at the next poll,
+        and the pipeline workers of other processes (``whenthen worker``)."""
         self._wake.set()
+        self.wakeups.ring(Topic.EVENTS)
+
+    def _outbox_ready(self) -> None:
+        """Wake the dispatcher: this process's thread and those of other processes."""
+        self._background_wake.set()
+        self.wakeups.ring(Topic.OUTBOX)
 
     def run_once(self, *, background: bool = True) -> int:
         """One pass: renew leases, apply the pending events of the owned partitions,
@@ -97,7 +118,7 @@ class PipelineWorker:
             if n:
                 # The group committed its outbox jobs: the dispatcher need not wait for the
                 # rest of the pass (up to ``pass_budget_seconds`` under load).
-                self._background_wake.set()
+                self._outbox_ready()
             if n < self.settings.batch_size or time.monotonic() - started >= self.pass_budget_seconds:
                 break
         applied = handled
@@ -109,8 +130,8 @@ class PipelineWorker:
             self._steps_at = time.monotonic()
             for step in self.steps:
                 handled += step()
-        if handled:
-            self._background_wake.set()  # new outbox jobs, most likely
+        if handled > applied:
+            self._outbox_ready()  # the steps (timers) made outbox jobs, most likely
         if background:
             for work in self.background:
                 handled += work()
@@ -224,7 +245,7 @@ class PipelineWorker:
             # Cleared before the pass: a notify() during the pass makes the wait return at once.
             self._wake.clear()
             try:
-                handled = self.run_once(background=self._background_thread is None)
+                handled = self.run_once(background=self._role is Role.ALL and self._background_thread is None)
             except Exception:
                 log.exception("pipeline pass failed")
                 handled = 0
@@ -259,26 +280,37 @@ class PipelineWorker:
             if handled == 0:
                 self._background_wake.wait(self.settings.poll_interval_seconds)
 
-    def start(self) -> None:
+    def start(self, role: Role = Role.ALL) -> None:
+        """Start the threads of ``role``: the pipeline loop (events, then the steps:
+        timers, segment timers, rechecks, decay), the dispatcher loop (the background
+        work), or both; each listens for the other processes' wake-ups."""
         self._stop.clear()
-        if self.background:
+        self._role = role
+        if self.background and role in (Role.ALL, Role.DISPATCH):
+            self.wakeups.listen(Topic.OUTBOX, self._background_wake.set)
             self._background_thread = threading.Thread(
                 target=self._background_loop, name="whenthen-dispatch", daemon=True
             )
             self._background_thread.start()
-        self._thread = threading.Thread(target=self.loop, name="whenthen-pipeline", daemon=True)
-        self._thread.start()
+        if role in (Role.ALL, Role.PIPELINE):
+            self.wakeups.listen(Topic.EVENTS, self._wake.set)
+            self._thread = threading.Thread(target=self.loop, name="whenthen-pipeline", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._background_wake.set()
+        pipeline_ran = self._thread is not None
         if self._thread is not None:
             self._thread.join(timeout=10)
+            self._thread = None
         if self._background_thread is not None:
             self._background_thread.join(timeout=10)
             self._background_thread = None
         self._owned = None
+        if not pipeline_ran:
+            return
         try:
             with self.db.write() as conn:
                 pipeline.release(conn, self.owner)
