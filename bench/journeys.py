@@ -220,7 +220,9 @@ class Cpu:
     bench: float = 0.0
     postgres: float = 0.0
     machine: float = 0.0
-    worker: float = 0.0  # `whenthen worker` beside the API (--layout split)
+    worker: float = 0.0  # `whenthen worker` beside the API (--layout split), or all of them
+    #: per role, with --layout roles
+    roles: dict[str, float] = field(default_factory=dict)
 
     @property
     def other(self) -> float:
@@ -229,7 +231,8 @@ class Cpu:
     def text(self) -> str:
         server = f"server {self.server:.2f}, " if self.server >= 0.005 else ""
         if self.worker >= 0.005:
-            server += f"worker {self.worker:.2f}, "
+            each = ", ".join(f"{role} {c:.2f}" for role, c in self.roles.items())
+            server += f"worker {self.worker:.2f}{f' ({each})' if len(self.roles) > 1 else ''}, "
         pg = f", postgres {self.postgres:.2f}" if self.postgres >= 0.005 else ""
         note = "  WARNING: other processes competed for the CPU" if self.other > QUIET else ""
         return (
@@ -271,6 +274,7 @@ def measure_cpu(server: ServerProcess | None = None, worker: WorkerGroup | None 
     cpu = Cpu()
     s0 = server.cpu_seconds() if server else 0.0
     w0 = worker.cpu_seconds() if worker else 0.0
+    r0 = worker.per_role() if worker else {}
     b0 = _own_cpu()
     p0 = _postgres_ticks()
     m0, _ = machine_busy_seconds()
@@ -283,6 +287,7 @@ def measure_cpu(server: ServerProcess | None = None, worker: WorkerGroup | None 
             cpu.server = (server.cpu_seconds() - s0) / wall
         if worker is not None and worker.alive():
             cpu.worker = (worker.cpu_seconds() - w0) / wall
+            cpu.roles = {role: (c - r0.get(role, 0.0)) / wall for role, c in worker.per_role().items()}
         cpu.bench = (_own_cpu() - b0) / wall
         cpu.postgres = max(0.0, _postgres_delta(p0)) / wall
         cpu.machine = (machine_busy_seconds()[0] - m0) / wall
@@ -728,6 +733,7 @@ class WorkerProcess:
     ``role`` (``--layout roles``) one of a pipeline worker and a dispatcher."""
 
     def __init__(self, env: dict[str, str], log_path: Path, role: str = "all") -> None:
+        self.role = role
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -769,6 +775,9 @@ class WorkerGroup:
 
     def cpu_seconds(self) -> float:
         return sum(w.cpu_seconds() for w in self.workers)
+
+    def per_role(self) -> dict[str, float]:
+        return {w.role: w.cpu_seconds() for w in self.workers}
 
     def alive(self) -> bool:
         return all(w.alive() for w in self.workers)
