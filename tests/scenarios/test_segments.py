@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
 from whenthen.api.app import create_app
+from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
 
 PRICING_FANS = {
     "name": "Viewed pricing twice this week",
@@ -280,3 +281,106 @@ def test_one_call_that_moves_a_person_in_and_out_of_several_segments_announces_e
     assert member_ids(http, "pro") == [pid]
     assert member_ids(http, "paid") == [pid]
     assert member_ids(http, "free") == []
+
+
+def _viewers(plan: str) -> dict[str, Any]:
+    return {
+        "name": f"{plan} plan, viewed pricing this week",
+        "definition": {
+            "condition": {
+                "kind": "and",
+                "conditions": [
+                    {"kind": "trait", "path": "plan", "value": plan},
+                    {
+                        "kind": "event",
+                        "event": "Page Viewed",
+                        "where": [{"path": "name", "value": "Pricing"}],
+                        "within_last": "7d",
+                    },
+                ],
+            }
+        },
+    }
+
+
+def test_one_change_writes_all_its_segments_moves_and_timers_together(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    """A person's entries, exits and timers in several segments are written with one
+    statement per kind of row (not one per segment), and come out exactly as before:
+    members, open and closed stays, timers created, kept and deleted."""
+    free = {"name": "Free", "definition": {"condition": {"kind": "trait", "path": "plan", "value": "free"}}}
+    for key, body in (
+        ("free", free),
+        ("pro", PRO),
+        ("free-viewers", _viewers("free")),
+        ("pro-viewers", _viewers("pro")),
+    ):
+        assert http.put(f"/api/v1/segments/{key}", json=body).status_code == 200
+    env.identify("dee", plan="free")
+    env.track("dee", "Page Viewed", name="Pricing")
+    pid = env.profile("dee").id
+    with env.c.db.read() as conn:
+        ids = {r.key: r.id for r in conn.execute(select(segments.c.key, segments.c.id))}
+
+    def state() -> tuple[set[str], list[tuple[str, bool]], dict[str, Any]]:
+        with env.c.db.read() as conn:
+            members = set(
+                conn.execute(
+                    select(segment_members.c.segment_id).where(segment_members.c.profile_id == pid)
+                ).scalars()
+            )
+            stays = sorted(
+                (r.segment_id, r.exited_at is None)
+                for r in conn.execute(select(segment_history).where(segment_history.c.profile_id == pid))
+            )
+            timers = {
+                r.segment_id: r.due_at
+                for r in conn.execute(
+                    select(segment_timers.c.segment_id, segment_timers.c.due_at).where(
+                        segment_timers.c.profile_id == pid
+                    )
+                )
+            }
+        return members, stays, timers
+
+    members, _, timers = state()
+    assert members == {ids["free"], ids["free-viewers"]}
+    assert set(timers) == {ids["free-viewers"]}  # leaves when the view is 7 days old
+
+    writes: list[str] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if verb in ("INSERT", "UPDATE", "DELETE") and " segment_" in f" {statement.split('(')[0]}":
+            writes.append(" ".join(statement.split()[:3]))
+
+    env.advance(hours=1)
+    event.listen(env.c.db.engine, "before_cursor_execute", capture)
+    try:
+        env.identify("dee", plan="pro")  # leaves free and free-viewers, enters pro and pro-viewers
+    finally:
+        event.remove(env.c.db.engine, "before_cursor_execute", capture)
+
+    members, stays, after = state()
+    assert members == {ids["pro"], ids["pro-viewers"]}
+    assert stays == sorted(
+        [(ids["free"], False), (ids["free-viewers"], False), (ids["pro"], True), (ids["pro-viewers"], True)]
+    )
+    assert set(after) == {ids["pro-viewers"]}
+    assert after[ids["pro-viewers"]] == timers[ids["free-viewers"]]  # the same view ends both windows
+    # One statement per kind of row for the four segments.
+    assert sorted(writes) == sorted(
+        [
+            "INSERT INTO segment_members",
+            "INSERT INTO segment_history",
+            "DELETE FROM segment_members",
+            "UPDATE segment_history SET",
+            "DELETE FROM segment_timers",
+            "INSERT INTO segment_timers",
+        ]
+    )
+    entered = [e["segment"] for e in env.system_events("Segment Entered")]
+    exited = [e["segment"] for e in env.system_events("Segment Exited")]
+    assert sorted(entered[-2:]) == ["pro", "pro-viewers"]
+    assert sorted(exited) == ["free", "free-viewers"]

@@ -183,3 +183,97 @@ def write_timers(
         conn.execute(_UPDATE_TIMER, moved)
     if new:
         conn.execute(_INSERT_TIMERS, new)
+
+
+# ---- one profile in several segments ------------------------------------------------------
+
+
+@dataclass
+class ProfileChanges:
+    """What re-evaluating one profile in several segments changes: its entries and exits
+    (in the segments' order) and its timers, written together (:func:`write_profile`)."""
+
+    workspace_id: str
+    profile_id: str
+    moves: list[tuple[str, str, bool, str]] = field(default_factory=list)  # (segment, key, entered, cause)
+    timers: dict[str, datetime | None] = field(default_factory=dict)  # segment -> due (None: no timer)
+
+    def move(self, segment_id: str, key: str, entered: bool, cause: str) -> None:
+        self.moves.append((segment_id, key, entered, cause))
+
+
+_B_KEY = (
+    segment_members.c.segment_id == bindparam("b_segment"),
+    segment_members.c.profile_id == bindparam("b_profile"),
+)
+_DELETE_MEMBER = delete(segment_members).where(*_B_KEY)
+_CLOSE_STAY = (
+    update(segment_history)
+    .where(
+        segment_history.c.segment_id == bindparam("b_segment"),
+        segment_history.c.profile_id == bindparam("b_profile"),
+        segment_history.c.exited_at.is_(None),  # the partial index of open stays
+    )
+    .values(exited_at=bindparam("b_now"))
+)
+_DELETE_TIMER = delete(segment_timers).where(
+    segment_timers.c.segment_id == bindparam("b_segment"),
+    segment_timers.c.profile_id == bindparam("b_profile"),
+)
+
+
+def write_profile(
+    conn: Connection,
+    changes: ProfileChanges,
+    existing: Mapping[str, datetime],
+    now: datetime,
+    announce: Announce,
+) -> None:
+    """Write one profile's entries, exits and timers in all its segments at once: one
+    executemany per kind of row (members in, stays opened, members out, stays closed,
+    timers deleted, moved, made) rather than one per segment, then announce the moves in
+    their order. ``existing`` holds the profile's timers as they are (segment -> due)."""
+    ws, pid = changes.workspace_id, changes.profile_id
+    entered = [seg for seg, _, is_entry, _ in changes.moves if is_entry]
+    exited = [seg for seg, _, is_entry, _ in changes.moves if not is_entry]
+    if entered:
+        conn.execute(
+            _INSERT_MEMBERS,
+            [{"segment_id": seg, "profile_id": pid, "workspace_id": ws, "since": now} for seg in entered],
+        )
+        conn.execute(
+            _INSERT_STAYS,
+            [
+                {"segment_id": seg, "workspace_id": ws, "profile_id": pid, "entered_at": now}
+                for seg in entered
+            ],
+        )
+    if exited:
+        keys = [{"b_segment": seg, "b_profile": pid} for seg in exited]
+        conn.execute(_DELETE_MEMBER, keys)
+        conn.execute(_CLOSE_STAY, [{**k, "b_now": now} for k in keys])
+    gone, moved, new = [], [], []
+    for seg, due in changes.timers.items():
+        if due is None:
+            if seg in existing:
+                gone.append({"b_segment": seg, "b_profile": pid})
+        elif seg not in existing:
+            new.append({"segment_id": seg, "profile_id": pid, "workspace_id": ws, "due_at": due})
+        elif existing[seg] != due:
+            moved.append({"b_segment": seg, "b_profile": pid, "b_due": due})
+    if gone:
+        conn.execute(_DELETE_TIMER, gone)
+    if moved:
+        conn.execute(_UPDATE_TIMER, moved)
+    if new:
+        conn.execute(_INSERT_TIMERS, new)
+    if changes.moves:
+        announce(
+            conn,
+            ws,
+            [
+                Announcement(pid, ENTERED if is_entry else EXITED, {"segment": key}, cause)
+                for _, key, is_entry, cause in changes.moves
+            ],
+            now=now,
+        )

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, union_all, update
 
 from whenthen import scoring
 from whenthen.kernel.clock import Clock
@@ -51,7 +51,7 @@ from whenthen.segments.definition import (
     parse_segment,
     walk,
 )
-from whenthen.segments.evaluator import DecaySpec, ProfileView, evaluate, next_change
+from whenthen.segments.evaluator import DecaySpec, evaluate, next_change
 from whenthen.segments.membership import (
     DELETE_TIMERS,
     ENTERED,
@@ -59,9 +59,11 @@ from whenthen.segments.membership import (
     Announce,
     Announcement,
     Moves,
+    ProfileChanges,
     no_emit,
     one_by_one,
     write_moves,
+    write_profile,
     write_timers,
 )
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
@@ -533,12 +535,16 @@ def _safe(value: str | None) -> str:
 # ---- one profile ----------------------------------------------------------------------
 
 
-# Built once: they run for every event the pipeline processes.
-_MEMBERSHIPS = select(segment_members.c.segment_id).where(
-    segment_members.c.workspace_id == bindparam("ws"), segment_members.c.profile_id == bindparam("pid")
-)
-_TIMERS = select(segment_timers.c.segment_id, segment_timers.c.due_at).where(
-    segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
+# Built once: it runs for every event the pipeline processes. The person's memberships
+# and timers in one read (a timer row: kind 0 and its due time; a membership: kind 1).
+_TIMER, _MEMBER = 0, 1
+_MEMBERSHIPS_AND_TIMERS = union_all(
+    select(literal(_TIMER).label("kind"), segment_timers.c.segment_id, segment_timers.c.due_at).where(
+        segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
+    ),
+    select(literal(_MEMBER), segment_members.c.segment_id, segment_members.c.since).where(
+        segment_members.c.workspace_id == bindparam("ws"), segment_members.c.profile_id == bindparam("pid")
+    ),
 )
 
 
@@ -575,50 +581,26 @@ def on_change(
         half_lives = half_lives_of(conn, ws)
     reads = Reads.union(s.reads for s in affected)
     view = load_views(conn, ws, [profile_id], half_lives, reads)[profile_id]
-    who = {"ws": ws, "pid": profile_id}
-    current = set(conn.execute(_MEMBERSHIPS, who).scalars())
+    current: set[str] = set()
     timers: dict[str, datetime] = {}
-    if any(s.timed for s in affected):
-        timers = {r.segment_id: r.due_at for r in conn.execute(_TIMERS, who)}
-    pending: list[Announcement] = []
-
-    def collect(conn: Connection, ws: str, announcements: Sequence[Announcement], *, now: datetime) -> None:
-        pending.extend(announcements)
-
+    for kind, seg_id, at in conn.execute(_MEMBERSHIPS_AND_TIMERS, {"ws": ws, "pid": profile_id}):
+        if kind == _TIMER:
+            timers[seg_id] = at
+        else:
+            current.add(seg_id)
     why = cause or f"change:{now.isoformat()}"
-    moved = 0
+    changes = ProfileChanges(ws, profile_id)
     for seg in affected:
-        moves = Moves(seg.id, ws, seg.key)
-        settle(seg, profile_id, view, now, seg.id in current, why, moves)
-        if moves:
-            write_moves(conn, moves, now, collect)
-            moved += len(moves)
-        due = next_change(seg.definition, view, now) if seg.timed else None
-        if due != timers.get(seg.id):
-            existing = {profile_id: timers[seg.id]} if seg.id in timers else {}
-            write_timers(conn, seg.id, ws, {profile_id: due}, existing)
-    if pending:
-        (announce or one_by_one(emit))(conn, ws, pending, now=now)
-    return moved
-
-
-def settle(
-    seg: Segment,
-    profile_id: str,
-    view: ProfileView,
-    now: datetime,
-    was_member: bool,
-    cause: str,
-    moves: Moves,
-) -> bool:
-    """Evaluate the profile and record an entry or exit in ``moves`` when its membership
-    differs from ``was_member``. Returns whether it is a member now. Pure."""
-    is_member = evaluate(seg.definition, view, now)
-    if is_member and not was_member:
-        moves.enter(profile_id, cause)
-    elif was_member and not is_member:
-        moves.exit(profile_id, cause)
-    return is_member
+        was_member = seg.id in current
+        if evaluate(seg.definition, view, now) != was_member:
+            changes.move(seg.id, seg.key, not was_member, why)
+        if seg.timed:
+            due = next_change(seg.definition, view, now)
+            if due != timers.get(seg.id):
+                changes.timers[seg.id] = due
+    if changes.moves or changes.timers:
+        write_profile(conn, changes, timers, now, announce or one_by_one(emit))
+    return len(changes.moves)
 
 
 def _segments_by_id(conn: Connection, ids: Iterable[str]) -> dict[str, Segment]:
