@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, union_all, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, literal, null, select, union_all, update
 
 from whenthen import scoring
 from whenthen.kernel.clock import Clock
@@ -536,13 +536,14 @@ def _safe(value: str | None) -> str:
 
 
 # Built once: it runs for every event the pipeline processes. The person's memberships
-# and timers in one read (a timer row: kind 0 and its due time; a membership: kind 1).
+# and timers in one read (a timer row: kind 0 and its due time; a membership: kind 1 and
+# NULL, nothing to convert).
 _TIMER, _MEMBER = 0, 1
 _MEMBERSHIPS_AND_TIMERS = union_all(
     select(literal(_TIMER).label("kind"), segment_timers.c.segment_id, segment_timers.c.due_at).where(
         segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
     ),
-    select(literal(_MEMBER), segment_members.c.segment_id, segment_members.c.since).where(
+    select(literal(_MEMBER), segment_members.c.segment_id, null()).where(
         segment_members.c.workspace_id == bindparam("ws"), segment_members.c.profile_id == bindparam("pid")
     ),
 )

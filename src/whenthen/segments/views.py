@@ -12,6 +12,7 @@ for one profile.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,15 +21,19 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Connection,
     Select,
     Table,
     bindparam,
     func,
+    literal,
     literal_column,
+    null,
     select,
     text,
     true,
+    union_all,
 )
 
 from whenthen.lists.tables import list_members
@@ -259,29 +264,43 @@ _EVENTS = {
     for named in (False, True)
     for props in (False, True)
 }
-_LISTS = per_dialect(
-    lambda d: select(list_members.c.profile_id, list_members.c.list_key).where(
-        list_members.c.workspace_id == bindparam("ws"), ids_in(d, list_members.c.profile_id, _PIDS)
-    )
-)
-_TAGS = per_dialect(
-    lambda d: select(profile_tags.c.profile_id, profile_tags.c.tag).where(
-        profile_tags.c.workspace_id == bindparam("ws"), ids_in(d, profile_tags.c.profile_id, _PIDS)
-    )
-)
-_SCORES = per_dialect(
-    lambda d: select(
-        profile_scores.c.profile_id,
-        profile_scores.c.model_key,
-        profile_scores.c.points,
-        profile_scores.c.as_of,
-    ).where(profile_scores.c.workspace_id == bindparam("ws"), ids_in(d, profile_scores.c.profile_id, _PIDS))
-)
-_STAGES = per_dialect(
-    lambda d: select(profile_stages.c.profile_id, profile_stages.c.stage).where(
-        profile_stages.c.workspace_id == bindparam("ws"), ids_in(d, profile_stages.c.profile_id, _PIDS)
-    )
-)
+_LIST, _TAG, _SCORE, _STAGE = range(4)
+
+
+def _others_read(
+    d: str, lists: bool, tags: bool, scores: bool, stage: bool
+) -> Select[Any] | CompoundSelect[Any]:
+    """The profiles' lists, tags, scores and stage (those asked for) in one statement:
+    rows of (kind, profile id, list key / tag / model key / stage, points, as of). The
+    scores come first, so the last two columns have their types (the other parts leave
+    them NULL)."""
+
+    def part(kind: int, table: Any, key: Any, *more: Any) -> Select[Any]:
+        return select(literal(kind).label("kind"), table.c.profile_id, key, *more).where(
+            table.c.workspace_id == bindparam("ws"), ids_in(d, table.c.profile_id, _PIDS)
+        )
+
+    parts = []
+    if scores:
+        t = profile_scores
+        parts.append(part(_SCORE, t, t.c.model_key, t.c.points, t.c.as_of))
+    for wanted, kind, table, key in (
+        (lists, _LIST, list_members, list_members.c.list_key),
+        (tags, _TAG, profile_tags, profile_tags.c.tag),
+        (stage, _STAGE, profile_stages, profile_stages.c.stage),
+    ):
+        if wanted:
+            parts.append(part(kind, table, key, null(), null()))
+    return parts[0] if len(parts) == 1 else union_all(*parts)
+
+
+#: By dialect and (lists, tags, scores, stage), for the combinations that read something.
+_OTHERS = {
+    (d, *parts): _others_read(d, *parts)
+    for d in DIALECTS
+    for parts in itertools.product((False, True), repeat=4)
+    if any(parts)
+}
 
 
 def _load_chunk(
@@ -310,21 +329,20 @@ def _load_chunk(
             props = row[4] if with_props else empty
             evs[row[0]].append((row[1] or "", props if isinstance(props, dict) else empty, row[2]))
     lists: dict[str, set[str]] = defaultdict(set)
-    if reads.lists:
-        for pid, key in conn.execute(_LISTS[d], params):
-            lists[pid].add(key)
     tags: dict[str, set[str]] = defaultdict(set)
-    if reads.tags:
-        for pid, tag in conn.execute(_TAGS[d], params):
-            tags[pid].add(tag)
     scores: dict[str, dict[str, tuple[float, datetime]]] = defaultdict(dict)
-    if reads.scores:
-        for pid, model, points, as_of in conn.execute(_SCORES[d], params):
-            scores[pid][model] = (float(points), as_of)
     stages: dict[str, str] = {}
-    if reads.stage:
-        for pid, stage in conn.execute(_STAGES[d], params):
-            stages[pid] = stage
+    wanted = (reads.lists, reads.tags, reads.scores, reads.stage)
+    if any(wanted):
+        for kind, pid, key, points, as_of in conn.execute(_OTHERS[(d, *wanted)], params):
+            if kind == _SCORE:
+                scores[pid][key] = (float(points), as_of)
+            elif kind == _LIST:
+                lists[pid].add(key)
+            elif kind == _TAG:
+                tags[pid].add(key)
+            else:
+                stages[pid] = key
     return {
         pid: ProfileView(
             traits=traits.get(pid, {}),
