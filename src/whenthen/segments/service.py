@@ -250,7 +250,32 @@ def _parsed(document: Any) -> SegmentDefinition:
     return found
 
 
+#: Segments as built from their rows, by (id, version): building one works out what its
+#: definition reads and whether it is timed (``Segment.__post_init__``), which for the
+#: pipeline's every batch cost more than reading the rows. A hit is used only when the
+#: row is the same (a rolled-back update may have left another row of that version).
+_BUILT: dict[tuple[str, int], Segment] = {}
+
+
 def _row_to_segment(row: Any) -> Segment:
+    hit = _BUILT.get((row.id, row.version))
+    if (
+        hit is not None
+        and hit.updated_at == row.updated_at
+        and hit.key == row.key
+        and hit.name == row.name
+        and hit.workspace_id == row.workspace_id
+        and hit.created_at == row.created_at
+        and hit.document == row.definition
+    ):
+        return hit
+    if len(_BUILT) > 10_000:
+        _BUILT.clear()
+    built = _BUILT[(row.id, row.version)] = _build(row)
+    return built
+
+
+def _build(row: Any) -> Segment:
     return Segment(
         id=row.id,
         workspace_id=row.workspace_id,
