@@ -87,16 +87,20 @@ def delete_model(conn: Connection, ws: str, key: str) -> None:
 # ---- scores -------------------------------------------------------------------------------
 
 
+# All the person's rows (one per model at most: a handful), the models picked in Python:
+# an expanding ``IN`` of the keys would be re-rendered at every execution.
 _ROWS = select(profile_scores).where(
     profile_scores.c.workspace_id == bindparam("ws"),
     profile_scores.c.profile_id == bindparam("pid"),
-    profile_scores.c.model_key.in_(bindparam("keys", expanding=True)),
 )
 
 
 def _rows(conn: Connection, ws: str, profile_id: str, keys: list[str]) -> dict[str, Any]:
     """The person's score rows in these models, by model key (one prebuilt statement)."""
-    return {r.model_key: r for r in conn.execute(_ROWS, {"ws": ws, "pid": profile_id, "keys": keys})}
+    wanted = set(keys)
+    return {
+        r.model_key: r for r in conn.execute(_ROWS, {"ws": ws, "pid": profile_id}) if r.model_key in wanted
+    }
 
 
 def _row(conn: Connection, ws: str, profile_id: str, key: str) -> Any:
