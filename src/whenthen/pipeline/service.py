@@ -245,6 +245,7 @@ def process_events(
                 partitions,
                 setup.segments,
                 setup.half_lives,
+                applied.traits_after,
             )
         journeys.on_event(
             conn,
@@ -273,6 +274,7 @@ def _segments(
     partitions: int,
     workspace_segments: list[segments.Segment],
     half_lives: dict[str, DecaySpec],
+    traits: Mapping[str, Any],
 ) -> None:
     """Re-evaluate the person in the segments this event can affect (all of them after a
     merge or a call other than track); entries and exits become events in their log."""
@@ -286,6 +288,7 @@ def _segments(
         cause=event.message_id,
         half_lives=half_lives,
         change=change,
+        traits=traits,
     )
 
 

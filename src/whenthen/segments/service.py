@@ -21,7 +21,7 @@ import csv
 import io
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -587,11 +587,13 @@ def on_change(
     half_lives: dict[str, DecaySpec] | None = None,
     change: Change | None = None,
     announce: Announce | None = None,
+    traits: Mapping[str, Any] | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
     given, else :func:`relevant` for ``event_name``): update membership, history and
     timers (only those that differ), announce entries and exits. Returns the number of
-    entries and exits.
+    entries and exits. ``traits``: the profile's traits as they are now, when the caller
+    holds them (not read again).
 
     The entries and exits of all the segments are announced together at the end, in the
     order they happened (through ``announce`` when given, else ``emit`` one by one): one
@@ -606,7 +608,8 @@ def on_change(
     if half_lives is None:
         half_lives = half_lives_of(conn, ws)
     reads = Reads.union(s.reads for s in affected)
-    view = load_views(conn, ws, [profile_id], half_lives, reads)[profile_id]
+    known = None if traits is None else {profile_id: traits}
+    view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
     current: set[str] = set()
     timers: dict[str, datetime] = {}
     for kind, seg_id, at in conn.execute(_MEMBERSHIPS_AND_TIMERS, {"ws": ws, "pid": profile_id}):
