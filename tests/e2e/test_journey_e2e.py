@@ -6,38 +6,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 from segment.analytics import Client
 
-from whenthen.messaging.smtp_sink import Received, SmtpSink
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+from tests.support.processes import eventually, free_port, mail_to, publish_example, up
+from whenthen.messaging.smtp_sink import SmtpSink
 
 
 def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_path: Path) -> None:
@@ -78,14 +56,8 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
             assert admin_key, output
             admin = {"Authorization": f"Bearer {admin_key.group(1)}"}
             with httpx.Client(base_url=base, timeout=10) as http:
-                eventually(lambda: _up(http))
-                r = http.post(
-                    "/api/v1/journeys",
-                    content=(EXAMPLES / "rsvp.yaml").read_bytes(),
-                    headers={**admin, "Content-Type": "application/yaml"},
-                )
-                assert r.status_code == 201, r.text
-                assert http.post("/api/v1/journeys/event-rsvp/publish", headers=admin).status_code == 200
+                eventually(lambda: up(http))
+                publish_example(http, admin, "rsvp.yaml", "event-rsvp")
 
                 errors: list[object] = []
                 analytics = Client(
@@ -95,7 +67,7 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 analytics.track("guest-1", "Invited", {"event_name": "Tea Summit", "event_id": "ts-26"})
                 assert errors == []
 
-                invite = eventually(lambda: _mail(sink, "guest@example.com", 1))[0]
+                invite = eventually(lambda: mail_to(sink, "guest@example.com", 1))[0]
                 assert invite.subject == "You're invited: Tea Summit"
                 links = re.findall(r'href="([^"]+/t/c/[^"]+)"', invite.body("html"))
                 assert len(links) == 2
@@ -104,7 +76,7 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 assert r.status_code == 302
                 assert r.headers["location"] == "https://events.example.com/rsvp?e=ts-26"
 
-                mails = eventually(lambda: _mail(sink, "guest@example.com", 2))
+                mails = eventually(lambda: mail_to(sink, "guest@example.com", 2))
                 assert [m.subject for m in mails] == ["You're invited: Tea Summit", "See you at Tea Summit"]
                 profile = http.get(
                     "/api/v1/profiles/lookup", params={"user_id": "guest-1"}, headers=admin
@@ -124,15 +96,3 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-
-
-def _up(http: httpx.Client) -> bool:
-    try:
-        return http.get("/health").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _mail(sink: SmtpSink, address: str, count: int) -> list[Received] | None:
-    found = [m for m in sink.messages() if address in m.recipients]
-    return found if len(found) >= count else None

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import httpx
 
-from tests.e2e.test_journey_e2e import EXAMPLES, _mail, _up, eventually, free_port
+from tests.support.processes import eventually, free_port, mail_to, publish_example, up
 from whenthen.messaging.smtp_sink import SmtpSink
 
 POLL = "60"
@@ -83,14 +83,8 @@ def test_api_pipeline_and_dispatcher_in_three_processes(db_url: str, tmp_path: P
             auth = (write_key.group(1), "")
             procs.append(Proc(["worker", "--role", "pipeline"], env, tmp_path, "(pipeline) running"))
             with httpx.Client(base_url=base, timeout=10) as http:
-                eventually(lambda: _up(http))
-                r = http.post(
-                    "/api/v1/journeys",
-                    content=(EXAMPLES / "rsvp.yaml").read_bytes(),
-                    headers={**admin, "Content-Type": "application/yaml"},
-                )
-                assert r.status_code == 201, r.text
-                assert http.post("/api/v1/journeys/event-rsvp/publish", headers=admin).status_code == 200
+                eventually(lambda: up(http))
+                publish_example(http, admin, "rsvp.yaml", "event-rsvp")
 
                 def invite(user: str) -> None:
                     r = http.post(
@@ -122,11 +116,11 @@ def test_api_pipeline_and_dispatcher_in_three_processes(db_url: str, tmp_path: P
                 assert [m["status"] for m in log()] == ["queued"]
 
                 procs.append(Proc(["worker", "--role", "dispatch"], env, tmp_path, "(dispatch) running"))
-                assert eventually(lambda: _mail(sink, "guest-1@example.com", 1), timeout=20)
+                assert eventually(lambda: mail_to(sink, "guest-1@example.com", 1), timeout=20)
 
                 # Both hops by wake-up: API -> pipeline, pipeline -> dispatcher.
                 invite("guest-2")
-                mail = eventually(lambda: _mail(sink, "guest-2@example.com", 1), timeout=20)
+                mail = eventually(lambda: mail_to(sink, "guest-2@example.com", 1), timeout=20)
                 assert mail[0].subject == "You're invited: Tea Summit"
                 assert time.monotonic() - started < float(POLL)
                 assert sorted(m["status"] for m in log()) == ["sent", "sent"]
