@@ -150,3 +150,28 @@ def test_postgres_listeners_give_their_connections_back_on_close(pg_db: Database
     w.close()
     ringer.close()
     assert until(lambda: listening() == 0)
+
+
+def test_a_postgres_listener_whose_connection_is_killed_listens_again(pg_db: Database) -> None:
+    """The server ends the listening session (a restart, an idle timeout, an operator):
+    the listener reconnects on its own and hears the next rings."""
+    db = pg_db
+    w, ringer = wakeups.for_database(db), wakeups.for_database(db)
+    try:
+        heard = Counter()
+        _listening(w, ringer, Topic.EVENTS, heard)
+        with db.write() as conn:
+            killed = conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+            ).scalar_one()
+        assert killed == 1
+
+        def rung_again() -> bool:
+            ringer.ring(Topic.EVENTS)
+            return heard.rung.wait(0.2)
+
+        assert until(rung_again, timeout=20)
+    finally:
+        w.close()
+        ringer.close()
