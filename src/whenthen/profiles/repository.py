@@ -144,24 +144,32 @@ def has_kind(conn: Connection, workspace_id: str, profile_id: str, kind: Identit
     return row is not None
 
 
+#: Built once, executed with values: a new person (every first-time visitor) makes a
+#: profile and an identity, and building an ``insert().values(...)`` per call (its cache
+#: key included) cost more than running it.
+_INSERT_PROFILE = insert(profiles)
+_INSERT_IDENTITY = insert(identities)
+
+
 def insert_profile(conn: Connection, workspace_id: str, profile_id: str, now: datetime) -> None:
     conn.execute(
-        insert(profiles).values(
-            id=profile_id,
-            workspace_id=workspace_id,
-            traits={},
-            trait_times={},
-            email=None,
-            phone=None,
-            timezone=None,
-            first_seen=None,
-            last_seen=None,
-            event_count=0,
-            merged_into=None,
-            created_at=now,
-            updated_at=now,
-            version=1,
-        )
+        _INSERT_PROFILE,
+        {
+            "id": profile_id,
+            "workspace_id": workspace_id,
+            "traits": {},
+            "trait_times": {},
+            "email": None,
+            "phone": None,
+            "timezone": None,
+            "first_seen": None,
+            "last_seen": None,
+            "event_count": 0,
+            "merged_into": None,
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        },
     )
 
 
@@ -169,13 +177,14 @@ def attach_identity(
     conn: Connection, workspace_id: str, profile_id: str, identity: Identity, now: datetime
 ) -> None:
     conn.execute(
-        insert(identities).values(
-            workspace_id=workspace_id,
-            kind=identity.kind.value,
-            value=identity.value,
-            profile_id=profile_id,
-            created_at=now,
-        )
+        _INSERT_IDENTITY,
+        {
+            "workspace_id": workspace_id,
+            "kind": identity.kind.value,
+            "value": identity.value,
+            "profile_id": profile_id,
+            "created_at": now,
+        },
     )
 
 
@@ -275,35 +284,49 @@ def move_group_memberships(conn: Connection, workspace_id: str, from_id: str, in
     )
 
 
+#: Built once (a merge happens whenever a known visitor identifies): see ``_INSERT_PROFILE``.
+_MARK_MERGED = (
+    update(profiles)
+    .where(profiles.c.id == bindparam("b_from"))
+    .values(
+        merged_into=bindparam("b_into"),
+        traits=bindparam("b_empty_traits"),
+        trait_times=bindparam("b_empty_times"),
+        email=None,
+        phone=None,
+        event_count=0,
+        updated_at=bindparam("b_now"),
+    )
+)
+_FLATTEN = (
+    update(profiles)
+    .where(profiles.c.merged_into == bindparam("b_from"))
+    .values(merged_into=bindparam("b_into"))
+)
+_INSERT_MERGE = insert(profile_merges)
+
+
 def mark_merged(conn: Connection, from_id: str, into_id: str, now: datetime) -> None:
     # The source keeps no data of its own: it only redirects to the survivor.
     conn.execute(
-        update(profiles)
-        .where(profiles.c.id == from_id)
-        .values(
-            merged_into=into_id,
-            traits={},
-            trait_times={},
-            email=None,
-            phone=None,
-            event_count=0,
-            updated_at=now,
-        )
+        _MARK_MERGED,
+        {"b_from": from_id, "b_into": into_id, "b_empty_traits": {}, "b_empty_times": {}, "b_now": now},
     )
     # Flatten chains: whatever pointed at the source now points at the survivor.
-    conn.execute(update(profiles).where(profiles.c.merged_into == from_id).values(merged_into=into_id))
+    conn.execute(_FLATTEN, {"b_from": from_id, "b_into": into_id})
 
 
 def record_merge(conn: Connection, workspace_id: str, merge: Merge) -> None:
     conn.execute(
-        insert(profile_merges).values(
-            workspace_id=workspace_id,
-            from_profile_id=merge.from_profile_id,
-            into_profile_id=merge.into_profile_id,
-            reason=merge.reason,
-            message_id=merge.message_id,
-            merged_at=merge.merged_at,
-        )
+        _INSERT_MERGE,
+        {
+            "workspace_id": workspace_id,
+            "from_profile_id": merge.from_profile_id,
+            "into_profile_id": merge.into_profile_id,
+            "reason": merge.reason,
+            "message_id": merge.message_id,
+            "merged_at": merge.merged_at,
+        },
     )
 
 
@@ -341,38 +364,44 @@ def merged_ids(conn: Connection, workspace_id: str, profile_id: str) -> list[str
     return [r[0] for r in rows]
 
 
+_GROUP_MEMBER = select(group_members.c.group_id).where(
+    group_members.c.workspace_id == bindparam("ws"),
+    group_members.c.group_id == bindparam("gid"),
+    group_members.c.profile_id == bindparam("pid"),
+)
+_INSERT_GROUP_MEMBER = insert(group_members)
+_GROUP_TRAITS = select(groups.c.traits).where(
+    groups.c.workspace_id == bindparam("ws"), groups.c.group_id == bindparam("gid")
+)
+_INSERT_GROUP = insert(groups)
+_UPDATE_GROUP = (
+    update(groups)
+    .where(groups.c.workspace_id == bindparam("ws"), groups.c.group_id == bindparam("gid"))
+    .values(traits=bindparam("b_traits"), updated_at=bindparam("b_now"))
+)
+
+
 def join_group(conn: Connection, workspace_id: str, group_id: str, profile_id: str, now: datetime) -> None:
-    exists = conn.execute(
-        select(group_members.c.group_id).where(
-            group_members.c.workspace_id == workspace_id,
-            group_members.c.group_id == group_id,
-            group_members.c.profile_id == profile_id,
-        )
-    ).first()
-    if exists is None:
+    key = {"ws": workspace_id, "gid": group_id, "pid": profile_id}
+    if conn.execute(_GROUP_MEMBER, key).first() is None:
         conn.execute(
-            insert(group_members).values(
-                workspace_id=workspace_id, group_id=group_id, profile_id=profile_id, joined_at=now
-            )
+            _INSERT_GROUP_MEMBER,
+            {"workspace_id": workspace_id, "group_id": group_id, "profile_id": profile_id, "joined_at": now},
         )
 
 
 def upsert_group(
     conn: Connection, workspace_id: str, group_id: str, traits: dict[str, Any], now: datetime
 ) -> None:
-    row = conn.execute(
-        select(groups.c.traits).where(groups.c.workspace_id == workspace_id, groups.c.group_id == group_id)
-    ).first()
+    key = {"ws": workspace_id, "gid": group_id}
+    row = conn.execute(_GROUP_TRAITS, key).first()
     if row is None:
         conn.execute(
-            insert(groups).values(workspace_id=workspace_id, group_id=group_id, traits=traits, updated_at=now)
+            _INSERT_GROUP,
+            {"workspace_id": workspace_id, "group_id": group_id, "traits": traits, "updated_at": now},
         )
     else:
-        conn.execute(
-            update(groups)
-            .where(groups.c.workspace_id == workspace_id, groups.c.group_id == group_id)
-            .values(traits={**(row.traits or {}), **traits}, updated_at=now)
-        )
+        conn.execute(_UPDATE_GROUP, {**key, "b_traits": {**(row.traits or {}), **traits}, "b_now": now})
 
 
 def groups_of(conn: Connection, workspace_id: str, profile_id: str) -> list[dict[str, Any]]:
