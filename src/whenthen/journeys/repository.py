@@ -514,11 +514,16 @@ def upsert_schedule(
         )
 
 
+#: Built once: the timer step asks on every worker pass, mostly to hear there are none.
+_DUE_SCHEDULES = (
+    select(date_schedules)
+    .where(date_schedules.c.due_at <= bindparam("now"))
+    .order_by(date_schedules.c.due_at)
+    .limit(bindparam("limit"))
+)
+_DUE_SCHEDULES_CLAIMED = _DUE_SCHEDULES.with_for_update(skip_locked=True)
+
+
 def due_schedules(conn: Connection, now: datetime, limit: int) -> list[Any]:
-    stmt = (
-        select(date_schedules)
-        .where(date_schedules.c.due_at <= now)
-        .order_by(date_schedules.c.due_at)
-        .limit(limit)
-    )
-    return list(conn.execute(_locking(conn, stmt, skip_locked=True)))
+    stmt = _DUE_SCHEDULES_CLAIMED if conn.dialect.name == "postgresql" else _DUE_SCHEDULES
+    return list(conn.execute(stmt, {"now": now, "limit": limit}))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen import journeys, profiles, scoring, tagging, tracking
@@ -130,14 +130,16 @@ def owned(conn: Connection, owner: str, candidates: Sequence[int], now: datetime
     """Those of ``candidates`` whose lease ``owner`` holds and has not let expire."""
     if not candidates:
         return []
-    rows = conn.execute(
-        select(pipeline_leases.c.partition).where(
-            pipeline_leases.c.partition.in_(list(candidates)),
-            pipeline_leases.c.owner == owner,
-            pipeline_leases.c.expires_at > now,
-        )
-    )
-    return sorted(r[0] for r in rows)
+    wanted = set(candidates)
+    rows = conn.execute(_OWNED, {"owner": owner, "now": now})
+    return sorted(r[0] for r in rows if r[0] in wanted)
+
+
+#: Built once (every batch asks): the owner's live leases, the candidates picked in
+#: Python (an expanding ``IN`` would be re-rendered at every execution).
+_OWNED = select(pipeline_leases.c.partition).where(
+    pipeline_leases.c.owner == bindparam("owner"), pipeline_leases.c.expires_at > bindparam("now")
+)
 
 
 def process_partition(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, bindparam, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.profiles.tables import profile_rechecks
@@ -47,9 +47,13 @@ def mark(conn: Connection, ws: str, profile_ids: Iterable[str], reason: str, now
     )
 
 
+#: Built once: the worker asks on every pass, mostly to hear there are none.
+_QUEUED = select(profile_rechecks).order_by(profile_rechecks.c.queued_at).limit(bindparam("limit"))
+
+
 def queued(conn: Connection, *, limit: int) -> list[Recheck]:
     """The oldest marks first."""
-    rows = conn.execute(select(profile_rechecks).order_by(profile_rechecks.c.queued_at).limit(limit)).all()
+    rows = conn.execute(_QUEUED, {"limit": limit}).all()
     return [Recheck(r.workspace_id, r.profile_id, r.reason, r.queued_at) for r in rows]
 
 

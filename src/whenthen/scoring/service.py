@@ -360,6 +360,16 @@ def set_stage(conn: Connection, ws: str, profile_id: str, stage: str, *, source:
     return _write_stage(conn, ws, profile_id, stage_of(conn, ws, profile_id), stage, source=source, now=now)
 
 
+#: Built once: a stage move can come with any event (see ``_store``).
+_INSERT_STAGE = insert(profile_stages)
+_UPDATE_STAGE = (
+    update(profile_stages)
+    .where(profile_stages.c.workspace_id == bindparam("ws"), profile_stages.c.profile_id == bindparam("pid"))
+    .values(stage=bindparam("b_stage"), since=bindparam("b_since"))
+)
+_INSERT_STAGE_MOVE = insert(stage_history)
+
+
 def _write_stage(
     conn: Connection, ws: str, profile_id: str, current: str | None, stage: str, *, source: str, now: datetime
 ) -> bool:
@@ -367,18 +377,20 @@ def _write_stage(
         return False
     if current is None:
         conn.execute(
-            insert(profile_stages).values(workspace_id=ws, profile_id=profile_id, stage=stage, since=now)
+            _INSERT_STAGE, {"workspace_id": ws, "profile_id": profile_id, "stage": stage, "since": now}
         )
     else:
-        conn.execute(
-            update(profile_stages)
-            .where(profile_stages.c.workspace_id == ws, profile_stages.c.profile_id == profile_id)
-            .values(stage=stage, since=now)
-        )
+        conn.execute(_UPDATE_STAGE, {"ws": ws, "pid": profile_id, "b_stage": stage, "b_since": now})
     conn.execute(
-        insert(stage_history).values(
-            workspace_id=ws, profile_id=profile_id, from_stage=current, to_stage=stage, at=now, source=source
-        )
+        _INSERT_STAGE_MOVE,
+        {
+            "workspace_id": ws,
+            "profile_id": profile_id,
+            "from_stage": current,
+            "to_stage": stage,
+            "at": now,
+            "source": source,
+        },
     )
     return True
 
