@@ -246,15 +246,19 @@ def crossing_properties(model_key: str, crossing: Crossing) -> dict[str, Any]:
     }
 
 
+#: Built once: the worker asks on every pass, mostly to hear there are none.
+_DECAY_DUE = (
+    select(profile_scores)
+    .where(profile_scores.c.decay_due_at <= bindparam("now"))
+    .order_by(profile_scores.c.decay_due_at)
+    .limit(bindparam("limit"))
+)
+
+
 def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit: int = 500) -> int:
     """Announce the thresholds that decay alone carried scores across, for the scores whose
     timer is due, and set their next timer. Returns how many timers were handled."""
-    due = conn.execute(
-        select(profile_scores)
-        .where(profile_scores.c.decay_due_at <= now)
-        .order_by(profile_scores.c.decay_due_at)
-        .limit(limit)
-    ).all()
+    due = conn.execute(_DECAY_DUE, {"now": now, "limit": limit}).all()
     by_ws: dict[str, dict[str, ScoringModel]] = {}
     for row in due:
         if row.workspace_id not in by_ws:
