@@ -35,6 +35,7 @@ CONFIGURATION = {
     "tag_rules",
     "lists",
     "alembic_version",
+    "pipeline_leases",  # a row per partition (64 by default)
 }
 
 WAIT = {

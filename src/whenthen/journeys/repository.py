@@ -98,17 +98,17 @@ def mark_published(conn: Connection, journey_id: str, number: int, now: datetime
     )
 
 
+#: Built once: every pipeline batch asks.
+_ACTIVE_JOURNEYS = select(journeys).where(
+    journeys.c.workspace_id == bindparam("ws"),
+    journeys.c.status == "active",
+    journeys.c.active_version.is_not(None),
+)
+
+
 def active_journeys(conn: Connection, ws: str) -> list[Any]:
     """(journey row, its active version number) of the workspace's active journeys."""
-    return list(
-        conn.execute(
-            select(journeys).where(
-                journeys.c.workspace_id == ws,
-                journeys.c.status == "active",
-                journeys.c.active_version.is_not(None),
-            )
-        )
-    )
+    return list(conn.execute(_ACTIVE_JOURNEYS, {"ws": ws}))
 
 
 # ---- enrollments --------------------------------------------------------------------------

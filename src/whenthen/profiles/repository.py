@@ -452,11 +452,11 @@ def search(
     return [_profile(r, identities_of(conn, workspace_id, r.id)) for r in conn.execute(stmt)]
 
 
+_HAS_ERASURES = select(erasures.c.identity_hash).where(erasures.c.workspace_id == bindparam("ws")).limit(1)
+
+
 def has_erasures(conn: Connection, workspace_id: str) -> bool:
-    row = conn.execute(
-        select(erasures.c.identity_hash).where(erasures.c.workspace_id == workspace_id).limit(1)
-    ).first()
-    return row is not None
+    return conn.execute(_HAS_ERASURES, {"ws": workspace_id}).first() is not None
 
 
 def is_erased(conn: Connection, workspace_id: str, hashes: Sequence[str]) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
@@ -64,13 +65,28 @@ def save_model(conn: Connection, ws: str, data: Any, *, now: datetime) -> Scorin
     return model
 
 
+#: Built once: every pipeline batch asks.
+_MODELS = (
+    select(scoring_models.c.definition)
+    .where(scoring_models.c.workspace_id == bindparam("ws"))
+    .order_by(scoring_models.c.key)
+)
+#: Validated models by their document (validation is a function of it alone, and cost
+#: more than the read for every batch); emptied when it grows past a bound.
+_VALIDATED: dict[bytes, ScoringModel] = {}
+
+
 def models(conn: Connection, ws: str) -> list[ScoringModel]:
-    rows = conn.execute(
-        select(scoring_models.c.definition)
-        .where(scoring_models.c.workspace_id == ws)
-        .order_by(scoring_models.c.key)
-    )
-    return [ScoringModel.model_validate(r[0]) for r in rows]
+    out = []
+    for (doc,) in conn.execute(_MODELS, {"ws": ws}):
+        key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        model = _VALIDATED.get(key)
+        if model is None:
+            if len(_VALIDATED) > 10_000:
+                _VALIDATED.clear()
+            model = _VALIDATED[key] = ScoringModel.model_validate(doc)
+        out.append(model)
+    return out
 
 
 def delete_model(conn: Connection, ws: str, key: str) -> None:
