@@ -67,11 +67,11 @@ class PipelineWorker:
     #: none: an idle worker sleeps no longer than that, so a timer fires when it falls
     #: due, not up to ``poll_interval_seconds`` later.
     next_due: list[Callable[[], float | None]] = field(default_factory=list)
-    #: The pipeline part of a pass stops taking partitions after this long, so the steps
-    #: (timers) run at least that often under load; the next pass goes on from there.
     #: Wake-ups to and from the other processes (an API process, dispatchers): see
     #: :mod:`whenthen.worker.wakeups`; the container closes them.
     wakeups: Wakeups = field(default_factory=NoWakeups)
+    #: The pipeline part of a pass stops taking partitions after this long, so the steps
+    #: (timers) run at least that often under load; the next pass goes on from there.
     pass_budget_seconds: float = 0.25
     #: While events keep coming, the steps run at most this often (each is a transaction
     #: of a few reads even with nothing due: on every pass of a few events they cost more

@@ -120,8 +120,13 @@ class _Ringer:
 RELIST_SECONDS = 1.0
 
 
-def _topic_of(name: str) -> bool:
-    return name.partition("-")[0] in {t.value for t in Topic} and name.endswith(".sock")
+_TOPICS = {t.value for t in Topic}
+
+
+def _topic_of(name: str) -> Topic | None:
+    """The topic of a listener's socket file (``<topic>-<pid>-<n>.sock``), else ``None``."""
+    prefix = name.partition("-")[0]
+    return Topic(prefix) if name.endswith(".sock") and prefix in _TOPICS else None
 
 
 def socket_folder(database_file: str) -> Path:
@@ -148,32 +153,25 @@ class SocketWakeups:
         # The single process of the embedded default has no one to tell: without another
         # listener of the topic in the folder (looked at again at most once a second, so a
         # process that starts listening is told within a second), no datagram, no thread.
-        now = time.monotonic()
-        if now - self._listed_at >= RELIST_SECONDS:
-            self._others = self._listing()
-            self._listed_at = now
+        if time.monotonic() - self._listed_at >= RELIST_SECONDS:
+            self._relist()
         if topic in self._others:
             self._ringer.ring(topic)
 
-    def _names(self) -> list[str]:
-        try:
-            return os.listdir(self.folder)
-        except FileNotFoundError:
-            return []
-
-    def _others_among(self, names: list[str]) -> dict[str, Topic]:
-        """The sockets of other processes' listeners among the folder's ``names``."""
+    def _relist(self) -> dict[str, Topic]:
+        """The sockets of other processes' listeners in the folder, by file name; notes
+        the topics they listen to and when."""
         own = {path.name for _, path, _ in self._listeners}
-        return {n: Topic(n.partition("-")[0]) for n in names if n not in own and _topic_of(n)}
-
-    def _listing(self) -> set[Topic]:
-        """The topics other processes listen to."""
-        return set(self._others_among(self._names()).values())
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            names = []
+        others = {n: t for n in names if n not in own and (t := _topic_of(n)) is not None}
+        self._others, self._listed_at = set(others.values()), time.monotonic()
+        return others
 
     def _send(self, topics: set[Topic]) -> None:
-        others = self._others_among(self._names())
-        self._others, self._listed_at = set(others.values()), time.monotonic()
-        for name, topic in others.items():
+        for name, topic in self._relist().items():
             if topic not in topics:
                 continue
             path = self.folder / name
