@@ -166,23 +166,38 @@ def write_timers(
     """Set each profile's timer in the segment to ``due[profile]`` (``None``: no timer),
     given the timers that exist now (``existing``, profile -> due_at): only differences
     are written."""
-    gone = [p for p, d in due.items() if d is None and p in existing]
-    moved = [
-        {"b_segment": segment_id, "b_profile": p, "b_due": d}
-        for p, d in due.items()
-        if d is not None and p in existing and existing[p] != d
-    ]
-    new = [
-        {"segment_id": segment_id, "profile_id": p, "workspace_id": workspace_id, "due_at": d}
-        for p, d in due.items()
-        if d is not None and p not in existing
-    ]
+    gone, moved, new = _timer_changes(due, existing)
     for chunk in chunks(gone):
         conn.execute(DELETE_TIMERS[conn.dialect.name], {"seg": segment_id, "pids": list(chunk)})
     if moved:
-        conn.execute(_UPDATE_TIMER, moved)
+        conn.execute(_UPDATE_TIMER, [{"b_segment": segment_id, "b_profile": p, "b_due": d} for p, d in moved])
     if new:
-        conn.execute(_INSERT_TIMERS, new)
+        conn.execute(
+            _INSERT_TIMERS,
+            [
+                {"segment_id": segment_id, "profile_id": p, "workspace_id": workspace_id, "due_at": d}
+                for p, d in new
+            ],
+        )
+
+
+def _timer_changes(
+    due: Mapping[str, datetime | None], existing: Mapping[str, datetime]
+) -> tuple[list[str], list[tuple[str, datetime]], list[tuple[str, datetime]]]:
+    """(timers to delete, to move, to make), by the key of ``due`` and ``existing`` (a
+    profile of one segment, or a segment of one profile): only the differences."""
+    gone: list[str] = []
+    moved: list[tuple[str, datetime]] = []
+    new: list[tuple[str, datetime]] = []
+    for key, d in due.items():
+        if d is None:
+            if key in existing:
+                gone.append(key)
+        elif key not in existing:
+            new.append((key, d))
+        elif existing[key] != d:
+            moved.append((key, d))
+    return gone, moved, new
 
 
 # ---- one profile in several segments ------------------------------------------------------
@@ -202,11 +217,10 @@ class ProfileChanges:
         self.moves.append((segment_id, key, entered, cause))
 
 
-_B_KEY = (
+_DELETE_MEMBER = delete(segment_members).where(
     segment_members.c.segment_id == bindparam("b_segment"),
     segment_members.c.profile_id == bindparam("b_profile"),
 )
-_DELETE_MEMBER = delete(segment_members).where(*_B_KEY)
 _CLOSE_STAY = (
     update(segment_history)
     .where(
@@ -252,21 +266,16 @@ def write_profile(
         keys = [{"b_segment": seg, "b_profile": pid} for seg in exited]
         conn.execute(_DELETE_MEMBER, keys)
         conn.execute(_CLOSE_STAY, [{**k, "b_now": now} for k in keys])
-    gone, moved, new = [], [], []
-    for seg, due in changes.timers.items():
-        if due is None:
-            if seg in existing:
-                gone.append({"b_segment": seg, "b_profile": pid})
-        elif seg not in existing:
-            new.append({"segment_id": seg, "profile_id": pid, "workspace_id": ws, "due_at": due})
-        elif existing[seg] != due:
-            moved.append({"b_segment": seg, "b_profile": pid, "b_due": due})
+    gone, moved, new = _timer_changes(changes.timers, existing)
     if gone:
-        conn.execute(_DELETE_TIMER, gone)
+        conn.execute(_DELETE_TIMER, [{"b_segment": seg, "b_profile": pid} for seg in gone])
     if moved:
-        conn.execute(_UPDATE_TIMER, moved)
+        conn.execute(_UPDATE_TIMER, [{"b_segment": seg, "b_profile": pid, "b_due": d} for seg, d in moved])
     if new:
-        conn.execute(_INSERT_TIMERS, new)
+        conn.execute(
+            _INSERT_TIMERS,
+            [{"segment_id": seg, "profile_id": pid, "workspace_id": ws, "due_at": d} for seg, d in new],
+        )
     if changes.moves:
         announce(
             conn,
