@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from whenthen import profiles
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound, invalid_definition
+from whenthen.kernel.memo import ByDocument
 from whenthen.profiles import Emit
 from whenthen.scoring.model import (
     Crossing,
@@ -72,21 +72,12 @@ _MODELS = (
     .order_by(scoring_models.c.key)
 )
 #: Validated models by their document (validation is a function of it alone, and cost
-#: more than the read for every batch); emptied when it grows past a bound.
-_VALIDATED: dict[bytes, ScoringModel] = {}
+#: more than the read for every batch; the models are frozen).
+_validated = ByDocument(ScoringModel.model_validate)
 
 
 def models(conn: Connection, ws: str) -> list[ScoringModel]:
-    out = []
-    for (doc,) in conn.execute(_MODELS, {"ws": ws}):
-        key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-        model = _VALIDATED.get(key)
-        if model is None:
-            if len(_VALIDATED) > 10_000:
-                _VALIDATED.clear()
-            model = _VALIDATED[key] = ScoringModel.model_validate(doc)
-        out.append(model)
-    return out
+    return [_validated(doc) for (doc,) in conn.execute(_MODELS, {"ws": ws})]
 
 
 def delete_model(conn: Connection, ws: str, key: str) -> None:

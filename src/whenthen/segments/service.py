@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, literal, null, select, union_all, update
 
 from whenthen import scoring
 from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import DomainError, NotFound
+from whenthen.kernel.memo import ByDocument
 from whenthen.profiles import Emit
 from whenthen.profiles.tables import identities, profiles
 from whenthen.segments.compiler import members_query, timer_candidates_query
@@ -235,19 +235,8 @@ def _parse(data: Any) -> SegmentDefinition:
 
 #: Parsed definitions by their document (``parse_segment`` is a function of it alone):
 #: the pipeline reads a workspace's segments for every batch, and parsing 100
-#: definitions cost more than reading them; writing a document out is a fraction of
-#: parsing it. Emptied when it grows past a bound.
-_PARSED: dict[bytes, SegmentDefinition] = {}
-
-
-def _parsed(document: Any) -> SegmentDefinition:
-    key = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    found = _PARSED.get(key)
-    if found is None:
-        if len(_PARSED) > 10_000:
-            _PARSED.clear()
-        found = _PARSED[key] = parse_segment(document)
-    return found
+#: definitions cost more than reading them.
+_parsed = ByDocument(parse_segment)
 
 
 #: Segments as built from their rows, by (id, version): building one works out what its
