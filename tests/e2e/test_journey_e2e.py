@@ -4,7 +4,6 @@ library, and a click through the tracked link in the received email."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 from segment.analytics import Client
 
-from tests.support.processes import eventually, free_port, mail_to, publish_example, up
+from tests.support.processes import eventually, free_port, mail_to, publish_example, server_env, up
 from whenthen.messaging.smtp_sink import SmtpSink
 
 
@@ -22,17 +21,7 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with SmtpSink() as sink:
-        env = {
-            **os.environ,
-            "WHENTHEN_DATABASE_URL": db_url,
-            "WHENTHEN_SECRET_KEY": "e2e",
-            "WHENTHEN_SERVER__PORT": str(port),
-            "WHENTHEN_PUBLIC_URL": base,
-            "WHENTHEN_EMAIL__SMTP_HOST": sink.host,
-            "WHENTHEN_EMAIL__SMTP_PORT": str(sink.port),
-            "WHENTHEN_PIPELINE__POLL_INTERVAL_SECONDS": "0.05",
-            "COLUMNS": "200",
-        }
+        env = server_env(db_url, port=port, secret="e2e", sink=sink, poll="0.05")
         proc = subprocess.Popen(
             [sys.executable, "-m", "whenthen.cli.main", "serve"],
             cwd=tmp_path,

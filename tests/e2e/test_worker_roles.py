@@ -7,7 +7,6 @@ wake-ups (API -> pipeline, pipeline -> dispatcher), not found by a poll."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import IO, Any
 
 import httpx
 
-from tests.support.processes import eventually, free_port, mail_to, publish_example, up
+from tests.support.processes import eventually, free_port, mail_to, publish_example, server_env, up
 from whenthen.messaging.smtp_sink import SmtpSink
 
 POLL = "60"
@@ -61,17 +60,7 @@ def test_api_pipeline_and_dispatcher_in_three_processes(db_url: str, tmp_path: P
     base = f"http://127.0.0.1:{port}"
     procs: list[Proc] = []
     with SmtpSink() as sink:
-        env = {
-            **os.environ,
-            "WHENTHEN_DATABASE_URL": db_url,
-            "WHENTHEN_SECRET_KEY": "roles",
-            "WHENTHEN_SERVER__PORT": str(port),
-            "WHENTHEN_PUBLIC_URL": base,
-            "WHENTHEN_EMAIL__SMTP_HOST": sink.host,
-            "WHENTHEN_EMAIL__SMTP_PORT": str(sink.port),
-            "WHENTHEN_PIPELINE__POLL_INTERVAL_SECONDS": POLL,
-            "COLUMNS": "200",
-        }
+        env = server_env(db_url, port=port, secret="roles", sink=sink, poll=POLL)
         try:
             api = Proc(["serve", "--no-worker"], env, tmp_path, "listening on")
             procs.append(api)

@@ -3,6 +3,7 @@ real HTTP and SMTP."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -22,6 +23,22 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def server_env(db_url: str, *, port: int, secret: str, sink: SmtpSink, poll: str) -> dict[str, str]:
+    """The environment of a whenthen process serving on ``port`` of 127.0.0.1, sending
+    email to ``sink``, polling every ``poll`` seconds when idle."""
+    return {
+        **os.environ,
+        "WHENTHEN_DATABASE_URL": db_url,
+        "WHENTHEN_SECRET_KEY": secret,
+        "WHENTHEN_SERVER__PORT": str(port),
+        "WHENTHEN_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "WHENTHEN_EMAIL__SMTP_HOST": sink.host,
+        "WHENTHEN_EMAIL__SMTP_PORT": str(sink.port),
+        "WHENTHEN_PIPELINE__POLL_INTERVAL_SECONDS": poll,
+        "COLUMNS": "200",
+    }
 
 
 def eventually(probe: Callable[[], T | None], timeout: float = 30.0) -> T:
