@@ -59,13 +59,8 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 invite = eventually(lambda: mail_to(sink, "guest@example.com", 1))[0]
                 assert invite.subject == "You're invited: Tea Summit"
 
-                def recorded() -> bool:
-                    log = http.get("/api/v1/journeys/event-rsvp/messages", headers=admin).json()["data"]
-                    return [m["status"] for m in log] == ["sent"]
-
-                # The SMTP server has the email before its batch's record (and links) is
-                # written: a click in that window is a 404 (docs/design/messaging.md).
-                eventually(recorded)
+                # Clicked at once: the email may be recorded as sent (with its links) or
+                # still in flight; either way the signed link redirects.
                 links = re.findall(r'href="([^"]+/t/c/[^"]+)"', invite.body("html"))
                 assert len(links) == 2
                 assert all(link.startswith(f"{base}/t/c/") for link in links)
@@ -82,8 +77,12 @@ def test_rsvp_invitation_click_through_over_real_http_and_smtp(db_url: str, tmp_
                 clicked = [e for e in events if e["event"] == "Email Link Clicked"]
                 assert len(clicked) == 1
                 assert clicked[0]["payload"]["properties"]["url"] == "https://events.example.com/rsvp?e=ts-26"
-                log = http.get("/api/v1/journeys/event-rsvp/messages", headers=admin).json()["data"]
-                assert sorted(m["status"] for m in log) == ["sent", "sent"]
+
+                def statuses() -> list[str]:
+                    log = http.get("/api/v1/journeys/event-rsvp/messages", headers=admin).json()["data"]
+                    return sorted(m["status"] for m in log)
+
+                eventually(lambda: statuses() == ["sent", "sent"])
         finally:
             proc.terminate()
             try:

@@ -25,6 +25,7 @@ from whenthen.api.links import PIXEL
 from whenthen.messaging.email import Addressing
 from whenthen.messaging.links import sign
 from whenthen.messaging.smtp_sink import Received
+from whenthen.messaging.tables import messages
 from whenthen.profiles.tables import consents
 from whenthen.tracking.tables import events
 
@@ -162,6 +163,39 @@ def test_a_click_redirects_to_the_url_in_the_message_and_is_recorded(links: Link
     assert props["channel"] == "email"
     assert clicked[0]["user_id"] == "ann"
     assert datetime.fromisoformat(clicked[0]["timestamp"].replace("Z", "+00:00")) == links.env.clock.now()
+
+
+def test_a_link_followed_while_the_email_is_being_delivered_redirects(links: Links) -> None:
+    # A link scanner at the receiving server fetches links before the SMTP server has
+    # answered, so before the message's outcome (and its links) is recorded.
+    seen: list[tuple[str, int, str | None]] = []
+
+    def scanner(received: Received) -> None:
+        mail = mail_of(received)
+        with links.env.c.db.read() as conn:
+            status = _status(conn, mail.message_id)
+        r = links.get(mail.clicks[CART])
+        seen.append((status, r.status_code, r.headers.get("location")))
+
+    links.env.sink.on_receive = scanner
+    try:
+        mail = links.send_cart_mail()
+    finally:
+        links.env.sink.on_receive = None
+    assert seen == [("queued", 302, CART)]
+    clicked = links.events_of("ann", "Email Link Clicked")
+    assert [e["payload"]["properties"]["url"] for e in clicked] == [CART]
+    assert clicked[0]["payload"]["properties"]["message_id"] == mail.message_id
+    # Once recorded, only the message's own links redirect.
+    with links.env.c.db.read() as conn:
+        assert _status(conn, mail.message_id) == "sent"
+    assert links.get(mail.clicks[HELP]).status_code == 302
+    assert links.get(links.forged(mail, "click", "https://evil.example.com/phish")).status_code == 404
+
+
+def _status(conn: Any, message_id: str) -> str:
+    row = conn.execute(select(messages.c.status).where(messages.c.id == message_id)).one()
+    return str(row.status)
 
 
 def _tamper(token: str, where: int) -> str:

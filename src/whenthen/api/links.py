@@ -1,7 +1,8 @@
 """Tracking links in sent email: /t/c (click), /t/o (open pixel), /t/u (unsubscribe).
 
 A click redirects only to a URL that was in the message (the token is signed and the URL
-must be in the message's recorded links); anything else is a 404, never an open redirect.
+must be in the message's recorded links, or the message is still in flight: see
+``engagement.click_target``); anything else is a 404, never an open redirect.
 Unsubscribing: ``GET /t/u/..`` shows a page with a button (link scanners follow GETs), and
 ``POST /t/u/..`` unsubscribes; mail clients use the POST for RFC 8058 one-click.
 """

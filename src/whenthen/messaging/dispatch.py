@@ -186,8 +186,7 @@ def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datet
     )
 
 
-#: Message states that still wait to be sent; any other was recorded by an earlier run.
-STILL_TO_SEND = ("queued", "retrying")
+STILL_TO_SEND = service.STILL_TO_SEND
 
 
 def _unsent(conn: Any, message_id: str) -> Any:

@@ -244,6 +244,11 @@ def replace_payload(conn: Connection, job_id: int, payload: Mapping[str, Any], a
     conn.execute(update(outbox).where(outbox.c.id == job_id).values(payload=dict(payload), available_at=at))
 
 
+#: Message states that still wait to be sent (the email may be at the SMTP server right
+#: now); any other was recorded by a run that ended.
+STILL_TO_SEND = ("queued", "retrying")
+
+
 def message(conn: Connection, message_id: str) -> Any:
     return conn.execute(_MESSAGE, {"b_id": message_id}).first()
 

@@ -3,10 +3,12 @@ provider in tests and demos (``whenthen smtp-sink``)."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
@@ -39,10 +41,12 @@ class _Handler:
             return self.sink.refuse_with
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
+        received = Received(sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos), message=parsed)
         with self.sink.lock:
-            self.sink.received.append(
-                Received(sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos), message=parsed)
-            )
+            self.sink.received.append(received)
+        if self.sink.on_receive is not None:
+            # Before the reply: the sender still waits for "250" (the message is in flight).
+            await asyncio.to_thread(self.sink.on_receive, received)
         return "250 Message accepted for delivery"
 
 
@@ -63,6 +67,9 @@ class SmtpSink:
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.refuse_with: str | None = None
+        #: Called with each message before the server answers its DATA (a link scanner
+        #: fetching links on delivery does this), in a thread of its own.
+        self.on_receive: Callable[[Received], None] | None = None
         self.credentials = credentials
         options: dict[str, Any] = {}
         if starttls is not None:
