@@ -211,8 +211,9 @@ def process_events(
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
             if setup.segments:
                 segments.on_merge(conn, ws, applied.merged_from, applied.profile_id, now)
+        scored = None
         if setup.models or setup.lifecycle is not None:
-            _score(
+            scored = _score(
                 conn,
                 event,
                 applied.profile_id,
@@ -242,7 +243,7 @@ def process_events(
                 conn,
                 event,
                 applied.profile_id,
-                _change(event, applied, setup.models, setup.lifecycle),
+                _change(event, applied, scored),
                 now,
                 partitions,
                 setup.segments,
@@ -294,28 +295,19 @@ def _segments(
     )
 
 
-def _change(
-    event: StoredEvent,
-    applied: profiles.Applied,
-    models: list[scoring.ScoringModel],
-    lifecycle: scoring.Lifecycle | None,
-) -> segments.Change:
-    """What processing this event may have changed for the person, for the segments'
-    relevance rule. A track event changes the person's events (its own name), their traits
-    only if they differ, the scores of the models with a rule on its name or any trait rule
-    (a trait rule may be awarded late, on any event), and the stage when the lifecycle
-    has a rule on its name or any score rule (a score may stand above a rule's bar)."""
+def _change(event: StoredEvent, applied: profiles.Applied, scored: scoring.Scored | None) -> segments.Change:
+    """What processing this event changed for the person, for the segments' relevance
+    rule. A track event changes the person's events (its own name), their traits only if
+    they differ, the scores the scoring step stored anew (``scored.stored``: a score it
+    left alone reads as before, its decay being the segments' timers' business) and the
+    stage only if it moved."""
     if event.type.value != "track" or event.event is None or applied.merged_from is not None:
         return segments.EVERYTHING_CHANGED
-    name = event.event
     return segments.Change(
-        event=name,
+        event=event.event,
         traits=applied.traits_before != applied.traits_after,
-        scores=frozenset(
-            m.key for m in models if any(r.event == name or r.trait is not None for r in m.rules)
-        ),
-        stage=lifecycle is not None
-        and any(r.event == name or r.score_model is not None for r in lifecycle.rules),
+        scores=scored.stored if scored is not None else frozenset(),
+        stage=scored is not None and scored.stage_change is not None,
     )
 
 
@@ -328,7 +320,7 @@ def _score(
     models: list[scoring.ScoringModel],
     lifecycle: scoring.Lifecycle | None,
     partitions: int,
-) -> None:
+) -> scoring.Scored:
     """Scores and stage for this event; threshold crossings and stage moves become events
     in the person's log, so journeys can trigger on them, in order, behind this batch."""
     ws = event.workspace_id
@@ -366,6 +358,7 @@ def _score(
             cause=event.message_id,
             partitions=partitions,
         )
+    return scored
 
 
 def emit(

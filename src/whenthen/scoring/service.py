@@ -173,6 +173,9 @@ def scores_of(conn: Connection, ws: str, profile_id: str, now: datetime) -> dict
 class Scored:
     crossings: tuple[tuple[str, Crossing], ...]
     stage_change: tuple[str | None, str] | None
+    #: The models whose stored score (points, as of) this event changed: the segments on
+    #: any other model read the same row as before.
+    stored: frozenset[str] = frozenset()
 
 
 def on_event(
@@ -191,6 +194,7 @@ def on_event(
     event can change are read (one query for all of them); a model it cannot change keeps
     its row untouched (a due decay timer there is fired by the worker step)."""
     crossings: list[tuple[str, Crossing]] = []
+    stored: set[str] = set()
     touched = [m for m in workspace_models if touches(m, event, properties)]
     touched_keys = {m.key for m in touched}
     score_rules = lifecycle is not None and any(r.score_model for r in lifecycle.rules)
@@ -213,6 +217,7 @@ def on_event(
         )
         if new is not None:
             _store(conn, ws, profile_id, model, new, before is not None)
+            stored.add(model.key)
             values[model.key] = new.points
         elif decayed and before is not None:
             _rearm(conn, ws, profile_id, model, before, values[model.key])
@@ -225,7 +230,7 @@ def on_event(
         if target is not None:
             set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
             change = (current, target)
-    return Scored(tuple(crossings), change)
+    return Scored(tuple(crossings), change, frozenset(stored))
 
 
 def _rearm(

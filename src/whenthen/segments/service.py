@@ -193,8 +193,8 @@ class Change:
 
     ``everything``: anything (a call other than ``track``, a merge). Otherwise the call was
     a ``track`` event named ``event`` (now one of the person's events); ``traits``: the
-    traits differ from before; ``scores``: the scoring models whose score the event may
-    have changed; ``stage``: whether the lifecycle stage may have moved."""
+    traits differ from before; ``scores``: the scoring models whose stored score the event
+    changed; ``stage``: whether the lifecycle stage moved."""
 
     everything: bool = False
     event: str | None = None
