@@ -44,6 +44,7 @@ class _Setup:
     models: list[scoring.ScoringModel]
     lifecycle: scoring.Lifecycle | None
     segments: list[segments.Segment]
+    index: segments.SegmentIndex
     half_lives: dict[str, DecaySpec]
     tag_rules: list[tagging.TagRule]
     #: Something reads the person's past events (a segment, a tag rule's condition, a
@@ -61,6 +62,7 @@ def _setup(conn: Connection, ws: str) -> _Setup:
         models=scoring.models(conn, ws),
         lifecycle=scoring.lifecycle_of(conn, ws),
         segments=workspace_segments,
+        index=segments.SegmentIndex(workspace_segments),
         half_lives=segments.half_lives_of(conn, ws) if workspace_segments else {},
         tag_rules=rules,
         history=bool(workspace_segments or rules) or journeys.history_needed(conn, active),
@@ -246,7 +248,7 @@ def process_events(
                 _change(event, applied, scored),
                 now,
                 partitions,
-                setup.segments,
+                setup.index,
                 setup.half_lives,
                 applied.traits_after,
             )
@@ -275,7 +277,7 @@ def _segments(
     change: segments.Change,
     now: datetime,
     partitions: int,
-    workspace_segments: list[segments.Segment],
+    index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
 ) -> None:
@@ -286,7 +288,8 @@ def _segments(
         event.workspace_id,
         profile_id,
         now,
-        segments=workspace_segments,
+        segments=index.segments,
+        index=index,
         announce=functools.partial(announce, partitions=partitions),
         cause=event.message_id,
         half_lives=half_lives,

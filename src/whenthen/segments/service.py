@@ -219,6 +219,42 @@ class Change:
 EVERYTHING_CHANGED = Change(everything=True)
 
 
+class SegmentIndex:
+    """A workspace's segments by what they read, so the segments a change affects are
+    found without asking each of them (the pipeline asks for every event): the same
+    answer as ``[s for s in segments if change.affects(s)]``, in the same order."""
+
+    def __init__(self, workspace_segments: Sequence[Segment]) -> None:
+        self.segments = list(workspace_segments)
+        self._by_event: dict[str, list[int]] = defaultdict(list)
+        self._by_model: dict[str, list[int]] = defaultdict(list)
+        self._traits: list[int] = []
+        self._stage: list[int] = []
+        for i, seg in enumerate(self.segments):
+            for name in seg.event_names:
+                self._by_event[name].append(i)
+            for model in seg.score_models:
+                self._by_model[model].append(i)
+            if seg.reads.traits:
+                self._traits.append(i)
+            if seg.reads.stage:
+                self._stage.append(i)
+
+    def affected(self, change: Change) -> list[Segment]:
+        if change.everything:
+            return list(self.segments)
+        hits: set[int] = set()
+        if change.event is not None:
+            hits.update(self._by_event.get(change.event, ()))
+        if change.traits:
+            hits.update(self._traits)
+        if change.stage:
+            hits.update(self._stage)
+        for model in change.scores:
+            hits.update(self._by_model.get(model, ()))
+        return [self.segments[i] for i in sorted(hits)]
+
+
 # ---- the segments -------------------------------------------------------------------------
 
 
@@ -577,9 +613,11 @@ def on_change(
     change: Change | None = None,
     announce: Announce | None = None,
     traits: Mapping[str, Any] | None = None,
+    index: SegmentIndex | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
-    given, else :func:`relevant` for ``event_name``): update membership, history and
+    given, through ``index`` when given (built over ``segments``), else :func:`relevant`
+    for ``event_name``): update membership, history and
     timers (only those that differ), announce entries and exits. Returns the number of
     entries and exits. ``traits``: the profile's traits as they are now, when the caller
     holds them (not read again).
@@ -588,7 +626,9 @@ def on_change(
     order they happened (through ``announce`` when given, else ``emit`` one by one): one
     look-up of the person's ids and one append for all of them, rather than one of each
     per entry or exit."""
-    if change is not None:
+    if change is not None and index is not None:
+        affected = index.affected(change)
+    elif change is not None:
         affected = [s for s in segments if change.affects(s)]
     else:
         affected = [s for s in segments if relevant(s, event_name)]
