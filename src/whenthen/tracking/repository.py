@@ -19,7 +19,7 @@ from sqlalchemy import (
     update,
 )
 
-from whenthen.storage.driver import StoredValues, write_rows
+from whenthen.storage.driver import StoredValues, execute, statements, write_rows
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
 
@@ -202,19 +202,27 @@ def count_pending(conn: Connection) -> int:
 
 
 def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) -> None:
-    """Set the state (and the profile the event now belongs to) of processed events."""
+    """Set the state (and the profile the event now belongs to) of processed events.
+    At the driver's level (plain integers and strings, nothing to convert): it runs for
+    every event the pipeline attributes, and again for each batch it finishes."""
     if not seq_to_profile:
         return
-    rows = [{"b_seq": s, "b_state": state, "b_profile_id": p} for s, p in seq_to_profile.items()]
-    conn.execute(_MARK, rows)
+    rows = [(state, p, s) for s, p in seq_to_profile.items()]
+    if len(rows) == 1:
+        execute(conn, _MARK_ONE, rows[0])
+    elif conn.dialect.name == "postgresql":
+        write_rows(conn, _MARK_ROWS, ("state", "profile_id", "seq"), rows)
+    else:
+        write_rows(conn, _MARK_ONE["sqlite"], (), rows)
 
 
-#: Built once: ``mark`` runs for every event the pipeline attributes or finishes.
-_MARK = (
-    update(events)
-    .where(events.c.seq == bindparam("b_seq"))
-    .values(state=bindparam("b_state"), profile_id=bindparam("b_profile_id"))
-)
+_MARK_ONE = statements("UPDATE events SET state = %s, profile_id = %s WHERE seq = %s")
+#: PostgreSQL: the rows as one JSON document (``driver.write_rows``).
+_MARK_ROWS = """
+UPDATE events SET state = r.state, profile_id = r.profile_id
+FROM jsonb_to_recordset(%s::jsonb) AS r(state smallint, profile_id text, seq bigint)
+WHERE events.seq = r.seq
+"""
 
 
 def delete_seqs(conn: Connection, seqs: Sequence[int]) -> None:
