@@ -43,8 +43,8 @@ class _Setup:
     active: list[Any]
     models: list[scoring.ScoringModel]
     lifecycle: scoring.Lifecycle | None
+    index: segments.SegmentIndex  # before the field called ``segments``, which hides the module
     segments: list[segments.Segment]
-    index: segments.SegmentIndex
     half_lives: dict[str, DecaySpec]
     tag_rules: list[tagging.TagRule]
     #: Something reads the person's past events (a segment, a tag rule's condition, a
@@ -61,8 +61,8 @@ def _setup(conn: Connection, ws: str) -> _Setup:
         active=active,
         models=scoring.models(conn, ws),
         lifecycle=scoring.lifecycle_of(conn, ws),
-        segments=workspace_segments,
         index=segments.SegmentIndex(workspace_segments),
+        segments=workspace_segments,
         half_lives=segments.half_lives_of(conn, ws) if workspace_segments else {},
         tag_rules=rules,
         history=bool(workspace_segments or rules) or journeys.history_needed(conn, active),

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -30,6 +30,7 @@ from whenthen.scoring.model import (
 )
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
 from whenthen.storage import Database
+from whenthen.storage.driver import DriverQuery
 
 # ---- models -------------------------------------------------------------------------------
 
@@ -94,20 +95,37 @@ def delete_model(conn: Connection, ws: str, key: str) -> None:
 # ---- scores -------------------------------------------------------------------------------
 
 
+class _ScoreRow(NamedTuple):
+    model_key: str
+    points: float
+    as_of: datetime
+    caps: dict[str, Any]
+    decay_due_at: datetime | None
+    decay_from: float | None
+
+
 # All the person's rows (one per model at most: a handful), the models picked in Python:
-# an expanding ``IN`` of the keys would be re-rendered at every execution.
-_ROWS = select(profile_scores).where(
-    profile_scores.c.workspace_id == bindparam("ws"),
-    profile_scores.c.profile_id == bindparam("pid"),
+# an expanding ``IN`` of the keys would be re-rendered at every execution. Read at the
+# driver's level: the pipeline reads them for most events.
+_ROWS = DriverQuery(
+    select(
+        profile_scores.c.model_key,
+        profile_scores.c.points,
+        profile_scores.c.as_of,
+        profile_scores.c.caps,
+        profile_scores.c.decay_due_at,
+        profile_scores.c.decay_from,
+    ).where(
+        profile_scores.c.workspace_id == bindparam("ws"),
+        profile_scores.c.profile_id == bindparam("pid"),
+    )
 )
 
 
-def _rows(conn: Connection, ws: str, profile_id: str, keys: list[str]) -> dict[str, Any]:
+def _rows(conn: Connection, ws: str, profile_id: str, keys: list[str]) -> dict[str, _ScoreRow]:
     """The person's score rows in these models, by model key (one prebuilt statement)."""
     wanted = set(keys)
-    return {
-        r.model_key: r for r in conn.execute(_ROWS, {"ws": ws, "pid": profile_id}) if r.model_key in wanted
-    }
+    return {r[0]: _ScoreRow(*r) for r in _ROWS.all(conn, {"ws": ws, "pid": profile_id}) if r[0] in wanted}
 
 
 def _row(conn: Connection, ws: str, profile_id: str, key: str) -> Any:
@@ -208,7 +226,12 @@ def on_event(
         if model.key not in touched_keys:
             continue
         decayed: tuple[Crossing, ...] = ()
-        if row is not None and row.decay_due_at is not None and row.decay_due_at <= now:
+        if (
+            row is not None
+            and row.decay_due_at is not None
+            and row.decay_from is not None
+            and row.decay_due_at <= now
+        ):
             # Decay carried the score across a threshold before this event and the timer
             # has not fired yet: announce that first, as the timer would have.
             decayed = crossings_between(model, float(row.decay_from), values[model.key])

@@ -80,6 +80,7 @@ __all__ = [
     "Emit",
     "Reads",
     "Segment",
+    "SegmentIndex",
     "load_view",
     "load_views",
     "no_emit",

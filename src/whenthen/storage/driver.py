@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Float, Numeric
 from sqlalchemy.engine import Dialect
 
 from whenthen.storage.metadata import UTCDateTime
@@ -157,10 +157,7 @@ class DriverQuery:
         if found is None:
             compiled = self.stmt.compile(dialect=dialect)
             positional = tuple(compiled.positiontup) if compiled.positional else None
-            processors = [
-                c.type.dialect_impl(dialect).result_processor(dialect, None)
-                for c in self.stmt.selected_columns
-            ]
+            processors = [_result_processor(c.type, dialect) for c in self.stmt.selected_columns]
             found = self._compiled[dialect.name] = (compiled.string, positional, processors)
         return found
 
@@ -175,3 +172,28 @@ class DriverQuery:
         if row is None:
             return None
         return tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True))
+
+    def all(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Every row, each processed as :meth:`first` processes its one."""
+        sql, positional, processors = self._for(conn.dialect)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, tuple(params[n] for n in positional) if positional is not None else params)
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        return [tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True)) for row in rows]
+
+
+#: The type codes the driver reports for a double precision and a numeric column: a
+#: numeric type's result processor on PostgreSQL depends on which one the column is.
+_PG_FLOAT, _PG_NUMERIC = 701, 1700
+
+
+def _result_processor(type_: Any, dialect: Dialect) -> Any:
+    """The column type's own result processor (the column type code it needs on
+    PostgreSQL for numbers: double precision for a ``Float``, numeric otherwise)."""
+    coltype = None
+    if dialect.name == "postgresql" and isinstance(type_, (Float, Numeric)):
+        coltype = _PG_FLOAT if isinstance(type_, Float) else _PG_NUMERIC
+    return type_.dialect_impl(dialect).result_processor(dialect, coltype)
