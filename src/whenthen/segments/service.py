@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, literal, null, select, union_all, update
 
@@ -69,6 +69,7 @@ from whenthen.segments.membership import (
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
 from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views, of_segment
 from whenthen.storage import Database
+from whenthen.storage.driver import DriverQuery, StoredValues
 from whenthen.storage.id_lists import ids_in, per_dialect
 
 __all__ = [
@@ -725,6 +726,15 @@ _DUE = (
     .limit(bindparam("limit"))
 )
 _DUE_CLAIMED = _DUE.with_for_update(skip_locked=True)
+#: Read at the driver's level: a batch of expiring windows reads thousands of timers.
+_DUE_ROWS = {"sqlite": DriverQuery(_DUE), "postgresql": DriverQuery(_DUE_CLAIMED)}
+
+
+class _DueTimer(NamedTuple):
+    segment_id: str
+    profile_id: str
+    workspace_id: str
+    due_at: datetime
 
 
 def _alive(conn: Connection, ws: str, profile_ids: Sequence[str]) -> set[str]:
@@ -792,8 +802,10 @@ def fire_due_timers(
     timer candidates name (the others' answer can no longer change by time alone).
     Timers of deleted segments, and of profiles merged away or erased, are dropped.
     Returns how many timers were handled."""
-    stmt = _DUE_CLAIMED if conn.dialect.name == "postgresql" else _DUE
-    due = list(conn.execute(stmt, {"now": now, "limit": limit}))
+    due = [
+        _DueTimer(*row)
+        for row in _DUE_ROWS[conn.dialect.name].all(conn, {"now": StoredValues(conn).at(now), "limit": limit})
+    ]
     if not due:
         return 0
     by_segment: dict[str, list[Any]] = defaultdict(list)

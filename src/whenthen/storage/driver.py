@@ -150,22 +150,30 @@ class DriverQuery:
 
     def __init__(self, stmt: Any) -> None:
         self.stmt = stmt
-        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, list[Any]]] = {}
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, list[Any], dict[str, Any]]] = {}
 
-    def _for(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, list[Any]]:
+    def _for(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, list[Any], dict[str, Any]]:
         found = self._compiled.get(dialect.name)
         if found is None:
             compiled = self.stmt.compile(dialect=dialect)
             positional = tuple(compiled.positiontup) if compiled.positional else None
             processors = [_result_processor(c.type, dialect) for c in self.stmt.selected_columns]
-            found = self._compiled[dialect.name] = (compiled.string, positional, processors)
+            # Parameters the statement binds itself (e.g. SQLite's ``OFFSET`` after a
+            # ``LIMIT``), with their values: plain numbers, as the driver takes them.
+            fixed = {k: v for k, v in compiled.params.items() if v is not None}
+            found = self._compiled[dialect.name] = (compiled.string, positional, processors, fixed)
         return found
 
+    def _run(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> list[Any]:
+        sql, positional, processors, fixed = self._for(dialect)
+        values = {**fixed, **params} if fixed else params
+        cursor.execute(sql, tuple(values[n] for n in positional) if positional is not None else values)
+        return processors
+
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
-        sql, positional, processors = self._for(conn.dialect)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(sql, tuple(params[n] for n in positional) if positional is not None else params)
+            processors = self._run(cursor, conn.dialect, params)
             row = cursor.fetchone()
         finally:
             cursor.close()
@@ -175,10 +183,9 @@ class DriverQuery:
 
     def all(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Every row, each processed as :meth:`first` processes its one."""
-        sql, positional, processors = self._for(conn.dialect)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(sql, tuple(params[n] for n in positional) if positional is not None else params)
+            processors = self._run(cursor, conn.dialect, params)
             rows = cursor.fetchall()
         finally:
             cursor.close()
