@@ -622,13 +622,16 @@ def _safe(value: str | None) -> str:
 # and timers in one read (a timer row: kind 0 and its due time; a membership: kind 1 and
 # NULL, nothing to convert).
 _TIMER, _MEMBER = 0, 1
-_MEMBERSHIPS_AND_TIMERS = union_all(
-    select(literal(_TIMER).label("kind"), segment_timers.c.segment_id, segment_timers.c.due_at).where(
-        segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
-    ),
-    select(literal(_MEMBER), segment_members.c.segment_id, null()).where(
-        segment_members.c.workspace_id == bindparam("ws"), segment_members.c.profile_id == bindparam("pid")
-    ),
+_MEMBERSHIPS_AND_TIMERS = DriverQuery(
+    union_all(
+        select(literal(_TIMER).label("kind"), segment_timers.c.segment_id, segment_timers.c.due_at).where(
+            segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
+        ),
+        select(literal(_MEMBER), segment_members.c.segment_id, null()).where(
+            segment_members.c.workspace_id == bindparam("ws"),
+            segment_members.c.profile_id == bindparam("pid"),
+        ),
+    )
 )
 
 
@@ -674,7 +677,7 @@ def on_change(
     view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
     current: set[str] = set()
     timers: dict[str, datetime] = {}
-    for kind, seg_id, at in conn.execute(_MEMBERSHIPS_AND_TIMERS, {"ws": ws, "pid": profile_id}):
+    for kind, seg_id, at in _MEMBERSHIPS_AND_TIMERS.all(conn, {"ws": ws, "pid": profile_id}):
         if kind == _TIMER:
             timers[seg_id] = at
         else:
