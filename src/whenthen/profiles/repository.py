@@ -523,7 +523,7 @@ def senders(
         # By id, the workspace checked per row: with ``workspace_id = ?`` in the WHERE,
         # SQLite walked the workspace's whole index for every chunk (20 s of a 200,000-exit
         # expiry).
-        for pid, owner_ws, merged_into in conn.execute(_SENDER_TARGETS[d], {"ids": chunk}):
+        for pid, owner_ws, merged_into in _SENDER_TARGETS[d].all(conn, {"ids": chunk}):
             if owner_ws == ws:
                 target[pid] = merged_into or pid
     survivors = sorted({t for p, t in target.items() if t != p})
@@ -531,7 +531,7 @@ def senders(
     for i in range(0, len(survivors), _ID_CHUNK):
         existing.update(
             pid
-            for pid, owner_ws in conn.execute(_SENDER_SURVIVORS[d], {"ids": survivors[i : i + _ID_CHUNK]})
+            for pid, owner_ws in _SENDER_SURVIVORS[d].all(conn, {"ids": survivors[i : i + _ID_CHUNK]})
             if owner_ws == ws
         )
     owners = sorted({t for t in target.values() if t in existing})
@@ -539,7 +539,7 @@ def senders(
     for i in range(0, len(owners), _ID_CHUNK):
         # The workspace is checked per row: with ``workspace_id = ?`` in the WHERE, SQLite
         # (no statistics) walks the workspace's whole primary key instead of the profiles'.
-        rows = conn.execute(_SENDER_IDS[d], {"ids": owners[i : i + _ID_CHUNK]})
+        rows = _SENDER_IDS[d].all(conn, {"ids": owners[i : i + _ID_CHUNK]})
         for row_ws, pid, kind, value in rows:
             if row_ws == ws:
                 firsts.setdefault(pid, {}).setdefault(kind, value)
@@ -559,15 +559,19 @@ _ID_CHUNK = 2000
 # (``storage.id_lists``): it runs for every entry or exit the pipeline announces, and
 # building them (``in_``, the cache key) cost more than running them.
 _SENDER_TARGETS = per_dialect(
-    lambda d: select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
-        ids_in(d, profiles.c.id, "ids")
+    lambda d: DriverQuery(
+        select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
+            ids_in(d, profiles.c.id, "ids")
+        )
     )
 )
 _SENDER_SURVIVORS = per_dialect(
-    lambda d: select(profiles.c.id, profiles.c.workspace_id).where(ids_in(d, profiles.c.id, "ids"))
+    lambda d: DriverQuery(
+        select(profiles.c.id, profiles.c.workspace_id).where(ids_in(d, profiles.c.id, "ids"))
+    )
 )
 _SENDER_IDS = per_dialect(
-    lambda d: (
+    lambda d: DriverQuery(
         select(identities.c.workspace_id, identities.c.profile_id, identities.c.kind, identities.c.value)
         .where(ids_in(d, identities.c.profile_id, "ids"))
         .order_by(identities.c.created_at, identities.c.kind, identities.c.value)

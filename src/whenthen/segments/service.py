@@ -69,7 +69,7 @@ from whenthen.segments.membership import (
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
 from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views, of_segment
 from whenthen.storage import Database
-from whenthen.storage.driver import DriverQuery, StoredValues
+from whenthen.storage.driver import DriverQuery
 from whenthen.storage.id_lists import ids_in, per_dialect
 
 __all__ = [
@@ -805,10 +805,7 @@ def fire_due_timers(
     timer candidates name (the others' answer can no longer change by time alone).
     Timers of deleted segments, and of profiles merged away or erased, are dropped.
     Returns how many timers were handled."""
-    due = [
-        _DueTimer(*row)
-        for row in _DUE_ROWS[conn.dialect.name].all(conn, {"now": StoredValues(conn).at(now), "limit": limit})
-    ]
+    due = [_DueTimer(*row) for row in _DUE_ROWS[conn.dialect.name].all(conn, {"now": now, "limit": limit})]
     if not due:
         return 0
     by_segment: dict[str, list[Any]] = defaultdict(list)

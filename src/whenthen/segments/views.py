@@ -53,6 +53,7 @@ from whenthen.segments.definition import (
     walk,
 )
 from whenthen.segments.evaluator import DecaySpec, EventTuple, ProfileView
+from whenthen.storage.driver import DriverQuery
 from whenthen.storage.id_lists import DIALECTS, ArrayLiteral, array_param, ids_in, per_dialect
 from whenthen.tracking.tables import events
 
@@ -210,19 +211,21 @@ def load_view(
 
 # Built once per dialect: the pipeline reads one profile's view for every event, and
 # building a statement costs more than running it. ``pids`` is a list parameter
-# (``storage.id_lists.ids_in``), ``names`` an expanding IN (a few names). The workspace is checked on
+# (``storage.id_lists.ids_in``), and so is ``names``; they run at the driver's level
+# (``storage.driver.DriverQuery``). The workspace is checked on
 # each row of ``profiles`` and ``events`` rather than in the WHERE: with
 # ``workspace_id = ?`` there, SQLite (no statistics) walks the workspace's whole index
 # ((workspace, last seen) for profiles, (workspace, message id) for events) instead of
 # probing the ids.
 _PIDS = "pids"
 _TRAITS = per_dialect(
-    lambda d: select(profiles.c.id, profiles.c.workspace_id, profiles.c.traits).where(
-        ids_in(d, profiles.c.id, _PIDS)
+    lambda d: DriverQuery(
+        select(profiles.c.id, profiles.c.workspace_id, profiles.c.traits).where(
+            ids_in(d, profiles.c.id, _PIDS)
+        )
     )
 )
 _EVENT_COLUMNS = (events.c.profile_id, events.c.event, events.c.timestamp, events.c.workspace_id)
-_NAMED = events.c.event.in_(bindparam("names", expanding=True))
 
 
 def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
@@ -233,7 +236,9 @@ def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
     array (over a minute a statement at 2,000,000 events; the probes take milliseconds)."""
     if d != "postgresql":
         return select(*_EVENT_COLUMNS, *([events.c.payload["properties"]] if props else [])).where(
-            ids_in(d, events.c.profile_id, _PIDS), events.c.type == "track", *([_NAMED] if named else [])
+            ids_in(d, events.c.profile_id, _PIDS),
+            events.c.type == "track",
+            *([ids_in(d, events.c.event, "names")] if named else []),
         )
     ids = func.unnest(array_param(_PIDS)).table_valued("pid").render_derived(name="u")
     x = events.alias("x")
@@ -248,7 +253,7 @@ def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
         .where(
             x.c.profile_id == ids.c.pid,
             x.c.type == "track",
-            *([x.c.event.in_(bindparam("names", expanding=True))] if named else []),
+            *([ids_in(d, x.c.event, "names")] if named else []),
         )
         .offset(literal_column("0"))
         .lateral("e")
@@ -263,7 +268,7 @@ def _events_read(d: str, named: bool, props: bool) -> Select[Any]:
 
 
 _EVENTS = {
-    (d, named, props): _events_read(d, named, props)
+    (d, named, props): DriverQuery(_events_read(d, named, props))
     for d in DIALECTS
     for named in (False, True)
     for props in (False, True)
@@ -300,7 +305,7 @@ def _others_read(
 
 #: By dialect and (lists, tags, scores, stage), for the combinations that read something.
 _OTHERS = {
-    (d, *parts): _others_read(d, *parts)
+    (d, *parts): DriverQuery(_others_read(d, *parts))
     for d in DIALECTS
     for parts in itertools.product((False, True), repeat=4)
     if any(parts)
@@ -321,7 +326,7 @@ def _load_chunk(
     if reads.traits and known is not None and all(pid in known for pid in ids):
         traits = {pid: known[pid] for pid in ids}
     elif reads.traits:
-        for pid, row_ws, doc in conn.execute(_TRAITS[d], params):
+        for pid, row_ws, doc in _TRAITS[d].all(conn, params):
             if row_ws == ws:
                 traits[pid] = doc if isinstance(doc, dict) else {}
     evs: dict[str, list[EventTuple]] = defaultdict(list)
@@ -330,7 +335,7 @@ def _load_chunk(
         stmt = _EVENTS[(d, reads.names is not None, with_props)]
         args = params if reads.names is None else {**params, "names": sorted(reads.names)}
         empty: dict[str, Any] = {}
-        for row in conn.execute(stmt, args):
+        for row in stmt.all(conn, args):
             if row[3] != ws:
                 continue
             props = row[4] if with_props else empty
@@ -341,7 +346,7 @@ def _load_chunk(
     stages: dict[str, str] = {}
     wanted = (reads.lists, reads.tags, reads.scores, reads.stage)
     if any(wanted):
-        for kind, pid, key, points, as_of in conn.execute(_OTHERS[(d, *wanted)], params):
+        for kind, pid, key, points, as_of in _OTHERS[(d, *wanted)].all(conn, params):
             if kind == _SCORE:
                 scores[pid][key] = (float(points), as_of)
             elif kind == _LIST:

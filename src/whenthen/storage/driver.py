@@ -140,33 +140,52 @@ def first_row(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any,
         cursor.close()
 
 
+#: (SQL text, parameter names in order (positional drivers), result processors per
+#: column, parameters the statement fixes itself, bind processors by parameter name).
+_Compiled = tuple[str, tuple[str, ...] | None, list[Any], dict[str, Any], dict[str, Any]]
+
+
 class DriverQuery:
     """A prebuilt SQLAlchemy ``select`` run on the driver's own cursor, its rows processed
     by the selected columns' own result processors (datetimes, JSON on SQLite): for a
     read on every event, where SQLAlchemy's execution cost more than the query. The
     statement is compiled once per dialect by SQLAlchemy itself, so its SQL is the one
-    SQLAlchemy would send. Its parameters must need no bind processing (plain strings
-    and numbers): they are handed to the driver as given."""
+    SQLAlchemy would send, and each parameter goes through its type's own bind processor
+    (a list of ids as one JSON text or array literal, ``storage.id_lists``; a datetime
+    as ``UTCDateTime`` stores it), as SQLAlchemy would. Not for expanding parameters."""
 
     def __init__(self, stmt: Any) -> None:
         self.stmt = stmt
-        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, list[Any], dict[str, Any]]] = {}
+        self._compiled: dict[str, _Compiled] = {}
 
-    def _for(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, list[Any], dict[str, Any]]:
+    def _for(self, dialect: Dialect) -> _Compiled:
         found = self._compiled.get(dialect.name)
         if found is None:
             compiled = self.stmt.compile(dialect=dialect)
             positional = tuple(compiled.positiontup) if compiled.positional else None
             processors = [_result_processor(c.type, dialect) for c in self.stmt.selected_columns]
+            binders: dict[str, Any] = {}
+            for name, bind in compiled.binds.items():
+                if bind.expanding:
+                    raise ValueError(f"DriverQuery cannot run the expanding parameter {name!r}")
+                binder = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                if binder is not None:
+                    binders[name] = binder
             # Parameters the statement binds itself (e.g. SQLite's ``OFFSET`` after a
-            # ``LIMIT``), with their values: plain numbers, as the driver takes them.
+            # ``LIMIT``), with their values.
             fixed = {k: v for k, v in compiled.params.items() if v is not None}
-            found = self._compiled[dialect.name] = (compiled.string, positional, processors, fixed)
+            for name, binder in binders.items():
+                if name in fixed:
+                    fixed[name] = binder(fixed[name])
+            found = self._compiled[dialect.name] = (compiled.string, positional, processors, fixed, binders)
         return found
 
     def _run(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> list[Any]:
-        sql, positional, processors, fixed = self._for(dialect)
-        values = {**fixed, **params} if fixed else params
+        sql, positional, processors, fixed, binders = self._for(dialect)
+        values = {**fixed, **params} if fixed else dict(params)
+        for name, binder in binders.items():
+            if name in params:
+                values[name] = binder(params[name])
         cursor.execute(sql, tuple(values[n] for n in positional) if positional is not None else values)
         return processors
 
