@@ -4,11 +4,13 @@ column types store, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, delete, insert, select, text, update
 
 from whenthen.bootstrap import Container
 from whenthen.journeys import repository as journey_repo
@@ -18,6 +20,8 @@ from whenthen.kernel.ids import ProfileId
 from whenthen.profiles import repository as profile_repo
 from whenthen.profiles.model import Identity, IdentityKind
 from whenthen.profiles.tables import profiles
+from whenthen.segments import membership
+from whenthen.segments.tables import segment_history, segment_members, segment_timers
 
 TIMES = [
     datetime(2026, 12, 1, 22, 0, 0, tzinfo=UTC),  # no microseconds
@@ -173,3 +177,139 @@ def test_a_profile_read_by_its_identity_is_the_profile_sqlalchemy_reads(containe
     assert fast.first_seen.tzinfo is not None
     assert fast.traits["cart"] == {"total": 12.5, "items": [1, None]}
     assert missing is None
+
+
+def _collect(
+    into: list[membership.Announcement],
+    conn: Connection,
+    ws: str,
+    announcements: Sequence[membership.Announcement],
+    *,
+    now: datetime,
+) -> int:
+    into.extend(announcements)
+    return len(announcements)
+
+
+def _segment_rows(conn: Connection, pid: str) -> dict[str, list[dict[str, Any]]]:
+    """The person's rows in the three segment tables as the database holds them."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for table, order in (
+        ("segment_members", "segment_id"),
+        ("segment_timers", "segment_id"),
+        ("segment_history", "id"),
+    ):
+        rows = conn.execute(
+            text(f"SELECT * FROM {table} WHERE profile_id = :p ORDER BY {order}"), {"p": pid}
+        ).mappings()
+        out[table] = [{k: v for k, v in r.items() if k not in ("id", "profile_id")} for r in rows]
+    return out
+
+
+def test_a_persons_segment_moves_and_timers_are_stored_as_through_sqlalchemy(container: Container) -> None:
+    """``membership.write_profile`` (driver level) against the same rows written by
+    SQLAlchemy's statements through the column types: entries, exits, timers made,
+    moved and deleted, at instants with and without microseconds and in another zone."""
+    for i, now in enumerate(TIMES):
+        due = now + timedelta(days=1, microseconds=7)
+        fast, orm = f"prf_seg_fast{i}", f"prf_seg_orm{i}"
+        with container.db.write() as conn:
+            for pid in (fast, orm):  # before: a member of s-out with an open stay; timers on s-gone, s-moved
+                conn.execute(
+                    insert(segment_members).values(
+                        segment_id="s-out", profile_id=pid, workspace_id="ws-1", since=TIMES[0]
+                    )
+                )
+                conn.execute(
+                    insert(segment_history).values(
+                        segment_id="s-out", workspace_id="ws-1", profile_id=pid, entered_at=TIMES[0]
+                    )
+                )
+                for seg in ("s-gone", "s-moved"):
+                    conn.execute(
+                        insert(segment_timers).values(
+                            segment_id=seg, profile_id=pid, workspace_id="ws-1", due_at=TIMES[0]
+                        )
+                    )
+        with container.db.write() as conn:
+            changes = membership.ProfileChanges("ws-1", fast)
+            changes.move("s-in", "in", True, "c1")
+            changes.move("s-out", "out", False, "c2")
+            changes.move("s-in2", "in2", True, "c3")
+            changes.timers.update({"s-gone": None, "s-moved": due, "s-new": due})
+            announced: list[membership.Announcement] = []
+            membership.write_profile(
+                conn,
+                changes,
+                {"s-gone": TIMES[0], "s-moved": TIMES[0]},
+                now,
+                functools.partial(_collect, announced),
+            )
+            assert [(a.name, a.properties) for a in announced] == [
+                ("Segment Entered", {"segment": "in"}),
+                ("Segment Exited", {"segment": "out"}),
+                ("Segment Entered", {"segment": "in2"}),
+            ]
+            # The same through SQLAlchemy's statements.
+            for seg in ("s-in", "s-in2"):
+                conn.execute(
+                    insert(segment_members).values(
+                        segment_id=seg, profile_id=orm, workspace_id="ws-1", since=now
+                    )
+                )
+                conn.execute(
+                    insert(segment_history).values(
+                        segment_id=seg, workspace_id="ws-1", profile_id=orm, entered_at=now
+                    )
+                )
+            conn.execute(
+                delete(segment_members).where(
+                    segment_members.c.segment_id == "s-out", segment_members.c.profile_id == orm
+                )
+            )
+            conn.execute(
+                update(segment_history)
+                .where(
+                    segment_history.c.segment_id == "s-out",
+                    segment_history.c.profile_id == orm,
+                    segment_history.c.exited_at.is_(None),
+                )
+                .values(exited_at=now)
+            )
+            conn.execute(
+                delete(segment_timers).where(
+                    segment_timers.c.segment_id == "s-gone", segment_timers.c.profile_id == orm
+                )
+            )
+            conn.execute(
+                update(segment_timers)
+                .where(segment_timers.c.segment_id == "s-moved", segment_timers.c.profile_id == orm)
+                .values(due_at=due)
+            )
+            conn.execute(
+                insert(segment_timers).values(
+                    segment_id="s-new", profile_id=orm, workspace_id="ws-1", due_at=due
+                )
+            )
+        with container.db.read() as conn:
+            got, expected = _segment_rows(conn, fast), _segment_rows(conn, orm)
+            typed = conn.execute(
+                select(segment_timers.c.segment_id, segment_timers.c.due_at)
+                .where(segment_timers.c.profile_id == fast)
+                .order_by(segment_timers.c.segment_id)
+            ).all()
+            stays = conn.execute(
+                select(
+                    segment_history.c.segment_id, segment_history.c.entered_at, segment_history.c.exited_at
+                )
+                .where(segment_history.c.profile_id == fast)
+                .order_by(segment_history.c.id)
+            ).all()
+        assert got == expected
+        assert [s["segment_id"] for s in got["segment_members"]] == ["s-in", "s-in2"]
+        assert [(s, d) for s, d in typed] == [("s-moved", due), ("s-new", due)]
+        assert [tuple(r) for r in stays] == [
+            ("s-out", TIMES[0], now),
+            ("s-in", now, None),
+            ("s-in2", now, None),
+        ]

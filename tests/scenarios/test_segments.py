@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
 from whenthen.api.app import create_app
+from whenthen.segments import membership
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
+from whenthen.storage.driver import write_rows as driver_write_rows
 
 PRICING_FANS = {
     "name": "Viewed pricing twice this week",
@@ -304,7 +306,7 @@ def _viewers(plan: str) -> dict[str, Any]:
 
 
 def test_one_change_writes_all_its_segments_moves_and_timers_together(
-    env: JourneyEnv, http: TestClient
+    env: JourneyEnv, http: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A person's entries, exits and timers in several segments are written with one
     statement per kind of row (not one per segment), and come out exactly as before:
@@ -348,19 +350,23 @@ def test_one_change_writes_all_its_segments_moves_and_timers_together(
     assert members == {ids["free"], ids["free-viewers"]}
     assert set(timers) == {ids["free-viewers"]}  # leaves when the view is 7 days old
 
-    writes: list[str] = []
+    # The writes go to the driver (``membership.write_rows``): one call per kind of row,
+    # its rows those of all four segments.
+    writes: list[tuple[str, int]] = []
+    real = driver_write_rows
 
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        verb = statement.lstrip().split(None, 1)[0].upper()
-        if verb in ("INSERT", "UPDATE", "DELETE") and " segment_" in f" {statement.split('(')[0]}":
-            writes.append(" ".join(statement.split()[:3]))
+    def capture(conn: Any, sql: str, keys: Any, rows: list[Any]) -> int:
+        words = sql.split()
+        verb, table = words[0], words[2] if words[0] in ("INSERT", "DELETE") else words[1]
+        writes.append((f"{verb} {table}", len(rows)))
+        return real(conn, sql, keys, rows)
 
     env.advance(hours=1)
-    event.listen(env.c.db.engine, "before_cursor_execute", capture)
+    monkeypatch.setattr(membership, "write_rows", capture)
     try:
         env.identify("dee", plan="pro")  # leaves free and free-viewers, enters pro and pro-viewers
     finally:
-        event.remove(env.c.db.engine, "before_cursor_execute", capture)
+        monkeypatch.undo()
 
     members, stays, after = state()
     assert members == {ids["pro"], ids["pro-viewers"]}
@@ -372,12 +378,12 @@ def test_one_change_writes_all_its_segments_moves_and_timers_together(
     # One statement per kind of row for the four segments.
     assert sorted(writes) == sorted(
         [
-            "INSERT INTO segment_members",
-            "INSERT INTO segment_history",
-            "DELETE FROM segment_members",
-            "UPDATE segment_history SET",
-            "DELETE FROM segment_timers",
-            "INSERT INTO segment_timers",
+            ("INSERT segment_members", 2),
+            ("INSERT segment_history", 2),
+            ("DELETE segment_members", 2),
+            ("UPDATE segment_history", 2),
+            ("DELETE segment_timers", 1),
+            ("INSERT segment_timers", 1),
         ]
     )
     entered = [e["segment"] for e in env.system_events("Segment Entered")]

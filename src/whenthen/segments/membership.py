@@ -21,6 +21,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, update
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
 from whenthen.segments.views import chunks, of_segment
+from whenthen.storage.driver import StoredValues, write_rows
 from whenthen.storage.id_lists import per_dialect
 
 ENTERED = "Segment Entered"
@@ -217,23 +218,72 @@ class ProfileChanges:
         self.moves.append((segment_id, key, entered, cause))
 
 
-_DELETE_MEMBER = delete(segment_members).where(
-    segment_members.c.segment_id == bindparam("b_segment"),
-    segment_members.c.profile_id == bindparam("b_profile"),
-)
-_CLOSE_STAY = (
-    update(segment_history)
-    .where(
-        segment_history.c.segment_id == bindparam("b_segment"),
-        segment_history.c.profile_id == bindparam("b_profile"),
-        segment_history.c.exited_at.is_(None),  # the partial index of open stays
-    )
-    .values(exited_at=bindparam("b_now"))
-)
-_DELETE_TIMER = delete(segment_timers).where(
-    segment_timers.c.segment_id == bindparam("b_segment"),
-    segment_timers.c.profile_id == bindparam("b_profile"),
-)
+#: ``write_profile``'s writes at the driver's level, (SQLite, PostgreSQL) per kind of row:
+#: a handful of rows for one person, at most every event, where SQLAlchemy's execution
+#: cost more than the statements. PostgreSQL reads the rows from one JSON document
+#: (``storage.driver.write_rows``); the stays keep the rows' order (``ORDINALITY``).
+_PROFILE_SQL: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "members_in": (
+        "INSERT INTO segment_members (segment_id, profile_id, workspace_id, since) VALUES (?, ?, ?, ?)",
+        "INSERT INTO segment_members (segment_id, profile_id, workspace_id, since)"
+        " SELECT segment_id, profile_id, workspace_id, since FROM jsonb_to_recordset(%s::jsonb)"
+        " AS v(segment_id text, profile_id text, workspace_id text, since timestamptz)",
+        ("segment_id", "profile_id", "workspace_id", "since"),
+    ),
+    "stays_opened": (
+        "INSERT INTO segment_history (segment_id, workspace_id, profile_id, entered_at) VALUES (?, ?, ?, ?)",
+        "INSERT INTO segment_history (segment_id, workspace_id, profile_id, entered_at)"
+        " SELECT segment_id, workspace_id, profile_id, entered_at"
+        " FROM ROWS FROM (jsonb_to_recordset(%s::jsonb) AS (segment_id text, workspace_id text,"
+        " profile_id text, entered_at timestamptz)) WITH ORDINALITY"
+        " AS v(segment_id, workspace_id, profile_id, entered_at, n) ORDER BY n",
+        ("segment_id", "workspace_id", "profile_id", "entered_at"),
+    ),
+    "members_out": (
+        "DELETE FROM segment_members WHERE segment_id = ? AND profile_id = ?",
+        "DELETE FROM segment_members AS m USING jsonb_to_recordset(%s::jsonb) AS v(segment_id text,"
+        " profile_id text) WHERE m.segment_id = v.segment_id AND m.profile_id = v.profile_id",
+        ("segment_id", "profile_id"),
+    ),
+    "stays_closed": (
+        "UPDATE segment_history SET exited_at = ? WHERE segment_id = ? AND profile_id = ?"
+        " AND exited_at IS NULL",
+        "UPDATE segment_history AS h SET exited_at = v.exited_at FROM jsonb_to_recordset(%s::jsonb)"
+        " AS v(exited_at timestamptz, segment_id text, profile_id text)"
+        " WHERE h.segment_id = v.segment_id AND h.profile_id = v.profile_id AND h.exited_at IS NULL",
+        ("exited_at", "segment_id", "profile_id"),
+    ),
+    "timers_gone": (
+        "DELETE FROM segment_timers WHERE segment_id = ? AND profile_id = ?",
+        "DELETE FROM segment_timers AS t USING jsonb_to_recordset(%s::jsonb) AS v(segment_id text,"
+        " profile_id text) WHERE t.segment_id = v.segment_id AND t.profile_id = v.profile_id",
+        ("segment_id", "profile_id"),
+    ),
+    "timers_moved": (
+        "UPDATE segment_timers SET due_at = ? WHERE segment_id = ? AND profile_id = ?",
+        "UPDATE segment_timers AS t SET due_at = v.due_at FROM jsonb_to_recordset(%s::jsonb)"
+        " AS v(due_at timestamptz, segment_id text, profile_id text)"
+        " WHERE t.segment_id = v.segment_id AND t.profile_id = v.profile_id",
+        ("due_at", "segment_id", "profile_id"),
+    ),
+    "timers_new": (
+        "INSERT INTO segment_timers (segment_id, profile_id, workspace_id, due_at) VALUES (?, ?, ?, ?)",
+        "INSERT INTO segment_timers (segment_id, profile_id, workspace_id, due_at)"
+        " SELECT segment_id, profile_id, workspace_id, due_at FROM jsonb_to_recordset(%s::jsonb)"
+        " AS v(segment_id text, profile_id text, workspace_id text, due_at timestamptz)",
+        ("segment_id", "profile_id", "workspace_id", "due_at"),
+    ),
+}
+
+
+def _write(conn: Connection, kind: str, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    lite, pg, keys = _PROFILE_SQL[kind]
+    if conn.dialect.name == "postgresql":
+        write_rows(conn, pg, keys, rows)
+    else:
+        write_rows(conn, lite, keys, rows)
 
 
 def write_profile(
@@ -244,38 +294,23 @@ def write_profile(
     announce: Announce,
 ) -> None:
     """Write one profile's entries, exits and timers in all its segments at once: one
-    executemany per kind of row (members in, stays opened, members out, stays closed,
-    timers deleted, moved, made) rather than one per segment, then announce the moves in
-    their order. ``existing`` holds the profile's timers as they are (segment -> due)."""
+    statement per kind of row (members in, stays opened, members out, stays closed,
+    timers deleted, moved, made) rather than one per segment, at the driver's level
+    (``_PROFILE_SQL``), then announce the moves in their order. ``existing`` holds the
+    profile's timers as they are (segment -> due)."""
     ws, pid = changes.workspace_id, changes.profile_id
+    at = StoredValues(conn).at
+    stamp = at(now)
     entered = [seg for seg, _, is_entry, _ in changes.moves if is_entry]
     exited = [seg for seg, _, is_entry, _ in changes.moves if not is_entry]
-    if entered:
-        conn.execute(
-            _INSERT_MEMBERS,
-            [{"segment_id": seg, "profile_id": pid, "workspace_id": ws, "since": now} for seg in entered],
-        )
-        conn.execute(
-            _INSERT_STAYS,
-            [
-                {"segment_id": seg, "workspace_id": ws, "profile_id": pid, "entered_at": now}
-                for seg in entered
-            ],
-        )
-    if exited:
-        keys = [{"b_segment": seg, "b_profile": pid} for seg in exited]
-        conn.execute(_DELETE_MEMBER, keys)
-        conn.execute(_CLOSE_STAY, [{**k, "b_now": now} for k in keys])
+    _write(conn, "members_in", [(seg, pid, ws, stamp) for seg in entered])
+    _write(conn, "stays_opened", [(seg, ws, pid, stamp) for seg in entered])
+    _write(conn, "members_out", [(seg, pid) for seg in exited])
+    _write(conn, "stays_closed", [(stamp, seg, pid) for seg in exited])
     gone, moved, new = _timer_changes(changes.timers, existing)
-    if gone:
-        conn.execute(_DELETE_TIMER, [{"b_segment": seg, "b_profile": pid} for seg in gone])
-    if moved:
-        conn.execute(_UPDATE_TIMER, [{"b_segment": seg, "b_profile": pid, "b_due": d} for seg, d in moved])
-    if new:
-        conn.execute(
-            _INSERT_TIMERS,
-            [{"segment_id": seg, "profile_id": pid, "workspace_id": ws, "due_at": d} for seg, d in new],
-        )
+    _write(conn, "timers_gone", [(seg, pid) for seg in gone])
+    _write(conn, "timers_moved", [(at(d), seg, pid) for seg, d in moved])
+    _write(conn, "timers_new", [(seg, pid, ws, at(d)) for seg, d in new])
     if changes.moves:
         announce(
             conn,
