@@ -504,12 +504,17 @@ def _pure(db: Database, ws: str, tracks: list[dict[str, Any]], loads: list[Load]
             )
         }
         views = segments.load_views(conn, ws, sorted(set(owner.values())), lives)
+    # As the pipeline's relevance rule (``pipeline.service._change``): a score segment is
+    # re-evaluated when the event stored a new score, the stage ones when the stage moved.
+    # Here: the models with a rule on the event's name (a trait rule awards once, at a
+    # person's first event), and the stage when the lifecycle has a rule on it (an upper
+    # bound: a rule to a stage already passed moves nothing).
     changes: dict[str, segments.Change] = {}
     for name in NAMES:
         changes[name] = segments.Change(
             event=name,
-            scores=frozenset(m.key for m in models if any(r.event == name or r.trait for r in m.rules)),
-            stage=lifecycle is not None and any(r.event == name or r.score_model for r in lifecycle.rules),
+            scores=frozenset(m.key for m in models if any(r.event == name for r in m.rules)),
+            stage=lifecycle is not None and any(r.event == name for r in lifecycle.rules),
         )
     affected = {name: [s for s in segs if c.affects(s)] for name, c in changes.items()}
     evaluations = 0
