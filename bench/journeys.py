@@ -17,8 +17,10 @@ Part 1, delivery ("event to email handed to the SMTP server"). For each database
    processes, or with ``--layout roles`` ``whenthen serve --no-worker``, ``whenthen worker
    --role pipeline`` and ``whenthen worker --role dispatch`` as three (``--layout both``:
    embedded then split; ``all``: the three; each on a fresh database), its SMTP
-   host pointing at an aiosmtpd sink in this process that timestamps every message it
-   receives (``time.perf_counter``, the same clock as the send schedule);
+   host pointing at an aiosmtpd sink in a process of its own (so its SMTP sessions do not
+   share the bench's GIL with the load generator) that timestamps every message it
+   receives (``time.perf_counter``: the system's monotonic clock, the same in every
+   process, and the clock of the send schedule);
 3. ``--users`` people identified with an email address (``/v1/batch``), then a short
    warm-up that is not counted;
 4. for each ``--rates`` value: ``/v1/track`` open loop at that rate for ``--seconds``, each
@@ -74,6 +76,7 @@ import os
 import platform
 import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -114,7 +117,6 @@ from whenthen.journeys.tables import enrollment_journal, enrollments
 from whenthen.journeys.tasks import fire_timers, seconds_to_next_timer
 from whenthen.kernel.clock import SystemClock
 from whenthen.kernel.ids import new_secret
-from whenthen.messaging.smtp_sink import SmtpSink
 from whenthen.messaging.tables import outbox
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
@@ -316,33 +318,101 @@ def machine_load(seconds: float = 1.0) -> float:
 
 
 class _TimedHandler:
-    def __init__(self, sink: TimedSink) -> None:
-        self.sink = sink
+    """The sink process's handler: timestamps each message by the event id in its subject."""
+
+    def __init__(self, out: list[tuple[str | None, float]], lock: threading.Lock) -> None:
+        self.out = out
+        self.lock = lock
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         now = time.perf_counter()
         found = SUBJECT.search(envelope.content)
-        self.sink.arrived(found.group(1).decode("ascii") if found else None, now)
+        with self.lock:
+            self.out.append((found.group(1).decode("ascii") if found else None, now))
         return "250 Message accepted for delivery"
 
 
-class TimedSink(SmtpSink):
-    """``whenthen.messaging.smtp_sink.SmtpSink`` whose handler records, per event id in the
-    subject, when the message arrived (``time.perf_counter``) instead of parsing and keeping
-    every message: at 1,000 messages/s parsing would take the CPU the server needs."""
+def _sink_process(port: int, conn: Any) -> None:
+    """The SMTP sink in a process of its own (``TimedSink``): the SMTP sessions' protocol
+    work does not share the bench's GIL with the load generator. Arrivals are stamped
+    here (``time.perf_counter`` is the system's monotonic clock, the same in every
+    process) and sent to the bench every 20 ms; ``"stop"`` from the bench ends it."""
+    arrivals: list[tuple[str | None, float]] = []
+    lock = threading.Lock()
+    controller = Controller(_TimedHandler(arrivals, lock), hostname="127.0.0.1", port=port)
+    controller.start()
+    conn.send("ready")
+    try:
+        while not conn.poll(0.02):
+            with lock:
+                batch, arrivals[:] = list(arrivals), []
+            if batch:
+                conn.send(batch)
+    finally:
+        controller.stop()
+        with lock:
+            batch = list(arrivals)
+        conn.send(batch)
+        conn.send("done")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class TimedSink:
+    """An aiosmtpd sink that records, per event id in the subject, when each message
+    arrived (``time.perf_counter``) instead of parsing and keeping every message (at
+    1,000 messages/s parsing would take the CPU the server needs). It runs in a process
+    of its own (``_sink_process``); a thread here receives its arrivals."""
 
     def __init__(self) -> None:
-        super().__init__()
-        port = self.port
-        self.controller = Controller(_TimedHandler(self), hostname="127.0.0.1", port=port)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.lock = threading.Lock()
         self.arrivals: dict[str, float] = {}
         self.per_prefix: dict[str, int] = {}
         self.duplicates = 0
         self.unmatched = 0
+        self._conn: Any = None
+        self._proc: Any = None
+        self._reader: threading.Thread | None = None
 
     def __enter__(self) -> TimedSink:
-        self.controller.start()
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        mine, theirs = ctx.Pipe()
+        self._conn = mine
+        self._proc = ctx.Process(target=_sink_process, args=(self.port, theirs), daemon=True)
+        self._proc.start()
+        if not mine.poll(60) or mine.recv() != "ready":
+            raise RuntimeError("the SMTP sink process did not start")
+        self._reader = threading.Thread(target=self._read, name="sink-arrivals", daemon=True)
+        self._reader.start()
         return self
+
+    def _read(self) -> None:
+        while True:
+            try:
+                batch = self._conn.recv()
+            except EOFError:
+                return
+            if batch == "done":
+                return
+            for event_id, at in batch:
+                self.arrived(event_id, at)
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send("stop")
+        if self._reader is not None:
+            self._reader.join(timeout=30)
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
 
     def arrived(self, event_id: str | None, at: float) -> None:
         with self.lock:
