@@ -190,22 +190,18 @@ class DriverQuery:
         return processors
 
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            processors = self._run(cursor, conn.dialect, params)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        if row is None:
-            return None
-        return tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True))
+        rows = self._rows(conn, params, one=True)
+        return rows[0] if rows else None
 
     def all(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Every row, each processed as :meth:`first` processes its one."""
+        return self._rows(conn, params, one=False)
+
+    def _rows(self, conn: Connection, params: dict[str, Any], *, one: bool) -> list[tuple[Any, ...]]:
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             processors = self._run(cursor, conn.dialect, params)
-            rows = cursor.fetchall()
+            rows = cursor.fetchmany(1) if one else cursor.fetchall()
         finally:
             cursor.close()
         return [tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True)) for row in rows]
