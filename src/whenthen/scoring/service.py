@@ -248,15 +248,12 @@ def on_event(
     change = None
     if lifecycle is not None:
         scores = {k: round(v, 6) for k, v in values.items()} if score_rules else {}
-        # No rule holds for anyone (the current stage only rules out moves): the stage
-        # is read only when one does.
-        holds = next_stage(lifecycle, None, event=event, properties=properties, scores=scores)
-        current = stage_of(conn, ws, profile_id) if holds is not None else None
-        target = (
-            next_stage(lifecycle, current, event=event, properties=properties, scores=scores)
-            if holds is not None
-            else None
-        )
+        # The stage is read only when some rule holds for this event (the current stage
+        # only rules moves out, never in).
+        target = None
+        if next_stage(lifecycle, None, event=event, properties=properties, scores=scores) is not None:
+            current = stage_of(conn, ws, profile_id)
+            target = next_stage(lifecycle, current, event=event, properties=properties, scores=scores)
         if target is not None:
             set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
             change = (current, target)

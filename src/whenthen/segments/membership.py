@@ -280,10 +280,7 @@ def _write(conn: Connection, kind: str, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
     lite, pg, keys = _PROFILE_SQL[kind]
-    if conn.dialect.name == "postgresql":
-        write_rows(conn, pg, keys, rows)
-    else:
-        write_rows(conn, lite, keys, rows)
+    write_rows(conn, pg if conn.dialect.name == "postgresql" else lite, keys, rows)
 
 
 def write_profile(
