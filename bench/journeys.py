@@ -120,6 +120,7 @@ from whenthen.kernel.ids import new_secret
 from whenthen.messaging.tables import outbox
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
+from whenthen.worker.heap import freeze_start_up_heap
 
 T = TypeVar("T")
 
@@ -1306,6 +1307,10 @@ def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, 
     clock = SystemClock()
     due_at = time.time() + lead
     _make_due(db, ids, datetime.fromtimestamp(due_at, UTC))
+    # Frozen as ``whenthen worker`` freezes its start-up heap: the bench's own objects
+    # (the fill's rows, the picked ids, earlier phases' results) are not in a worker's
+    # heap, and the full collections walking them took 15-20 % of a 10,000-timer wake-up.
+    freeze_start_up_heap()
     batches: list[tuple[float, int]] = []
     fired = 0
     with measure_cpu() as cpu:
@@ -1406,6 +1411,7 @@ def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: flo
         container.worker.steps[0] = timed
         due_at = time.time() + lead
         _make_due(container.db, ids, datetime.fromtimestamp(due_at, UTC))
+        freeze_start_up_heap()  # as in lag_timer_step
         with measure_cpu() as cpu:
             container.worker.start()
             deadline = due_at + limit

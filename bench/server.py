@@ -10,7 +10,6 @@ that logs requests would run it. The bench runs ``whenthen serve`` itself with
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 
 import uvicorn
@@ -18,6 +17,7 @@ import uvicorn
 from whenthen.api.app import create_app
 from whenthen.bootstrap import build
 from whenthen.settings import load_settings
+from whenthen.worker.heap import freeze_start_up_heap
 
 
 def main() -> None:
@@ -40,10 +40,7 @@ def main() -> None:
         return
     container = build(load_settings())
     app = create_app(container, run_worker=args.worker)
-    # As `whenthen serve` does (cli/main.py `_freeze_heap`): keep the start-up heap out of
-    # the garbage collector's full collections.
-    gc.collect()
-    gc.freeze()
+    freeze_start_up_heap()  # as `whenthen serve` does
     uvicorn.run(app, host="127.0.0.1", port=args.port, access_log=False, log_level="warning")
 
 

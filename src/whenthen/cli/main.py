@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from whenthen.journeys import InvalidDefinition, parse_definition
 from whenthen.kernel.errors import DomainError
 from whenthen.settings import load_settings, redacted, webhook_signing_secret
 from whenthen.storage.migrate import current_revision, head_revision, upgrade
+from whenthen.worker.heap import freeze_start_up_heap
 from whenthen.worker.runner import Role
 from whenthen.workspaces import KeyKind
 
@@ -109,15 +109,8 @@ def _serve(
         )
         return
     app_ = create_app(c, run_worker=not no_worker)
-    _freeze_heap()
+    freeze_start_up_heap()
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=access_log)
-
-
-def _freeze_heap() -> None:
-    """Move everything allocated at start-up out of the garbage collector's way: full
-    collections of a large start-up heap stalled requests by ~50 ms (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
 
 
 @app.command()
@@ -140,7 +133,7 @@ def _work(c: Container, role: Role = Role.ALL) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    _freeze_heap()
+    freeze_start_up_heap()
     c.worker.start(role)
     console.print(f"worker {c.worker.owner} ({role.value}) running; Ctrl-C to stop")
     stop.wait()
