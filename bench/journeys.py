@@ -17,8 +17,9 @@ Part 1, delivery ("event to email handed to the SMTP server"). For each database
    processes, or with ``--layout roles`` ``whenthen serve --no-worker``, ``whenthen worker
    --role pipeline`` and ``whenthen worker --role dispatch`` as three (``--layout both``:
    embedded then split; ``all``: the three; each on a fresh database), its SMTP
-   host pointing at an aiosmtpd sink in a process of its own (so its SMTP sessions do not
-   share the bench's GIL with the load generator) that timestamps every message it
+   host pointing at a minimal SMTP sink (``_SinkSession``: asyncio, the commands of plain
+   delivery) in a process of its own (so its SMTP sessions do not share the bench's GIL
+   with the load generator) that timestamps every message it
    receives (``time.perf_counter``: the system's monotonic clock, the same in every
    process, and the clock of the send schedule);
 3. ``--users`` people identified with an email address (``/v1/batch``), then a short
