@@ -186,14 +186,11 @@ def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datet
     )
 
 
-STILL_TO_SEND = service.STILL_TO_SEND
-
-
 def _unsent(conn: Any, message_id: str) -> Any:
     """The message row if it still waits to be sent; ``None`` when it was erased or an
     earlier run already recorded its outcome (a job run twice never sends twice)."""
     msg = service.message(conn, message_id)
-    return msg if msg is not None and msg.status in STILL_TO_SEND else None
+    return msg if msg is not None and msg.status in service.STILL_TO_SEND else None
 
 
 def _profile(conn: Any, ws: str, profile_id: str) -> Profile | None:
@@ -281,7 +278,7 @@ class EmailJob:
             rows = service.messages_by_id(conn, sorted(set(mids)))
             wanted: dict[str, set[str]] = {}
             for msg in rows.values():
-                if msg.status in STILL_TO_SEND:
+                if msg.status in service.STILL_TO_SEND:
                     wanted.setdefault(msg.workspace_id, set()).add(msg.profile_id)
             # The survivor's consent: the profile may have been merged since it was queued.
             people: dict[tuple[str, str], tuple[Profile | None, str | None]] = {
@@ -295,7 +292,7 @@ class EmailJob:
         for i, job in enumerate(jobs):
             mid = mids[i]
             msg = rows.get(mid)
-            if msg is None or msg.status not in STILL_TO_SEND or mid in seen:
+            if msg is None or msg.status not in service.STILL_TO_SEND or mid in seen:
                 # Erased, already recorded by an earlier run, or twice in this batch: never twice.
                 outcomes[i] = Outcome()
                 continue

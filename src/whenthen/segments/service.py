@@ -328,28 +328,17 @@ _HEADS = (
 def all_segments(conn: Connection, ws: str) -> list[Segment]:
     """The workspace's segments by key. Those already built at their version (each
     update bumps it) are taken from memory; only the others' rows are read whole."""
-    found: list[Segment | None] = []
-    missing: list[str] = []
-    for seg_id, version, updated_at, key in conn.execute(_HEADS, {"ws": ws}):
+    heads = list(conn.execute(_HEADS, {"ws": ws}))
+    built: dict[str, Segment] = {}
+    for seg_id, version, updated_at, key in heads:
         hit = _BUILT.get((seg_id, version))
         if hit is not None and hit.updated_at == updated_at and hit.key == key and hit.workspace_id == ws:
-            found.append(hit)
-        else:
-            found.append(None)
-            missing.append(seg_id)
-    if not missing:
-        return [s for s in found if s is not None]
-    read = _segments_by_id(conn, missing)
-    out: list[Segment] = []
-    pending = iter(missing)
-    for seg in found:
-        if seg is None:
-            got = read.get(next(pending))
-            if got is None or got.workspace_id != ws:
-                continue  # deleted between the two reads
-            seg = got
-        out.append(seg)
-    return out
+            built[seg_id] = hit
+    missing = [h[0] for h in heads if h[0] not in built]
+    if missing:
+        built.update((i, s) for i, s in _segments_by_id(conn, missing).items() if s.workspace_id == ws)
+    # In the heads' order (by key); one deleted between the two reads is left out.
+    return [built[h[0]] for h in heads if h[0] in built]
 
 
 def get_segment(conn: Connection, ws: str, key: str) -> Segment:
