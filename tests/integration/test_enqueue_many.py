@@ -79,6 +79,7 @@ def test_keys_already_queued_are_skipped_and_jobs_keep_the_items_order(container
         items = [_queued(ws.id, n, "a") for n in (5, 1, 3, 0, 4, 5)]  # 1 and 0 known, 5 twice
         assert messaging.enqueue_many(conn, items, now) == 3
         assert messaging.enqueue_many(conn, [], now) == 0
+        assert messaging.enqueue_many(conn, [_queued(ws.id, n, "a") for n in (4, 0)], now) == 0  # all known
     with container.db.read() as conn:
         order = [r.payload["message_id"] for r in conn.execute(select(outbox).order_by(outbox.c.id))]
     assert order == ["msg-a-0", "msg-a-1", "msg-a-5", "msg-a-3", "msg-a-4"]
