@@ -96,7 +96,12 @@ def _message_values(q: Queued, created: Any, no_links: Any) -> tuple[Any, ...]:
 
 def _job_values(q: Queued, created: Any, dumps: Callable[[Any], Any]) -> tuple[Any, ...]:
     """Its outbox job's row in ``_JOB_KEYS`` order (``dumps`` writes the payload)."""
-    return (q.ws, q.channel, dumps({"message_id": q.message_id, **q.payload}), created, 0, created)
+    return (q.ws, q.channel, dumps(_job_payload(q)), created, 0, created)
+
+
+def _job_payload(q: Queued) -> dict[str, Any]:
+    """What its outbox job carries: the message's id and the effect's payload."""
+    return {"message_id": q.message_id, **q.payload}
 
 
 def _same(value: Any) -> Any:
@@ -146,10 +151,7 @@ def enqueue_many(conn: Connection, items: Sequence[Queued], now: datetime) -> in
     created = at(now)
     no_links = dumps([])
     if pg:
-        rows = [
-            (*_message_values(q, created, no_links), {"message_id": q.message_id, **q.payload})
-            for q in fresh.values()
-        ]
+        rows = [(*_message_values(q, created, no_links), _job_payload(q)) for q in fresh.values()]
         return write_rows(conn, _ENQUEUE_POSTGRESQL, (*_MESSAGE_KEYS, "job_payload"), rows)
     write_rows(
         conn,
