@@ -178,8 +178,8 @@ def _timers(conn: Connection, key: str) -> dict[str, datetime]:
     }
 
 
-def _recording() -> tuple[list[tuple[str, str, str]], segments.Emit]:
-    seen: list[tuple[str, str, str]] = []
+def _recording() -> tuple[list[tuple[str, str, str, datetime | None]], segments.Emit]:
+    seen: list[tuple[str, str, str, datetime | None]] = []
 
     def emit(
         conn: Connection,
@@ -190,8 +190,9 @@ def _recording() -> tuple[list[tuple[str, str, str]], segments.Emit]:
         *,
         now: datetime,
         cause: str,
+        at: datetime | None = None,
     ) -> None:
-        seen.append((profile_id, name, cause))
+        seen.append((profile_id, name, cause, at))
 
     return seen, emit
 
@@ -211,7 +212,7 @@ def test_bulk_recompute_and_bulk_timers_give_the_evaluators_membership(db: Datab
             p.id: t for p in population if (t := next_change(d, _view(p), NOW)) is not None
         }
     assert counts == {"entered": len(want), "exited": 0}
-    assert sorted(seen) == sorted((p, segments.ENTERED, f"segment:{seg.id}:v1:{p}") for p in want)
+    assert sorted(seen) == sorted((p, segments.ENTERED, f"segment:{seg.id}:v1:{p}", None) for p in want)
 
     # Time passes with no new data: the bulk firing (small batches, to cross batch
     # boundaries) settles everyone as the evaluator says at each step, and reschedules.
@@ -246,6 +247,7 @@ def test_bulk_recompute_and_bulk_timers_give_the_evaluators_membership(db: Datab
                 p,
                 segments.EXITED if p in before else segments.ENTERED,
                 f"segment-timer:{seg.id}:v1:{p}:{due[p].isoformat()}",
+                due[p],  # the timer's due time leads the announcement's message id
             )
             for p in (before ^ now_in)
         ]
@@ -283,7 +285,7 @@ def test_timers_of_merged_erased_or_deleted_are_dropped(db: Database) -> None:
         assert n == len(timers) + len(others)
         assert conn.execute(select(segment_timers)).all() == []
         # Dropped silently: the merged-away and the erased announce nothing.
-        assert {p for p, _, _ in seen} <= set(timers) - {gone, merged}
+        assert {p for p, _, _, _ in seen} <= set(timers) - {gone, merged}
         assert {gone, merged} <= _members(conn, "w")  # left as they were (on_merge / forget clear them)
 
 
@@ -337,11 +339,12 @@ def test_bulk_announcements_equal_one_by_one_emits(db: Database) -> None:
         _person(conn, "gone", [("user_id", "u-gone")], merged_into="survivor")
         _person(conn, "nobody", [])
     items = [
-        Announcement(pid, name, {"segment": key}, f"cause-{pid}-{key}")
+        Announcement(pid, name, {"segment": key}, f"cause-{pid}-{key}", at)
         for pid in ("ann", "anon", "gone", "nobody", "missing", "survivor")
-        for name, key in ((segments.ENTERED, "a"), (segments.EXITED, "b"))
+        for name, key, at in ((segments.ENTERED, "a", None), (segments.EXITED, "b", NOW - timedelta(days=1)))
     ]
     items.append(items[0])  # the same cause twice: one event
+    items.append(items[1])  # with its own time too
     logs = []
     for bulk in (False, True):
         with db.engine.connect() as conn:
@@ -477,3 +480,53 @@ def test_queries_restricted_to_a_batch_probe_its_people_on_sqlite(db: Database) 
             assert "ix_events_workspace_event_time" not in text_, text_
             assert "SEARCH profiles USING INDEX sqlite_autoindex_profiles_1 (id=?)" in text_, text_
             assert "USING INDEX ix_events_profile_time (profile_id=?" in text_, text_
+
+
+def test_timer_announcements_are_led_by_their_due_time_in_the_log(db: Database) -> None:
+    """The exits a batch of timers announces reach the log under message ids in the
+    timers' due order (the unique message-id index grows at its edge), and a second
+    announcement of the same timer's exit finds the first."""
+    population = _population()
+    store(db, population, decoys=False)
+    announce = functools.partial(pipeline.announce, partitions=PARTITIONS)
+    with db.write() as conn:
+        conn.execute(
+            insert(identities),
+            [
+                {
+                    "workspace_id": WS,
+                    "kind": "user_id",
+                    "value": f"u-{p.id}",
+                    "profile_id": p.id,
+                    "created_at": NOW,
+                }
+                for p in population
+            ],
+        )
+        segments.save_segment(conn, WS, "w", "Windowed", WINDOWED, NOW, announce=announce)
+        due = _timers(conn, "w")
+        before = _members(conn, "w")
+    at = NOW + timedelta(days=30)
+    with db.write() as conn:
+        assert segments.fire_due_timers(conn, at, limit=10_000, announce=announce) == len(due)
+        left = before - _members(conn, "w")
+        rows = conn.execute(
+            select(events.c.message_id, events.c.payload).where(events.c.event == segments.EXITED)
+        ).all()
+    assert len({due[p] for p in left}) > 2  # several due times to order
+    by_id = sorted((mid, payload["userId"]) for mid, payload in rows)
+    assert len(by_id) == len(left)
+    # The user ids are "u-<profile id>"; the exits sorted by message id are the
+    # leavers sorted by due time.
+    stamps = [(due[uid.removeprefix("u-")], uid) for _, uid in by_id]
+    assert [d for d, _ in stamps] == sorted(d for d, _ in stamps)
+    with db.write() as conn:
+        again = segments.Announcement(
+            by_id[0][1].removeprefix("u-"),
+            segments.EXITED,
+            {"segment": "w"},
+            f"segment-timer:{segments.get_segment(conn, WS, 'w').id}:v1:{by_id[0][1].removeprefix('u-')}"
+            f":{stamps[0][0].isoformat()}",
+            stamps[0][0],
+        )
+        assert pipeline.announce(conn, WS, [again], now=at, partitions=PARTITIONS) == 0

@@ -465,9 +465,13 @@ def erase(conn: Connection, workspace_id: str, profile_id: str, *, secret: bytes
 
 class Emit(Protocol):
     """Append a system event to the person's log; ``cause`` makes its message id (the same
-    cause never emits the same event twice). The pipeline's ``emit`` with its partitions
-    bound (``functools.partial(emit, partitions=n)``) is one; segments and scoring take
-    one to announce entries, exits and threshold crossings."""
+    cause never emits the same event twice). ``at``, when given, is a time that belongs to
+    the cause (the same whenever that cause is announced again, such as a timer's due
+    time or the cause event's receipt): it leads the message id, so system events of
+    later causes sort after earlier ones in the log's message-id index. The pipeline's
+    ``emit`` with its partitions bound (``functools.partial(emit, partitions=n)``) is
+    one; segments and scoring take one to announce entries, exits and threshold
+    crossings."""
 
     def __call__(
         self,
@@ -479,6 +483,7 @@ class Emit(Protocol):
         *,
         now: datetime,
         cause: str,
+        at: datetime | None = None,
     ) -> None: ...
 
 

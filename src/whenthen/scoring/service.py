@@ -317,6 +317,7 @@ def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit:
                 crossing_properties(model.key, crossing),
                 now=now,
                 cause=f"score-decay:{row.profile_id}:{row.model_key}:{row.decay_due_at.isoformat()}:{crossing.threshold}",
+                at=row.decay_due_at,
             )
         _rearm(conn, row.workspace_id, row.profile_id, model, score, value)
     return len(due)

@@ -37,18 +37,21 @@ def no_emit(
     *,
     now: datetime,
     cause: str,
+    at: datetime | None = None,
 ) -> None:
     """An :data:`Emit` that announces nothing."""
 
 
 @dataclass(frozen=True, slots=True)
 class Announcement:
-    """One system event to append to a person's log: what :class:`Emit` takes, as data."""
+    """One system event to append to a person's log: what :class:`Emit` takes, as data
+    (``at``: the cause's own time, see :class:`Emit`)."""
 
     profile_id: str
     name: str
     properties: dict[str, Any]
     cause: str
+    at: datetime | None = None
 
 
 class Announce(Protocol):
@@ -66,7 +69,7 @@ def one_by_one(emit: Emit) -> Announce:
 
     def announce(conn: Connection, ws: str, announcements: Sequence[Announcement], *, now: datetime) -> None:
         for a in announcements:
-            emit(conn, ws, a.profile_id, a.name, a.properties, now=now, cause=a.cause)
+            emit(conn, ws, a.profile_id, a.name, a.properties, now=now, cause=a.cause, at=a.at)
 
     return announce
 
@@ -78,22 +81,23 @@ class Moves:
     segment_id: str
     workspace_id: str
     key: str
-    entered: list[tuple[str, str]] = field(default_factory=list)  # (profile id, cause)
-    exited: list[tuple[str, str]] = field(default_factory=list)
+    # (profile id, cause, the cause's own time or None: see Announcement)
+    entered: list[tuple[str, str, datetime | None]] = field(default_factory=list)
+    exited: list[tuple[str, str, datetime | None]] = field(default_factory=list)
 
-    def enter(self, profile_id: str, cause: str) -> None:
-        self.entered.append((profile_id, cause))
+    def enter(self, profile_id: str, cause: str, at: datetime | None = None) -> None:
+        self.entered.append((profile_id, cause, at))
 
-    def exit(self, profile_id: str, cause: str) -> None:
-        self.exited.append((profile_id, cause))
+    def exit(self, profile_id: str, cause: str, at: datetime | None = None) -> None:
+        self.exited.append((profile_id, cause, at))
 
     def __len__(self) -> int:
         return len(self.entered) + len(self.exited)
 
     def announcements(self) -> Iterator[Announcement]:
         for name, moved in ((ENTERED, self.entered), (EXITED, self.exited)):
-            for pid, cause in moved:
-                yield Announcement(pid, name, {"segment": self.key}, cause)
+            for pid, cause, at in moved:
+                yield Announcement(pid, name, {"segment": self.key}, cause, at)
 
 
 #: Rows per executemany and announcements per ``announce`` call: bounds the memory a
@@ -123,7 +127,7 @@ def write_moves(conn: Connection, moves: Moves, now: datetime, announce: Announc
     """Write the entries and exits (members, history) and announce them."""
     seg, ws = moves.segment_id, moves.workspace_id
     for i in range(0, len(moves.entered), BATCH):
-        entered = [p for p, _ in moves.entered[i : i + BATCH]]
+        entered = [p for p, _, _ in moves.entered[i : i + BATCH]]
         conn.execute(
             _INSERT_MEMBERS,
             [{"segment_id": seg, "profile_id": p, "workspace_id": ws, "since": now} for p in entered],
@@ -133,7 +137,7 @@ def write_moves(conn: Connection, moves: Moves, now: datetime, announce: Announc
             [{"segment_id": seg, "workspace_id": ws, "profile_id": p, "entered_at": now} for p in entered],
         )
     d = conn.dialect.name
-    for chunk in chunks([p for p, _ in moves.exited]):
+    for chunk in chunks([p for p, _, _ in moves.exited]):
         ids = list(chunk)
         conn.execute(_DELETE_MEMBERS[d], {"seg": seg, "pids": ids})
         conn.execute(_CLOSE_STAYS[d], {"seg": seg, "pids": ids, "now": now})
@@ -211,8 +215,10 @@ class ProfileChanges:
 
     workspace_id: str
     profile_id: str
-    moves: list[tuple[str, str, bool, str]] = field(default_factory=list)  # (segment, key, entered, cause)
+    # (segment, key, entered, cause); every move of one change shares the cause and ``at``
+    moves: list[tuple[str, str, bool, str]] = field(default_factory=list)
     timers: dict[str, datetime | None] = field(default_factory=dict)  # segment -> due (None: no timer)
+    at: datetime | None = None  # the cause's own time (see Announcement)
 
     def move(self, segment_id: str, key: str, entered: bool, cause: str) -> None:
         self.moves.append((segment_id, key, entered, cause))
@@ -313,7 +319,7 @@ def write_profile(
             conn,
             ws,
             [
-                Announcement(pid, ENTERED if is_entry else EXITED, {"segment": key}, cause)
+                Announcement(pid, ENTERED if is_entry else EXITED, {"segment": key}, cause, changes.at)
                 for _, key, is_entry, cause in changes.moves
             ],
             now=now,

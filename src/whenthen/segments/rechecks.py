@@ -56,6 +56,7 @@ def recheck(conn: Connection, now: datetime, emit: service.Emit, *, limit: int =
                         event_name=None,
                         emit=emit,
                         cause=f"recheck:{mark.profile_id}:{mark.queued_at.isoformat()}",
+                        at=mark.queued_at,
                         half_lives=lives[ws],
                     )
             except IntegrityError:

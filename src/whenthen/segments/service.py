@@ -639,6 +639,7 @@ def on_change(
     announce: Announce | None = None,
     traits: Mapping[str, Any] | None = None,
     index: SegmentIndex | None = None,
+    at: datetime | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
     given, through ``index`` when given (built over ``segments``), else :func:`relevant`
@@ -650,7 +651,8 @@ def on_change(
     The entries and exits of all the segments are announced together at the end, in the
     order they happened (through ``announce`` when given, else ``emit`` one by one): one
     look-up of the person's ids and one append for all of them, rather than one of each
-    per entry or exit."""
+    per entry or exit. ``at``: the cause's own time, leading the announcements' message
+    ids (see :class:`~whenthen.segments.membership.Announcement`)."""
     if change is not None and index is not None:
         affected = index.affected(change)
     elif change is not None:
@@ -672,7 +674,7 @@ def on_change(
         else:
             current.add(seg_id)
     why = cause or f"change:{now.isoformat()}"
-    changes = ProfileChanges(ws, profile_id)
+    changes = ProfileChanges(ws, profile_id, at=at)
     for seg in affected:
         was_member = seg.id in current
         if evaluate(seg.definition, view, now) != was_member:
@@ -829,9 +831,9 @@ def fire_due_timers(
             if is_member != (pid in current):
                 cause = f"segment-timer:{seg.id}:v{seg.version}:{pid}:{t.due_at.isoformat()}"
                 if is_member:
-                    moves.enter(pid, cause)
+                    moves.enter(pid, cause, t.due_at)
                 else:
-                    moves.exit(pid, cause)
+                    moves.exit(pid, cause, t.due_at)
         # Only a candidate's answer can change by time alone from here: only their views
         # are read (for a window that closed on everyone at once, none at all).
         wanted = [pid for pid in live_ids if pid in candidates]
