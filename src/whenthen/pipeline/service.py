@@ -401,12 +401,18 @@ def announce(
 ) -> int:
     """Append many system events at once, each as :func:`emit` would. Returns how many
     were newly stored."""
-    items = [
-        profiles.SystemEvent(
-            a.profile_id, a.name, a.properties, system_message_id(a.cause, a.name, a.properties, a.at)
+    # The announcements of a batch share a few (name, properties) pairs (a segment's
+    # entries and exits share one properties object): their part of the hashed text is
+    # worked out once per pair.
+    suffixes: dict[tuple[str, int], bytes] = {}
+    items = []
+    for a in announcements:
+        suffix = suffixes.get((a.name, id(a.properties)))
+        if suffix is None:
+            suffix = suffixes[(a.name, id(a.properties))] = _hashed_suffix(a.name, a.properties)
+        items.append(
+            profiles.SystemEvent(a.profile_id, a.name, a.properties, _message_id(a.cause, suffix, a.at))
         )
-        for a in announcements
-    ]
     return profiles.emit_events(conn, ws, items, library="whenthen", now=now, partitions=partitions)
 
 
@@ -424,7 +430,15 @@ def system_message_id(cause: str, name: str, properties: dict[str, Any], at: dat
     right-hand edge, a few pages, rather than at random places across every system event
     ever stored, a page each (a million expiring windows dirtied a page per exit: ADR
     0010). Without ``at``: ``wt-sys-<hash>``."""
-    key = hashlib.sha256(f"{cause}\x1f{name}\x1f{sorted(properties.items())}".encode()).hexdigest()[:32]
+    return _message_id(cause, _hashed_suffix(name, properties), at)
+
+
+def _hashed_suffix(name: str, properties: dict[str, Any]) -> bytes:
+    return f"\x1f{name}\x1f{sorted(properties.items())}".encode()
+
+
+def _message_id(cause: str, suffix: bytes, at: datetime | None) -> str:
+    key = hashlib.sha256(cause.encode() + suffix).hexdigest()[:32]
     if at is None:
         return f"wt-sys-{key}"
     micros = max(0, (at - _EPOCH) // _MICROSECOND)

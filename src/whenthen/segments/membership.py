@@ -95,9 +95,12 @@ class Moves:
         return len(self.entered) + len(self.exited)
 
     def announcements(self) -> Iterator[Announcement]:
+        # One properties object for all (read-only downstream): the announcer works out
+        # its part of the message ids once.
+        properties = {"segment": self.key}
         for name, moved in ((ENTERED, self.entered), (EXITED, self.exited)):
             for pid, cause, at in moved:
-                yield Announcement(pid, name, {"segment": self.key}, cause, at)
+                yield Announcement(pid, name, properties, cause, at)
 
 
 #: Rows per executemany and announcements per ``announce`` call: bounds the memory a
