@@ -4,7 +4,7 @@ message-id index receives them in time order)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,8 +34,9 @@ def test_the_time_leads_the_id_as_fixed_width_microseconds() -> None:
     timed = system_message_id("c", "Segment Entered", {"segment": "s"}, T)
     micros = (T - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     assert timed == f"wt-sys-{micros:013x}" + system_message_id("c", "Segment Entered", {"segment": "s"})[7:]
-    # A naive zone is not accepted anywhere; another zone of the same instant is the same id.
-    shifted = T.astimezone(datetime(2026, 1, 1, tzinfo=UTC).astimezone().tzinfo)
+    # The same instant written in another zone gives the same id.
+    shifted = T.astimezone(timezone(timedelta(hours=8)))
+    assert shifted.utcoffset() == timedelta(hours=8)
     assert system_message_id("c", "Segment Entered", {"segment": "s"}, shifted) == timed
 
 

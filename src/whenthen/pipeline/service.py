@@ -13,7 +13,7 @@ import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, select, update
@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from whenthen import journeys, profiles, scoring, tagging, tracking
 from whenthen.pipeline.tables import pipeline_leases
 from whenthen.segments import service as segments
+from whenthen.segments.definition import to_us
 from whenthen.segments.evaluator import DecaySpec
 from whenthen.storage import locks
 from whenthen.tracking import StoredEvent
@@ -416,9 +417,6 @@ def announce(
     return profiles.emit_events(conn, ws, items, library="whenthen", now=now, partitions=partitions)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def system_message_id(cause: str, name: str, properties: dict[str, Any], at: datetime | None = None) -> str:
     """The message id of a system event: a function of its cause, name and properties
     (and ``at``), so announcing the same cause again finds it in the log.
@@ -441,11 +439,7 @@ def _message_id(cause: str, suffix: bytes, at: datetime | None) -> str:
     key = hashlib.sha256(cause.encode() + suffix).hexdigest()[:32]
     if at is None:
         return f"wt-sys-{key}"
-    micros = max(0, (at - _EPOCH) // _MICROSECOND)
-    return f"wt-sys-{micros:013x}{key}"
-
-
-_MICROSECOND = timedelta(microseconds=1)
+    return f"wt-sys-{max(0, to_us(at)):013x}{key}"
 
 
 def _follow(redirects: dict[str, str], profile_id: str | None) -> str | None:

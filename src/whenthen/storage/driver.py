@@ -238,8 +238,8 @@ def _processed(rows: list[Any], processors: list[Any]) -> list[tuple[Any, ...]]:
     if not converted:
         return [tuple(row) for row in rows]
     if len(converted) == 1:
-        (i, p), j = converted[0], converted[0][0] + 1
-        return [(*row[:i], p(row[i]), *row[j:]) for row in rows]
+        [(i, p)] = converted
+        return [(*row[:i], p(row[i]), *row[i + 1 :]) for row in rows]
     out: list[tuple[Any, ...]] = []
     for row in rows:
         values = list(row)
