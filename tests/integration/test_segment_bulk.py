@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete, insert, select, text
 
 from tests.integration.test_segment_compiler import (
     NOW,
@@ -287,6 +287,53 @@ def test_timers_of_merged_erased_or_deleted_are_dropped(db: Database) -> None:
         # Dropped silently: the merged-away and the erased announce nothing.
         assert {p for p, _, _, _ in seen} <= set(timers) - {gone, merged}
         assert {gone, merged} <= _members(conn, "w")  # left as they were (on_merge / forget clear them)
+
+
+def test_a_profile_another_transaction_holds_is_left_due_for_a_later_step(pg_url: str) -> None:
+    """PostgreSQL, several workers: a pipeline worker applying a person's events holds
+    their profile row. The timer step neither waits for it (it could be waiting for the
+    timer row the step claimed) nor decides on what it cannot see yet: that person's
+    timer stays due, untouched, and a later step settles them."""
+    db = Database(pg_url)
+    try:
+        _held_profile_is_left(db)
+    finally:
+        db.dispose()
+
+
+def _held_profile_is_left(db: Database) -> None:
+    population = _population()
+    store(db, population, decoys=False)
+    d = parse_segment(WINDOWED)
+    with db.write() as conn:
+        segments.save_segment(conn, WS, "w", "Windowed", WINDOWED, NOW)
+        timers = _timers(conn, "w")
+        before = _members(conn, "w")
+    at = NOW + timedelta(days=3)
+    due = {p: t for p, t in timers.items() if t <= at}
+    # Someone due whose membership the step would change.
+    moving = sorted(p.id for p in population if p.id in due and evaluate(d, _view(p), at) != (p.id in before))
+    held = moving[0]
+    holder = db.engine.connect()
+    try:
+        holder.begin()
+        holder.execute(select(profiles.c.id).where(profiles.c.id == held).with_for_update())
+        with db.write() as conn:
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))  # waiting would fail, not hang
+            assert segments.fire_due_timers(conn, at, limit=10_000) == len(due) - 1
+        with db.read() as conn:
+            assert _timers(conn, "w")[held] == timers[held]  # left as it was, still due
+            assert (held in _members(conn, "w")) == (held in before)
+        holder.rollback()
+    finally:
+        holder.close()
+    with db.write() as conn:
+        assert segments.fire_due_timers(conn, at, limit=10_000) == 1
+    with db.read() as conn:
+        assert _members(conn, "w") == {p.id for p in population if evaluate(d, _view(p), at)}
+        assert _timers(conn, "w") == {
+            p.id: t for p in population if (t := next_change(d, _view(p), at)) is not None
+        }
 
 
 # ---- bulk announcements ---------------------------------------------------------------

@@ -59,8 +59,8 @@ def test_listed_rows_and_only_those(db: Database) -> None:
     _populate(db)
     later = NOW + timedelta(minutes=1)
     with db.write() as conn:
-        assert segments._alive(conn, WS, AWKWARD) == set(AWKWARD)
-        assert segments._alive(conn, "another workspace", AWKWARD) == set()
+        assert segments._alive(conn, WS, AWKWARD) == (set(AWKWARD), set())
+        assert segments._alive(conn, "another workspace", AWKWARD) == (set(), set())
         assert segments._members_among(conn, SEG, [*AWKWARD, "missing"]) == set(AWKWARD)
         moves = Moves(SEG, WS, "lists")
         for p in AWKWARD:

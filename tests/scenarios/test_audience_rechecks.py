@@ -4,6 +4,7 @@ step re-evaluates them. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from tests.support.journey_env import JourneyEnv
 from whenthen.api.app import create_app
-from whenthen.profiles.tables import profile_rechecks
+from whenthen.profiles.tables import profile_rechecks, profiles
 
 
 @pytest.fixture
@@ -124,6 +125,41 @@ def test_journey_actions_on_tags_traits_and_lists_move_segments(env: JourneyEnv,
         "rsvp-tag",
         "rsvp-trait",
     ]
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_person_another_transaction_holds_keeps_the_mark_for_a_later_step(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    """PostgreSQL, several workers: a pipeline worker applying a person's events holds
+    their profile row; the recheck step neither waits for it nor settles the person on
+    what it cannot see yet. The mark stays, and a later step settles them."""
+    save(http, "vips", {"kind": "list", "list": "vip"})
+    env.identify("ann", email="ann@example.com")
+    env.identify("bob", email="bob@example.com")
+    ann, bob = env.profile("ann").id, env.profile("bob").id
+    http.post("/api/v1/lists/vip/members", json={"user_ids": ["ann", "bob"]})
+    holder = env.c.db.engine.connect()
+    try:
+        holder.begin()
+        holder.execute(select(profiles.c.id).where(profiles.c.id == ann).with_for_update())
+        # The worker's steps, until they find nothing more to do; waiting for the holder
+        # would hang them, so they run beside the test with a deadline.
+        steps = threading.Thread(target=env.advance, kwargs={"seconds": 1})
+        steps.start()
+        steps.join(30)
+        if steps.is_alive():
+            holder.rollback()
+            steps.join()
+            pytest.fail("the worker's steps waited for the profile another transaction held")
+        assert members(http, "vips") == [bob]
+        assert queued(env) == 1
+        holder.rollback()
+    finally:
+        holder.close()
+    env.advance(seconds=1)
+    assert sorted(members(http, "vips")) == sorted([ann, bob])
+    assert queued(env) == 0
 
 
 def test_marks_of_erased_or_merged_people_are_dropped(env: JourneyEnv, http: TestClient) -> None:

@@ -705,6 +705,10 @@ _PROFILE_STATE = per_dialect(
         ids_in(d, profiles.c.id, "pids")
     )
 )
+_PROFILE_STATE_LOCKED = {
+    "sqlite": _PROFILE_STATE["sqlite"],  # one writer at a time
+    "postgresql": _PROFILE_STATE["postgresql"].with_for_update(skip_locked=True),
+}
 _MEMBERS_AMONG = per_dialect(
     lambda d: select(segment_members.c.profile_id).where(*of_segment(d, segment_members))
 )
@@ -731,15 +735,31 @@ class _DueTimer(NamedTuple):
     due_at: datetime
 
 
-def _alive(conn: Connection, ws: str, profile_ids: Sequence[str]) -> set[str]:
-    """Those of the profiles that exist in the workspace and are not merged away."""
+def _alive(conn: Connection, ws: str, profile_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+    """(those of the profiles that exist in the workspace and are not merged away, those
+    another transaction holds). On PostgreSQL the alive ones are locked (``FOR UPDATE
+    SKIP LOCKED``): a pipeline worker applying a person's events holds their profile row
+    for its batch, and a timer step deciding on their memberships at the same moment would
+    decide on what it can see, without the events being applied, and the two would write
+    over each other's entries, exits and timers. A profile held elsewhere is left for a
+    later step (its timer stays due); the step never waits for one, so it cannot deadlock
+    with the holder, which may be waiting for the timer row this step claimed."""
     out: set[str] = set()
-    stmt = _PROFILE_STATE[conn.dialect.name]
+    held: set[str] = set()
+    d = conn.dialect.name
+    stmt = _PROFILE_STATE_LOCKED[d]
     for chunk in chunks(profile_ids):
-        for pid, row_ws, merged_into in conn.execute(stmt, {"pids": list(chunk)}):
+        ids = list(chunk)
+        seen: set[str] = set()
+        for pid, row_ws, merged_into in conn.execute(stmt, {"pids": ids}):
+            seen.add(pid)
             if row_ws == ws and merged_into is None:
                 out.add(pid)
-    return out
+        missing = [p for p in ids if p not in seen]
+        if missing and d == "postgresql":
+            # Skipped as locked, or gone: a plain read tells which.
+            held.update(pid for pid, _, _ in conn.execute(_PROFILE_STATE[d], {"pids": missing}))
+    return out, held
 
 
 def _members_among(conn: Connection, segment_id: str, profile_ids: Sequence[str]) -> set[str]:
@@ -794,8 +814,10 @@ def fire_due_timers(
     ids a statement, :func:`_answers_among`), the entries and exits are written in bulk,
     and the next timers come from ``next_change`` on the views of those the compiler's
     timer candidates name (the others' answer can no longer change by time alone).
-    Timers of deleted segments, and of profiles merged away or erased, are dropped.
-    Returns how many timers were handled."""
+    Timers of deleted segments, and of profiles merged away or erased, are dropped. On
+    PostgreSQL the due profiles are locked, and the timers of those another transaction
+    holds (a pipeline worker applying their events) are left due for a later step
+    (:func:`_alive`). Returns how many timers were handled (not those left)."""
     due = [_DueTimer(*row) for row in _DUE_ROWS[conn.dialect.name].all(conn, {"now": now, "limit": limit})]
     if not due:
         return 0
@@ -805,6 +827,7 @@ def fire_due_timers(
     found = _segments_by_id(conn, by_segment)
     announcer = announce or one_by_one(emit)
     lives: dict[str, dict[str, DecaySpec]] = {}
+    left = 0  # timers of profiles another transaction holds: left due, for a later step
     for seg_id, rows in by_segment.items():
         seg = found.get(seg_id)
         if seg is None:
@@ -812,8 +835,10 @@ def fire_due_timers(
             continue
         ws = seg.workspace_id
         pids = [t.profile_id for t in rows if t.workspace_id == ws]
-        alive = _alive(conn, ws, pids)
-        dropped = [t.profile_id for t in rows if t.profile_id not in alive]
+        alive, held = _alive(conn, ws, pids)
+        if held:
+            left += sum(1 for t in rows if t.profile_id in held)
+        dropped = [t.profile_id for t in rows if t.profile_id not in alive and t.profile_id not in held]
         for chunk in chunks(dropped):
             conn.execute(DELETE_TIMERS[conn.dialect.name], {"seg": seg_id, "pids": list(chunk)})
         live = [t for t in rows if t.profile_id in alive]
@@ -843,7 +868,7 @@ def fire_due_timers(
             next_due[pid] = next_change(seg.definition, views[pid], now)
         write_moves(conn, moves, now, announcer)
         write_timers(conn, seg.id, ws, next_due, {t.profile_id: t.due_at for t in live})
-    return len(due)
+    return len(due) - left
 
 
 def timer_step(
