@@ -116,6 +116,36 @@ class ProfileView:
     half_lives: Mapping[str, DecaySpec] = field(default_factory=dict)
     stage: str | None = None
 
+    # The events by name, worked out at the first question (the view is immutable, its
+    # ``events`` included): a definition asks for the same names many times (every leaf,
+    # and ``next_change`` evaluates the whole definition at many instants), and a scan of
+    # every event per question was a quarter of the evaluator's time.
+    @functools.cached_property
+    def _named(self) -> dict[str, list[tuple[Mapping[str, Any], datetime]]]:
+        out: dict[str, list[tuple[Mapping[str, Any], datetime]]] = {}
+        for name, props, ts in self.events:
+            found = out.get(name)
+            if found is None:
+                out[name] = [(props, ts)]
+            else:
+                found.append((props, ts))
+        return out
+
+    @functools.cached_property
+    def _times(self) -> dict[str, tuple[datetime, ...]]:
+        return {}  # name -> the timestamps of the events of that name, filled as asked
+
+    def named(self, name: str) -> Sequence[tuple[Mapping[str, Any], datetime]]:
+        """(properties, timestamp) of the events called ``name``, in the view's order."""
+        return self._named.get(name, ())
+
+    def times_of(self, name: str) -> tuple[datetime, ...]:
+        """The timestamps of the events called ``name``, in the view's order."""
+        found = self._times.get(name)
+        if found is None:
+            found = self._times[name] = tuple(ts for _, ts in self.named(name))
+        return found
+
 
 # ---- values -------------------------------------------------------------------------
 
@@ -233,9 +263,12 @@ def filters_hold(properties: Mapping[str, Any], where: Sequence[Filter], now_us:
     return all(compare(lookup(properties, f.path), f.op, f.value, now_us) for f in where)
 
 
-def matching(view: ProfileView, event: str, where: Sequence[Filter], now_us: int) -> list[datetime]:
-    """Timestamps of the profile's events with this name whose properties pass ``where``."""
-    return [ts for name, props, ts in view.events if name == event and filters_hold(props, where, now_us)]
+def matching(view: ProfileView, event: str, where: Sequence[Filter], now_us: int) -> Sequence[datetime]:
+    """Timestamps of the profile's events with this name whose properties pass ``where``
+    (without ``where``, the view's own memo: not to be changed)."""
+    if not where:
+        return view.times_of(event)
+    return [ts for props, ts in view.named(event) if filters_hold(props, where, now_us)]
 
 
 def score_value(points: float, as_of: datetime, decay: DecaySpec, at: datetime) -> float:
@@ -307,8 +340,25 @@ def _instant(text: str) -> int:
 
 
 def _event_holds(cond: EventCondition, view: ProfileView, now: datetime) -> bool:
-    now_us = to_us(now)
-    n = sum(1 for ts in matching(view, cond.event, cond.where, now_us) if _in_window(cond, ts, now))
+    times = matching(view, cond.event, cond.where, to_us(now) if cond.where else 0)
+    if cond.within_last is None and cond.from_ is None and cond.to is None:
+        n = len(times)
+    else:
+        # The window's bounds as datetimes, once per question (what ``_in_window`` asks of
+        # each event): ``to_us(ts) >= from`` is ``ts >= from_us(from)``, exactly.
+        lo = now - parse_duration(cond.within_last) if cond.within_last is not None else None
+        start = from_us(_instant(cond.from_)) if cond.from_ is not None else None
+        end = from_us(_instant(cond.to)) if cond.to is not None else None
+        if (cond.from_ is not None and start is None) or (cond.to is not None and end is None):
+            n = sum(1 for ts in times if _in_window(cond, ts, now))  # beyond datetime's range
+        else:
+            n = 0
+            for ts in times:
+                if lo is not None and not lo <= ts <= now:
+                    continue
+                if (start is not None and ts < start) or (end is not None and ts >= end):
+                    continue
+                n += 1
     low, high = cond.count_bounds()
     return n >= low and (high is None or n <= high)
 
@@ -322,7 +372,7 @@ def _performed_time_holds(cond: PerformedTimeCondition, view: ProfileView, now: 
     return date_holds(to_us(t), Op(cond.op), cond.value, now_us)
 
 
-def _firsts(cond: SequenceCondition, view: ProfileView, now: datetime) -> list[datetime]:
+def _firsts(cond: SequenceCondition, view: ProfileView, now: datetime) -> Sequence[datetime]:
     firsts = matching(view, cond.first.event, cond.first.where, to_us(now))
     if cond.first_within_last is not None:
         w = parse_duration(cond.first_within_last)
