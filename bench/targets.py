@@ -264,6 +264,21 @@ def postgres_cpu_seconds() -> float:
     return total / CLOCK_TICKS
 
 
+def python_loop_seconds(steps: int = 10_000_000, tries: int = 3) -> float:
+    """The best of ``tries`` runs of a ``steps``-step Python ``while`` loop: how fast this
+    machine runs Python today (it varies from day to day on a shared VM; 0.62 s for
+    10 million steps on its best days). Printed with each bench's figures, so figures
+    taken on different days can be compared."""
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        i = 0
+        while i < steps:
+            i += 1
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def machine_busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine, all cores, from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
