@@ -9,8 +9,8 @@ one person are applied in order. See docs/adr/0002-event-log-pipeline.md.
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -177,6 +177,28 @@ def process_partitions(
     return process_events(conn, events, secret=secret, now=now, partitions=partitions)
 
 
+class _Held:
+    """The system events a batch announces while it is applied (entries and exits, score
+    thresholds, stage moves), appended to the log together when its events are done, in
+    the order they were announced: one look-up of senders and one insert per workspace
+    instead of per event. Nothing in the batch reads them back before then: the log's
+    pending events are not anyone's yet (they count once processed, in a later batch),
+    and a message id derived from the cause dedupes them as before."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, segments.Announcement]] = []
+
+    def announce(
+        self, conn: Connection, ws: str, announcements: Sequence[segments.Announcement], *, now: datetime
+    ) -> None:
+        self.items.extend((ws, a) for a in announcements)
+
+    def flush(self, conn: Connection, now: datetime, partitions: int) -> None:
+        for ws, group in itertools.groupby(self.items, key=lambda item: item[0]):
+            announce(conn, ws, [a for _, a in group], now=now, partitions=partitions)
+        self.items.clear()
+
+
 def process_events(
     conn: Connection,
     events: list[StoredEvent],
@@ -194,8 +216,10 @@ def process_events(
     # same batch must redirect the ones applied before it.
     redirects: dict[str, str] = {}
     setups: dict[str, _Setup] = {}
-    # The batch's journal rows and messages, written together at its end.
+    # The batch's journal rows and messages, written together at its end; and so are the
+    # system events it announces.
     writes = journeys.Writes()
+    held = _Held()
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
@@ -210,6 +234,7 @@ def process_events(
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
             writes.write(conn, now)  # rows held for the merged-away profile move with it
+            held.flush(conn, now, partitions)
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
             if setup.segments:
@@ -224,7 +249,7 @@ def process_events(
                 now,
                 setup.models,
                 setup.lifecycle,
-                partitions,
+                held,
             )
         if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
@@ -248,7 +273,7 @@ def process_events(
                 applied.profile_id,
                 _change(event, applied, scored),
                 now,
-                partitions,
+                held,
                 setup.index,
                 setup.half_lives,
                 applied.traits_after,
@@ -265,6 +290,7 @@ def process_events(
             writes=writes,
         )
     writes.write(conn, now)
+    held.flush(conn, now, partitions)
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
@@ -277,7 +303,7 @@ def _segments(
     profile_id: str,
     change: segments.Change,
     now: datetime,
-    partitions: int,
+    held: _Held,
     index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
@@ -291,7 +317,7 @@ def _segments(
         now,
         segments=index.segments,
         index=index,
-        announce=functools.partial(announce, partitions=partitions),
+        announce=held.announce,
         cause=event.message_id,
         at=event.received_at,
         half_lives=half_lives,
@@ -324,10 +350,11 @@ def _score(
     now: datetime,
     models: list[scoring.ScoringModel],
     lifecycle: scoring.Lifecycle | None,
-    partitions: int,
+    held: _Held,
 ) -> scoring.Scored:
     """Scores and stage for this event; threshold crossings and stage moves become events
-    in the person's log, so journeys can trigger on them, in order, behind this batch."""
+    in the person's log (``held`` until the batch's end), so journeys can trigger on them,
+    in order, behind this batch."""
     ws = event.workspace_id
     scored = scoring.on_event(
         conn,
@@ -340,31 +367,29 @@ def _score(
         workspace_models=models,
         lifecycle=lifecycle,
     )
-    for model_key, crossing in scored.crossings:
-        emit(
-            conn,
-            ws,
+    moves = [
+        segments.Announcement(
             profile_id,
             "Score Threshold Crossed",
             scoring.crossing_properties(model_key, crossing),
-            now=now,
-            cause=event.message_id,
-            at=event.received_at,
-            partitions=partitions,
+            event.message_id,
+            event.received_at,
         )
+        for model_key, crossing in scored.crossings
+    ]
     if scored.stage_change is not None:
         before, after = scored.stage_change
-        emit(
-            conn,
-            ws,
-            profile_id,
-            "Lifecycle Stage Changed",
-            {"from": before, "to": after},
-            now=now,
-            cause=event.message_id,
-            at=event.received_at,
-            partitions=partitions,
+        moves.append(
+            segments.Announcement(
+                profile_id,
+                "Lifecycle Stage Changed",
+                {"from": before, "to": after},
+                event.message_id,
+                event.received_at,
+            )
         )
+    if moves:
+        held.announce(conn, ws, moves, now=now)
     return scored
 
 
