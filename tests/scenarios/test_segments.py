@@ -285,6 +285,54 @@ def test_one_call_that_moves_a_person_in_and_out_of_several_segments_announces_e
     assert member_ids(http, "free") == []
 
 
+def test_a_batch_appends_the_moves_of_all_its_events_together_in_their_order(
+    env: JourneyEnv, http: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline holds the system events a batch announces and appends them at its end
+    with one call (one look-up of senders, one insert), in the order the events moved
+    the person: the same log as when each event appended its own."""
+    free = {"name": "Free", "definition": {"condition": {"kind": "trait", "path": "plan", "value": "free"}}}
+    paid = {
+        "name": "Paid",
+        "definition": {"condition": {"kind": "trait", "path": "plan", "op": "in", "value": ["team", "pro"]}},
+    }
+    for key, body in (("free", free), ("paid", paid)):
+        assert http.put(f"/api/v1/segments/{key}", json=body).status_code == 200
+
+    from whenthen.pipeline import service as pipeline_service
+
+    calls: list[list[tuple[str, str]]] = []
+    real = pipeline_service.announce
+
+    def recorded(conn: Any, ws: str, announcements: Any, **kw: Any) -> int:
+        calls.append([(a.name, a.properties["segment"]) for a in announcements])
+        return real(conn, ws, announcements, **kw)
+
+    monkeypatch.setattr(pipeline_service, "announce", recorded)
+    # One person's calls, so one partition and one pipeline batch.
+    env.calls(
+        *(
+            {"type": "identify", "userId": "cy", "traits": {"plan": plan}, "messageId": f"m{i}"}
+            for i, plan in enumerate(("free", "pro", "free"))
+        )
+    )
+    # Per event, in the events' order (an event's own moves in the segments' order).
+    by_event = [
+        [("Segment Entered", "free")],
+        [("Segment Exited", "free"), ("Segment Entered", "paid")],
+        [("Segment Entered", "free"), ("Segment Exited", "paid")],
+    ]
+    assert len(calls) == 1
+    assert [sorted(calls[0][0:1]), sorted(calls[0][1:3]), sorted(calls[0][3:5])] == [
+        sorted(e) for e in by_event
+    ]
+    assert len(calls[0]) == 5
+    assert [e["segment"] for e in env.system_events("Segment Entered")] == ["free", "paid", "free"]
+    assert [e["segment"] for e in env.system_events("Segment Exited")] == ["free", "paid"]
+    assert member_ids(http, "free") == [env.profile("cy").id]
+    assert member_ids(http, "paid") == []
+
+
 def _viewers(plan: str) -> dict[str, Any]:
     return {
         "name": f"{plan} plan, viewed pricing this week",
