@@ -24,6 +24,7 @@ from whenthen.pipeline.tables import pipeline_leases
 from whenthen.segments import service as segments
 from whenthen.segments.definition import to_us
 from whenthen.segments.evaluator import DecaySpec
+from whenthen.segments.membership import HeldWrites
 from whenthen.storage import locks
 from whenthen.tracking import StoredEvent
 
@@ -220,6 +221,7 @@ def process_events(
     # system events it announces.
     writes = journeys.Writes()
     held = _Held()
+    members = HeldWrites()  # and so are the membership rows and timers
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
@@ -235,6 +237,7 @@ def process_events(
             redirects[applied.merged_from] = applied.profile_id
             writes.write(conn, now)  # rows held for the merged-away profile move with it
             held.flush(conn, now, partitions)
+            members.flush(conn)
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
             if setup.segments:
@@ -274,6 +277,7 @@ def process_events(
                 _change(event, applied, scored),
                 now,
                 held,
+                members,
                 setup.index,
                 setup.half_lives,
                 applied.traits_after,
@@ -290,6 +294,7 @@ def process_events(
             writes=writes,
         )
     writes.write(conn, now)
+    members.flush(conn)
     held.flush(conn, now, partitions)
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
@@ -304,6 +309,7 @@ def _segments(
     change: segments.Change,
     now: datetime,
     held: _Held,
+    members: HeldWrites,
     index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
@@ -318,6 +324,7 @@ def _segments(
         segments=index.segments,
         index=index,
         announce=held.announce,
+        held=members,
         cause=event.message_id,
         at=event.received_at,
         half_lives=half_lives,

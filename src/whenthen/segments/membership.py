@@ -11,7 +11,7 @@ table, or one statement per :data:`~whenthen.segments.views.CHUNK` of ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -248,6 +248,16 @@ _PROFILE_SQL: dict[str, tuple[str, str, tuple[str, ...]]] = {
         " AS v(segment_id, workspace_id, profile_id, entered_at, n) ORDER BY n",
         ("segment_id", "workspace_id", "profile_id", "entered_at"),
     ),
+    "stays_passed": (
+        "INSERT INTO segment_history (segment_id, workspace_id, profile_id, entered_at, exited_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO segment_history (segment_id, workspace_id, profile_id, entered_at, exited_at)"
+        " SELECT segment_id, workspace_id, profile_id, entered_at, exited_at"
+        " FROM ROWS FROM (jsonb_to_recordset(%s::jsonb) AS (segment_id text, workspace_id text,"
+        " profile_id text, entered_at timestamptz, exited_at timestamptz)) WITH ORDINALITY"
+        " AS v(segment_id, workspace_id, profile_id, entered_at, exited_at, n) ORDER BY n",
+        ("segment_id", "workspace_id", "profile_id", "entered_at", "exited_at"),
+    ),
     "members_out": (
         "DELETE FROM segment_members WHERE segment_id = ? AND profile_id = ?",
         "DELETE FROM segment_members AS m USING jsonb_to_recordset(%s::jsonb) AS v(segment_id text,"
@@ -317,13 +327,142 @@ def write_profile(
     _write(conn, "timers_gone", [(seg, pid) for seg in gone])
     _write(conn, "timers_moved", [(at(d), seg, pid) for seg, d in moved])
     _write(conn, "timers_new", [(seg, pid, ws, at(d)) for seg, d in new])
+    announce_moves(conn, changes, now, announce)
+
+
+def announce_moves(conn: Connection, changes: ProfileChanges, now: datetime, announce: Announce) -> None:
+    """Announce one profile's entries and exits, in their order."""
     if changes.moves:
         announce(
             conn,
-            ws,
+            changes.workspace_id,
             [
-                Announcement(pid, ENTERED if is_entry else EXITED, {"segment": key}, cause, changes.at)
+                Announcement(
+                    changes.profile_id, ENTERED if is_entry else EXITED, {"segment": key}, cause, changes.at
+                )
                 for _, key, is_entry, cause in changes.moves
             ],
             now=now,
         )
+
+
+@dataclass
+class _Held:
+    """One profile's memberships and timers in a batch: as they were when the batch first
+    asked, and as the batch has changed them since."""
+
+    members_before: frozenset[str]
+    timers_before: dict[str, datetime]
+    members: set[str]
+    timers: dict[str, datetime]
+    # per segment, how many stays the batch opened (each at the batch's ``now``)
+    opened: dict[str, int] = field(default_factory=dict)
+    exited: set[str] = field(default_factory=set)  # segments the batch made them leave
+
+
+class HeldWrites:
+    """The membership writes of a pipeline batch, held until its end and then written with
+    one statement per kind of row for every person of the batch (:meth:`flush`), instead
+    of up to seven per event. The batch reads a person's memberships and timers through
+    it (:meth:`state`): from the database at the person's first event, then as the batch
+    has changed them, so a later event of the same person sees the earlier ones' moves.
+    What is written is the net change: members and timers as they end against how they
+    began; a stay open at the start and left is closed, each stay the batch opened is
+    inserted (closed too if the batch also ended it). Every move of the batch happens at
+    its one ``now`` (a change at another ``now`` flushes first). Nothing else in a batch
+    reads these tables; a merge flushes before it moves the rows."""
+
+    def __init__(self) -> None:
+        self.people: dict[tuple[str, str], _Held] = {}
+        self.now: datetime | None = None
+
+    def state(
+        self,
+        conn: Connection,
+        ws: str,
+        profile_id: str,
+        now: datetime,
+        read: Callable[[], tuple[set[str], dict[str, datetime]]],
+    ) -> tuple[set[str], dict[str, datetime]]:
+        """The person's memberships and timers as the batch has left them (``read`` gives
+        them from the database the first time); not to be changed by the caller. A
+        change at another ``now`` than the held ones' writes those first."""
+        if self.now is not None and now != self.now:
+            self.flush(conn)
+        self.now = now
+        held = self.people.get((ws, profile_id))
+        if held is None:
+            members, timers = read()
+            held = self.people[(ws, profile_id)] = _Held(
+                frozenset(members), dict(timers), set(members), dict(timers)
+            )
+        return held.members, held.timers
+
+    def record(self, changes: ProfileChanges) -> None:
+        """Apply a change, made on :meth:`state`'s answer, to the held state."""
+        held = self.people[(changes.workspace_id, changes.profile_id)]
+        for seg, _, is_entry, _ in changes.moves:
+            if is_entry:
+                held.members.add(seg)
+                held.opened[seg] = held.opened.get(seg, 0) + 1
+            else:
+                held.members.discard(seg)
+                held.exited.add(seg)
+        for seg, due in changes.timers.items():
+            if due is None:
+                held.timers.pop(seg, None)
+            else:
+                held.timers[seg] = due
+
+    def flush(self, conn: Connection) -> None:
+        """Write the net changes of everyone held, and forget them."""
+        now, people = self.now, self.people
+        self.people, self.now = {}, None
+        if now is None or not people:
+            return
+        at = StoredValues(conn).at
+        stamp = at(now)
+        rows: dict[str, list[tuple[Any, ...]]] = {
+            k: []
+            for k in (
+                "members_in",
+                "members_out",
+                "stays_closed",
+                "stays_passed",
+                "stays_opened",
+                "timers_gone",
+                "timers_moved",
+                "timers_new",
+            )
+        }
+        for (ws, pid), h in people.items():
+            for seg in sorted(h.members - h.members_before):
+                rows["members_in"].append((seg, pid, ws, stamp))
+            for seg in sorted(h.members_before - h.members):
+                rows["members_out"].append((seg, pid))
+            for seg in sorted(h.exited & h.members_before):
+                rows["stays_closed"].append((stamp, seg, pid))  # the stay open at the start
+            for seg, n in sorted(h.opened.items()):
+                still_open = 1 if seg in h.members else 0
+                rows["stays_passed"].extend([(seg, ws, pid, stamp, stamp)] * (n - still_open))
+                if still_open:
+                    rows["stays_opened"].append((seg, ws, pid, stamp))
+            due: dict[str, datetime | None] = dict(h.timers)
+            due.update(dict.fromkeys(set(h.timers_before) - set(h.timers)))
+            gone, moved, new = _timer_changes(due, h.timers_before)
+            rows["timers_gone"].extend((seg, pid) for seg in gone)
+            rows["timers_moved"].extend((at(d), seg, pid) for seg, d in moved)
+            rows["timers_new"].extend((seg, pid, ws, at(d)) for seg, d in new)
+        # Closes before the inserts: a close takes every open stay of its segment and
+        # person, and must find only the one open at the start.
+        for kind in (
+            "members_out",
+            "members_in",
+            "stays_closed",
+            "stays_passed",
+            "stays_opened",
+            "timers_gone",
+            "timers_moved",
+            "timers_new",
+        ):
+            _write(conn, kind, rows[kind])

@@ -58,8 +58,10 @@ from whenthen.segments.membership import (
     EXITED,
     Announce,
     Announcement,
+    HeldWrites,
     Moves,
     ProfileChanges,
+    announce_moves,
     no_emit,
     one_by_one,
     write_moves,
@@ -640,6 +642,7 @@ def on_change(
     traits: Mapping[str, Any] | None = None,
     index: SegmentIndex | None = None,
     at: datetime | None = None,
+    held: HeldWrites | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
     given, through ``index`` when given (built over ``segments``), else :func:`relevant`
@@ -652,7 +655,10 @@ def on_change(
     order they happened (through ``announce`` when given, else ``emit`` one by one): one
     look-up of the person's ids and one append for all of them, rather than one of each
     per entry or exit. ``at``: the cause's own time, leading the announcements' message
-    ids (see :class:`~whenthen.segments.membership.Announcement`)."""
+    ids (see :class:`~whenthen.segments.membership.Announcement`). ``held``: a batch's
+    :class:`~whenthen.segments.membership.HeldWrites`, which reads and keeps the
+    person's memberships and timers until the batch writes them all at its end (the
+    pipeline's); without it they are read and written here."""
     if change is not None and index is not None:
         affected = index.affected(change)
     elif change is not None:
@@ -666,13 +672,12 @@ def on_change(
     reads = Reads.union(s.reads for s in affected)
     known = None if traits is None else {profile_id: traits}
     view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
-    current: set[str] = set()
-    timers: dict[str, datetime] = {}
-    for kind, seg_id, at in _MEMBERSHIPS_AND_TIMERS.all(conn, {"ws": ws, "pid": profile_id}):
-        if kind == _TIMER:
-            timers[seg_id] = at
-        else:
-            current.add(seg_id)
+    if held is None:
+        current, timers = _memberships_and_timers(conn, ws, profile_id)
+    else:
+        current, timers = held.state(
+            conn, ws, profile_id, now, lambda: _memberships_and_timers(conn, ws, profile_id)
+        )
     why = cause or f"change:{now.isoformat()}"
     changes = ProfileChanges(ws, profile_id, at=at)
     for seg in affected:
@@ -684,8 +689,25 @@ def on_change(
             if due != timers.get(seg.id):
                 changes.timers[seg.id] = due
     if changes.moves or changes.timers:
-        write_profile(conn, changes, timers, now, announce or one_by_one(emit))
+        if held is None:
+            write_profile(conn, changes, timers, now, announce or one_by_one(emit))
+        else:
+            held.record(changes)
+            announce_moves(conn, changes, now, announce or one_by_one(emit))
     return len(changes.moves)
+
+
+def _memberships_and_timers(
+    conn: Connection, ws: str, profile_id: str
+) -> tuple[set[str], dict[str, datetime]]:
+    current: set[str] = set()
+    timers: dict[str, datetime] = {}
+    for kind, seg_id, due in _MEMBERSHIPS_AND_TIMERS.all(conn, {"ws": ws, "pid": profile_id}):
+        if kind == _TIMER:
+            timers[seg_id] = due
+        else:
+            current.add(seg_id)
+    return current, timers
 
 
 def _segments_by_id(conn: Connection, ids: Iterable[str]) -> dict[str, Segment]:
