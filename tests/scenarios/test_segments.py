@@ -239,6 +239,21 @@ def test_merge_and_erasure_keep_memberships_right(env: JourneyEnv, http: TestCli
             assert conn.execute(select(table).where(table.c.profile_id == pid)).all() == []
 
 
+def _recorded_announcements(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, str]]]:
+    """Every call of the pipeline's ``announce`` from now on, as (name, segment) pairs."""
+    from whenthen.pipeline import service as pipeline_service
+
+    calls: list[list[tuple[str, str]]] = []
+    real = pipeline_service.announce
+
+    def recorded(conn: Any, ws: str, announcements: Any, **kw: Any) -> int:
+        calls.append([(a.name, a.properties["segment"]) for a in announcements])
+        return real(conn, ws, announcements, **kw)
+
+    monkeypatch.setattr(pipeline_service, "announce", recorded)
+    return calls
+
+
 def test_one_call_that_moves_a_person_in_and_out_of_several_segments_announces_each_move_in_order(
     env: JourneyEnv, http: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,16 +272,7 @@ def test_one_call_that_moves_a_person_in_and_out_of_several_segments_announces_e
     env.identify("cy", plan="free")
     assert [e["segment"] for e in env.system_events("Segment Entered")] == ["free"]
 
-    from whenthen.pipeline import service as pipeline_service
-
-    calls: list[list[tuple[str, str]]] = []
-    real = pipeline_service.announce
-
-    def recorded(conn: Any, ws: str, announcements: Any, **kw: Any) -> int:
-        calls.append([(a.name, a.properties["segment"]) for a in announcements])
-        return real(conn, ws, announcements, **kw)
-
-    monkeypatch.setattr(pipeline_service, "announce", recorded)
+    calls = _recorded_announcements(monkeypatch)
     env.identify("cy", plan="pro")  # leaves free, enters pro and paid
     assert len(calls) == 1
     assert sorted(calls[0]) == [
@@ -299,16 +305,7 @@ def test_a_batch_appends_the_moves_of_all_its_events_together_in_their_order(
     for key, body in (("free", free), ("paid", paid)):
         assert http.put(f"/api/v1/segments/{key}", json=body).status_code == 200
 
-    from whenthen.pipeline import service as pipeline_service
-
-    calls: list[list[tuple[str, str]]] = []
-    real = pipeline_service.announce
-
-    def recorded(conn: Any, ws: str, announcements: Any, **kw: Any) -> int:
-        calls.append([(a.name, a.properties["segment"]) for a in announcements])
-        return real(conn, ws, announcements, **kw)
-
-    monkeypatch.setattr(pipeline_service, "announce", recorded)
+    calls = _recorded_announcements(monkeypatch)
     # One person's calls, so one partition and one pipeline batch.
     env.calls(
         *(

@@ -422,19 +422,7 @@ class HeldWrites:
             return
         at = StoredValues(conn).at
         stamp = at(now)
-        rows: dict[str, list[tuple[Any, ...]]] = {
-            k: []
-            for k in (
-                "members_in",
-                "members_out",
-                "stays_closed",
-                "stays_passed",
-                "stays_opened",
-                "timers_gone",
-                "timers_moved",
-                "timers_new",
-            )
-        }
+        rows: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _FLUSHED}
         for (ws, pid), h in people.items():
             for seg in sorted(h.members - h.members_before):
                 rows["members_in"].append((seg, pid, ws, stamp))
@@ -453,16 +441,20 @@ class HeldWrites:
             rows["timers_gone"].extend((seg, pid) for seg in gone)
             rows["timers_moved"].extend((at(d), seg, pid) for seg, d in moved)
             rows["timers_new"].extend((seg, pid, ws, at(d)) for seg, d in new)
-        # Closes before the inserts: a close takes every open stay of its segment and
-        # person, and must find only the one open at the start.
-        for kind in (
-            "members_out",
-            "members_in",
-            "stays_closed",
-            "stays_passed",
-            "stays_opened",
-            "timers_gone",
-            "timers_moved",
-            "timers_new",
-        ):
+        for kind in _FLUSHED:
             _write(conn, kind, rows[kind])
+
+
+#: The kinds of rows a flush writes, in this order: the stays' closes before their inserts
+#: (a close takes every open stay of its segment and person, and must find only the one
+#: open at the start).
+_FLUSHED = (
+    "members_out",
+    "members_in",
+    "stays_closed",
+    "stays_passed",
+    "stays_opened",
+    "timers_gone",
+    "timers_moved",
+    "timers_new",
+)
