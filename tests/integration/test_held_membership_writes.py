@@ -40,10 +40,12 @@ starts = st.tuples(
 )
 
 
-def _state(conn: Connection, ws: str) -> tuple[set[tuple[str, str]], Counter[Any], dict[Any, datetime]]:
+def _state(
+    conn: Connection, ws: str
+) -> tuple[set[tuple[str, str, datetime]], Counter[Any], dict[Any, datetime]]:
     """The workspace's rows, its people's ids without the workspace's prefix."""
     members = {
-        (_bare(r.profile_id), r.segment_id)
+        (_bare(r.profile_id), r.segment_id, r.since)
         for r in conn.execute(select(segment_members).where(segment_members.c.workspace_id == ws))
     }
     stays = Counter(

@@ -424,9 +424,11 @@ class HeldWrites:
         stamp = at(now)
         rows: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _FLUSHED}
         for (ws, pid), h in people.items():
-            for seg in sorted(h.members - h.members_before):
+            # Left and back within the batch: a new member row too (``since`` is now).
+            renewed = h.members & h.members_before & h.exited
+            for seg in sorted((h.members - h.members_before) | renewed):
                 rows["members_in"].append((seg, pid, ws, stamp))
-            for seg in sorted(h.members_before - h.members):
+            for seg in sorted((h.members_before - h.members) | renewed):
                 rows["members_out"].append((seg, pid))
             for seg in sorted(h.exited & h.members_before):
                 rows["stays_closed"].append((stamp, seg, pid))  # the stay open at the start
