@@ -178,7 +178,7 @@ def process_partitions(
     return process_events(conn, events, secret=secret, now=now, partitions=partitions)
 
 
-class _Held:
+class _HeldAnnouncements:
     """The system events a batch announces while it is applied (entries and exits, score
     thresholds, stage moves), appended to the log together when its events are done, in
     the order they were announced: one look-up of senders and one insert per workspace
@@ -220,8 +220,8 @@ def process_events(
     # The batch's journal rows and messages, written together at its end; and so are the
     # system events it announces.
     writes = journeys.Writes()
-    held = _Held()
-    members = HeldWrites()  # and so are the membership rows and timers
+    announced = _HeldAnnouncements()
+    memberships = HeldWrites()  # and so are the membership rows and timers
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
@@ -236,8 +236,8 @@ def process_events(
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
             writes.write(conn, now)  # rows held for the merged-away profile move with it
-            held.flush(conn, now, partitions)
-            members.flush(conn)
+            memberships.flush(conn)
+            announced.flush(conn, now, partitions)
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
             if setup.segments:
@@ -252,7 +252,7 @@ def process_events(
                 now,
                 setup.models,
                 setup.lifecycle,
-                held,
+                announced,
             )
         if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
@@ -276,8 +276,8 @@ def process_events(
                 applied.profile_id,
                 _change(event, applied, scored),
                 now,
-                held,
-                members,
+                announced,
+                memberships,
                 setup.index,
                 setup.half_lives,
                 applied.traits_after,
@@ -294,8 +294,8 @@ def process_events(
             writes=writes,
         )
     writes.write(conn, now)
-    members.flush(conn)
-    held.flush(conn, now, partitions)
+    memberships.flush(conn)
+    announced.flush(conn, now, partitions)
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)
@@ -308,8 +308,8 @@ def _segments(
     profile_id: str,
     change: segments.Change,
     now: datetime,
-    held: _Held,
-    members: HeldWrites,
+    announced: _HeldAnnouncements,
+    memberships: HeldWrites,
     index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
@@ -323,8 +323,8 @@ def _segments(
         now,
         segments=index.segments,
         index=index,
-        announce=held.announce,
-        held=members,
+        announce=announced.announce,
+        held=memberships,
         cause=event.message_id,
         at=event.received_at,
         half_lives=half_lives,
@@ -357,11 +357,11 @@ def _score(
     now: datetime,
     models: list[scoring.ScoringModel],
     lifecycle: scoring.Lifecycle | None,
-    held: _Held,
+    announced: _HeldAnnouncements,
 ) -> scoring.Scored:
     """Scores and stage for this event; threshold crossings and stage moves become events
-    in the person's log (``held`` until the batch's end), so journeys can trigger on them,
-    in order, behind this batch."""
+    in the person's log (``announced`` holds them until the batch's end), so journeys can
+    trigger on them, in order, behind this batch."""
     ws = event.workspace_id
     scored = scoring.on_event(
         conn,
@@ -374,7 +374,7 @@ def _score(
         workspace_models=models,
         lifecycle=lifecycle,
     )
-    moves = [
+    system_events = [
         segments.Announcement(
             profile_id,
             "Score Threshold Crossed",
@@ -386,7 +386,7 @@ def _score(
     ]
     if scored.stage_change is not None:
         before, after = scored.stage_change
-        moves.append(
+        system_events.append(
             segments.Announcement(
                 profile_id,
                 "Lifecycle Stage Changed",
@@ -395,8 +395,8 @@ def _score(
                 event.received_at,
             )
         )
-    if moves:
-        held.announce(conn, ws, moves, now=now)
+    if system_events:
+        announced.announce(conn, ws, system_events, now=now)
     return scored
 
 

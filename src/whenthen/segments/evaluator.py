@@ -133,7 +133,7 @@ class ProfileView:
 
     @functools.cached_property
     def _times(self) -> dict[str, tuple[datetime, ...]]:
-        return {}  # name -> the timestamps of the events of that name, filled as asked
+        return {name: tuple(ts for _, ts in found) for name, found in self._named.items()}
 
     def named(self, name: str) -> Sequence[tuple[Mapping[str, Any], datetime]]:
         """(properties, timestamp) of the events called ``name``, in the view's order."""
@@ -141,10 +141,7 @@ class ProfileView:
 
     def times_of(self, name: str) -> tuple[datetime, ...]:
         """The timestamps of the events called ``name``, in the view's order."""
-        found = self._times.get(name)
-        if found is None:
-            found = self._times[name] = tuple(ts for _, ts in self.named(name))
-        return found
+        return self._times.get(name, ())
 
 
 # ---- values -------------------------------------------------------------------------
