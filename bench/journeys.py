@@ -48,12 +48,14 @@ Part 2, timers ("one million waiting enrollments"). In this process, per databas
 4. bytes per timer at the end: SQLite ``dbstat`` (tables and their indexes) and the file,
    PostgreSQL ``pg_total_relation_size``;
 5. wake-up lag: ``--due`` enrollments are set to fall due at one instant a second ahead,
-   then (a) the timer step alone runs as the worker loop runs it (poll interval from the
-   settings while idle) and (b) a second set is caught by the real ``PipelineWorker``
-   thread, which also runs the pipeline and any further steps on every pass, with the
-   outbox dispatcher (email captured, no SMTP) in its background thread; its timer step (``steps[0]``, as
-   ``bootstrap.build`` adds it) is wrapped to timestamp each batch. Lag of an enrollment =
-   wall time after the commit of the batch that advanced it minus the due instant.
+   then (a) the timer step alone (the container's ``TimerStep``: on PostgreSQL further
+   batches in ``pipeline.timer_threads`` threads once a batch is full) runs as the worker
+   loop runs it (poll interval from the settings while idle) and (b) a second set is
+   caught by the real ``PipelineWorker`` thread, which also runs the pipeline and any
+   further steps on every pass, with the outbox dispatcher (email captured, no SMTP) in
+   its background thread; its timer step (``steps[0]``, as ``bootstrap.build`` adds it)
+   timestamps each batch, its threads' too. Lag of an enrollment = wall time after the
+   commit of the batch that advanced it minus the due instant.
    (``--quick`` runs (a) only, with 5,000 due.) With ``--timer-processes N`` on
    PostgreSQL, (c) a third set is fired by the timer step looped in N processes at once,
    as N ``whenthen worker`` processes share due timers (``FOR UPDATE SKIP LOCKED``).
@@ -109,13 +111,13 @@ from bench.targets import (
     target_makers,
 )
 from whenthen import journeys, pipeline, workspaces
-from whenthen.bootstrap import Container, build
+from whenthen.bootstrap import Container, build, journey_timer_step
 from whenthen.journeys import repository as journey_repo
 from whenthen.journeys import runtime
 from whenthen.journeys.definition import JourneyDefinition, parse_definition
 from whenthen.journeys.engine import start as engine_start
 from whenthen.journeys.tables import enrollment_journal, enrollments
-from whenthen.journeys.tasks import fire_timers, seconds_to_next_timer
+from whenthen.journeys.tasks import TimerStep, fire_timers, seconds_to_next_timer
 from whenthen.kernel.clock import SystemClock
 from whenthen.kernel.ids import new_secret
 from whenthen.messaging.tables import outbox
@@ -1342,31 +1344,60 @@ def _lags(batches: list[tuple[float, int]], due_at: float, due: int, name: str, 
     )
 
 
-def lag_timer_step(db: Database, ids: Sequence[str], lead: float, limit: float, poll: float) -> Lag:
-    """The timer step alone, looped as ``PipelineWorker.loop`` loops: at once again while it
-    finds work, else after the poll interval or, when sooner, when the next timer is due."""
+class _RecordedStep(TimerStep):
+    """The product's timer step, noting when each of its batches committed and how many
+    it fired (its threads' batches too), for the lags."""
+
+    def __init__(self, step: TimerStep) -> None:
+        super().__init__(
+            step.db,
+            step.clock,
+            partitions=step.partitions,
+            threads=step.threads,
+            limit=step.limit,
+            budget_seconds=step.budget_seconds,
+        )
+        self.batches: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+
+    def _batch(self) -> int:
+        n = super()._batch()
+        if n:
+            with self.lock:
+                self.batches.append((time.time(), n))
+        return n
+
+
+def lag_timer_step(
+    db: Database, step: TimerStep, ids: Sequence[str], lead: float, limit: float, poll: float
+) -> Lag:
+    """The timer step alone (the product's, as the container builds it: on PostgreSQL it
+    fires in ``pipeline.timer_threads`` threads once a batch comes back full), looped as
+    ``PipelineWorker.loop`` loops: at once again while it finds work, else after the poll
+    interval or, when sooner, when the next timer is due."""
     clock = SystemClock()
+    recorded = _RecordedStep(step)
     due_at = time.time() + lead
     _make_due(db, ids, datetime.fromtimestamp(due_at, UTC))
     # Frozen as ``whenthen worker`` freezes its start-up heap: the bench's own objects
     # (the fill's rows, the picked ids, earlier phases' results) are not in a worker's
     # heap, and the full collections walking them took 15-20 % of a 10,000-timer wake-up.
     freeze_start_up_heap()
-    batches: list[tuple[float, int]] = []
     fired = 0
     with measure_cpu() as cpu:
         deadline = due_at + limit
         while fired < len(ids) and time.time() < deadline:
-            n = fire_timers(db, clock, partitions=PARTITIONS)
+            n = recorded()
             if n:
-                batches.append((time.time(), n))
                 fired += n
             else:
                 # As the worker's idle wait (PipelineWorker._idle_wait): the poll interval,
                 # or until the next timer falls due when that is sooner.
                 until = seconds_to_next_timer(db, clock)
                 time.sleep(min(poll, until + 0.002) if until else poll)
-    return _lags(batches, due_at, len(ids), "timer step alone (tasks.fire_timers loop)", cpu)
+    threads = f"{recorded.threads} thread{'s' if recorded.threads > 1 else ''}"
+    name = f"timer step alone ({threads} once a batch is full)"
+    return _lags(sorted(recorded.batches), due_at, len(ids), name, cpu)
 
 
 def _timer_process(url: str, due: int, fired: Any, deadline: float, out: Any) -> None:
@@ -1437,19 +1468,11 @@ def lag_timer_processes(url: str, ids: Sequence[str], lead: float, limit: float,
 def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: float) -> Lag:
     """The real worker (pipeline and timers on every pass, the outbox dispatcher in its own
     thread), with its timer step wrapped to timestamp each batch after its commit."""
-    batches: list[tuple[float, int]] = []
-    lock = threading.Lock()
     timers = container.worker.steps[0]
+    assert isinstance(timers, TimerStep), "bootstrap.build adds the journey timer step first"
+    recorded = _RecordedStep(timers)
     try:
-
-        def timed() -> int:
-            n = timers()
-            if n:
-                with lock:
-                    batches.append((time.time(), n))
-            return n
-
-        container.worker.steps[0] = timed
+        container.worker.steps[0] = recorded
         due_at = time.time() + lead
         _make_due(container.db, ids, datetime.fromtimestamp(due_at, UTC))
         freeze_start_up_heap()  # as in lag_timer_step
@@ -1457,13 +1480,14 @@ def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: flo
             container.worker.start()
             deadline = due_at + limit
             while time.time() < deadline:
-                with lock:
-                    if sum(n for _, n in batches) >= len(ids):
+                with recorded.lock:
+                    if sum(n for _, n in recorded.batches) >= len(ids):
                         break
                 time.sleep(0.05)
             container.worker.stop()
     finally:
         container.worker.steps[0] = timers
+    batches = sorted(recorded.batches)
     return _lags(
         batches, due_at, len(ids), "real worker (pipeline + timers each pass, outbox in its own thread)", cpu
     )
@@ -1546,7 +1570,8 @@ def bench_timers(args: argparse.Namespace, target: Target) -> TimerResult:
         if len(picked) < lag_sets:
             raise RuntimeError(f"only {len(picked)} enrollments picked for the lag runs, need {lag_sets}")
         poll_interval = PipelineSettings().poll_interval_seconds
-        lag = lag_timer_step(db, picked[: args.due], 1.0, args.lag_limit, poll_interval)
+        step = journey_timer_step(db, SystemClock(), settings)
+        lag = lag_timer_step(db, step, picked[: args.due], 1.0, args.lag_limit, poll_interval)
         result.lags.append(lag)
         _say(_describe_lag(lag))
         if args.lag_worker:

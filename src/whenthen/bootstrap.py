@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from whenthen.imports.tasks import ListImportJob
-from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, fire_timers, seconds_to_next_timer
+from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, TimerStep, seconds_to_next_timer
 from whenthen.kernel.clock import Clock, SystemClock
 from whenthen.messaging.adapters.smtp import SmtpSender
 from whenthen.messaging.adapters.webhook import HttpxWebhookCaller
@@ -19,7 +19,7 @@ from whenthen.segments.compiler import install_sqlite_functions
 from whenthen.segments.rechecks import recheck_step as segment_rechecks
 from whenthen.segments.service import timer_step as segment_timers
 from whenthen.settings import Settings, webhook_signing_secret
-from whenthen.storage import Database
+from whenthen.storage import Database, Dialect
 from whenthen.storage.migrate import upgrade
 from whenthen.tracking.ratelimit import TokenBuckets
 from whenthen.worker import wakeups
@@ -48,6 +48,17 @@ class Container:
     @property
     def secret(self) -> bytes:
         return self.settings.secret_key.get_secret_value().encode("utf-8")
+
+
+def journey_timer_step(db: Database, clock: Clock, settings: Settings) -> TimerStep:
+    """The worker's journey timer step as the container builds it: several threads on
+    PostgreSQL (``pipeline.timer_threads``), one on SQLite (one writer)."""
+    return TimerStep(
+        db,
+        clock,
+        partitions=settings.pipeline.partitions,
+        threads=settings.pipeline.timer_threads if db.dialect is Dialect.POSTGRESQL else 1,
+    )
 
 
 def build(
@@ -96,7 +107,7 @@ def build(
     wake = wakeups.for_database(db)
     closers.append(wake.close)
     worker = PipelineWorker(db=db, clock=clock, settings=settings.pipeline, secret=secret, wakeups=wake)
-    worker.steps.append(lambda: fire_timers(db, clock, partitions=settings.pipeline.partitions))
+    worker.steps.append(journey_timer_step(db, clock, settings))
     worker.next_due.append(lambda: seconds_to_next_timer(db, clock))
     # Its own thread while the worker runs: emails do not wait behind pipeline passes.
     worker.background.append(dispatcher.drain_for)

@@ -39,6 +39,9 @@ class PipelineSettings(BaseModel):
     lease_seconds: float = 30.0
     #: Idle poll interval of the background worker.
     poll_interval_seconds: float = 0.2
+    #: Threads that fire journey timers at once when more than a batch (1,000) fall due
+    #: together (PostgreSQL only: SQLite has one writer and always fires with one).
+    timer_threads: int = Field(default=2, ge=1, le=16)
 
 
 class ServerSettings(BaseModel):

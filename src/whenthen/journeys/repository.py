@@ -14,7 +14,15 @@ from whenthen.journeys.tables import (
     journey_versions,
     journeys,
 )
-from whenthen.storage.driver import StoredValues, execute, json_text, statements, write_rows
+from whenthen.storage.driver import (
+    StoredValues,
+    copy_rows,
+    execute,
+    json_dumps,
+    json_text,
+    statements,
+    write_rows,
+)
 
 
 def _locking(conn: Connection, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -454,11 +462,14 @@ def write_journal(
 
 
 def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Journal rows of many enrollments at once (one executemany), from :func:`journal_rows`."""
+    """Journal rows of many enrollments at once, from :func:`journal_rows`: on SQLite one
+    executemany, on PostgreSQL one ``COPY`` (the timer step writes three rows a wake-up)."""
     if not rows:
         return
     stored = StoredValues(conn)
-    at, dumps = stored.at, stored.dumps
+    at = stored.at
+    postgres = conn.dialect.name == "postgresql"
+    dumps = json_dumps(conn) if postgres else stored.dumps
     values = [
         (
             r["workspace_id"],
@@ -472,7 +483,10 @@ def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> Non
         )
         for r in rows
     ]
-    write_rows(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
+    if postgres:
+        copy_rows(conn, "enrollment_journal", _JOURNAL_KEYS, values)
+    else:
+        write_rows(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:
