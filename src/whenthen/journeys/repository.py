@@ -18,6 +18,7 @@ from whenthen.storage.driver import (
     StoredValues,
     copy_rows,
     execute,
+    execute_each,
     json_dumps,
     json_text,
     statements,
@@ -155,28 +156,62 @@ def insert_enrollment(
     entry_key: str | None,
     now: datetime,
 ) -> None:
-    at = StoredValues(conn).at
-    execute(
+    insert_enrollments(
         conn,
-        _INSERT_ENROLLMENT_SQL,
-        (
-            state.enrollment_id,
-            ws,
-            journey_id,
-            version,
-            profile_id,
-            state.status.value,
-            state.node,
-            at(state.wake_at),
-            at(state.entered_at),
-            at(now) if state.status.ended else None,
-            state.steps,
-            json_text(conn, dict(state.context)),
-            state.reason,
-            entry_key,
-            at(now),
-        ),
+        [
+            enrollment_values(
+                conn,
+                ws=ws,
+                journey_id=journey_id,
+                version=version,
+                profile_id=profile_id,
+                state=state,
+                entry_key=entry_key,
+                now=now,
+            )
+        ],
     )
+
+
+def enrollment_values(
+    conn: Connection,
+    *,
+    ws: str,
+    journey_id: str,
+    version: int,
+    profile_id: str,
+    state: State,
+    entry_key: str | None,
+    now: datetime,
+) -> tuple[Any, ...]:
+    """A new enrollment's row in stored form, for :func:`insert_enrollments`."""
+    at = StoredValues(conn).at
+    return (
+        state.enrollment_id,
+        ws,
+        journey_id,
+        version,
+        profile_id,
+        state.status.value,
+        state.node,
+        at(state.wake_at),
+        at(state.entered_at),
+        at(now) if state.status.ended else None,
+        state.steps,
+        json_text(conn, dict(state.context)),
+        state.reason,
+        entry_key,
+        at(now),
+    )
+
+
+def insert_enrollments(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """New enrollments from :func:`enrollment_values`: one statement for one, else one
+    executemany (psycopg sends the rows in one round trip)."""
+    if len(rows) == 1:
+        execute(conn, _INSERT_ENROLLMENT_SQL, rows[0])
+    elif rows:
+        execute_each(conn, _INSERT_ENROLLMENT_SQL, rows)
 
 
 #: Enrollment states and journal rows are written at the driver's level (one executemany on

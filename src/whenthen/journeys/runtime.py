@@ -143,7 +143,24 @@ def _persist(
     ``writes``, the journal rows and the queued messages are held there, to be written
     with the rest of the batch's (nothing in a batch reads them back)."""
     state = transition.state
-    if new:
+    if new and writes is not None and all(isinstance(e, SendEmail | CallWebhook) for e in transition.effects):
+        # Nothing else happens in the database for this transition: the row waits for the
+        # batch's other writes (``Writes.ready_for`` writes it before the person's
+        # enrollments are read again in the batch).
+        writes.enter(
+            profile_id,
+            repo.enrollment_values(
+                conn,
+                ws=ws,
+                journey_id=journey.id,
+                version=version,
+                profile_id=profile_id,
+                state=state,
+                entry_key=entry_key,
+                now=now,
+            ),
+        )
+    elif new:
         repo.insert_enrollment(
             conn,
             ws=ws,
@@ -487,6 +504,8 @@ def on_event(
         active_journeys = repo.active_journeys(conn, ws)
     if not active_journeys:
         return  # no active journey: nobody can enter or move
+    if writes is not None:
+        writes.ready_for(conn, profile_id, now)
     facts_event = facts_of(event)
     active = {j.id: j for j in active_journeys}
     if any(_needs(conn, j)[0] for j in active_journeys):
@@ -748,9 +767,22 @@ class Writes:
     pipeline hands it to :func:`on_event` for a batch's journal rows and messages."""
 
     def __init__(self) -> None:
+        self.entered: list[tuple[Any, ...]] = []
+        self.entering: set[str] = set()
         self.states: list[dict[str, Any]] = []
         self.journal: list[dict[str, Any]] = []
         self.queued: list[messaging.Queued] = []
+
+    def enter(self, profile_id: str, row: tuple[Any, ...]) -> None:
+        """Hold a new enrollment's row (``repo.enrollment_values``)."""
+        self.entered.append(row)
+        self.entering.add(profile_id)
+
+    def ready_for(self, conn: Connection, profile_id: str, now: datetime) -> None:
+        """Write what is held before the person's enrollments are read (their entry
+        rules, their active enrollments), if any of them is held."""
+        if profile_id in self.entering:
+            self.write(conn, now)
 
     def add(self, row: Any, journey: Any, t: Transition, now: datetime) -> None:
         self.states.append(repo.state_params(t.state, now))
@@ -768,6 +800,9 @@ class Writes:
             self.queued.append(_queued(row.workspace_id, journey, t.state, row.profile_id, effect))
 
     def write(self, conn: Connection, now: datetime) -> None:
+        if self.entered:
+            repo.insert_enrollments(conn, self.entered)
+            self.entered, self.entering = [], set()
         if self.states:
             repo.save_states(conn, self.states)
         repo.insert_journal_rows(conn, self.journal)

@@ -222,12 +222,17 @@ def process_events(
     writes = journeys.Writes()
     announced = _HeldAnnouncements()
     memberships = HeldWrites()  # and so are the membership rows and timers
+    # The people its events name read and locked together, their activity written once.
+    people = profiles.HeldProfiles()
+    people.prefetch(conn, events)
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
         if setup is None:
             setup = setups[ws] = _setup(conn, ws)
-        applied = profiles.apply_event(conn, event, secret=secret, now=now, check_erasures=setup.erasures)
+        applied = profiles.apply_event(
+            conn, event, secret=secret, now=now, check_erasures=setup.erasures, held=people
+        )
         if applied.suppressed:
             suppressed.append(event.seq)
             continue
@@ -296,6 +301,7 @@ def process_events(
     writes.write(conn, now)
     memberships.flush(conn)
     announced.flush(conn, now, partitions)
+    people.flush(conn, now)
     if redirects:
         processed = {seq: _follow(redirects, pid) for seq, pid in processed.items()}
     tracking.finish_events(conn, processed, suppressed)

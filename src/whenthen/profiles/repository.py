@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Table, and_, bindparam, delete, insert, or_, select, update
 
 from whenthen.kernel.ids import ProfileId, WorkspaceId
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
@@ -17,7 +17,7 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
-from whenthen.storage.driver import DriverQuery, StoredValues, execute, statements
+from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements
 from whenthen.storage.id_lists import ids_in, per_dialect
 from whenthen.storage.plans import tested_only
 
@@ -82,6 +82,46 @@ def by_identity(conn: Connection, workspace_id: str, kind: IdentityKind, value: 
     query = _BY_IDENTITY_QUERY[conn.dialect.name]
     row = query.first(conn, {"ws": workspace_id, "kind": kind.value, "value": value})
     return None if row is None else _profile(_ProfileRow._make(row))
+
+
+def _owners_read(dialect: str) -> DriverQuery:
+    stmt = (
+        select(identities.c.kind, identities.c.value, *_BY_IDENTITY.selected_columns)
+        .join(profiles, identities.c.profile_id == profiles.c.id)
+        .where(
+            identities.c.workspace_id == bindparam("ws"),
+            or_(
+                and_(
+                    identities.c.kind == IdentityKind.USER_ID.value,
+                    ids_in(dialect, identities.c.value, "uids"),
+                ),
+                and_(
+                    identities.c.kind == IdentityKind.ANONYMOUS_ID.value,
+                    ids_in(dialect, identities.c.value, "aids"),
+                ),
+            ),
+        )
+        # Locked in the order of their ids: two batches locking some of the same people
+        # take them in the same order.
+        .order_by(profiles.c.id)
+    )
+    return DriverQuery(stmt.with_for_update(of=profiles) if dialect == "postgresql" else stmt)
+
+
+_OWNERS = per_dialect(_owners_read)
+
+
+def by_identities(
+    conn: Connection, workspace_id: str, user_ids: Sequence[str], anonymous_ids: Sequence[str]
+) -> dict[tuple[str, str], Profile]:
+    """``by_identity`` for many ids at once (one statement, the profiles locked on
+    PostgreSQL in id order): the profile owning each id that has one, by (kind, value)."""
+    if not user_ids and not anonymous_ids:
+        return {}
+    rows = _OWNERS[conn.dialect.name].all(
+        conn, {"ws": workspace_id, "uids": list(user_ids), "aids": list(anonymous_ids)}
+    )
+    return {(r[0], r[1]): _profile(_ProfileRow._make(r[2:])) for r in rows}
 
 
 def get(
@@ -233,6 +273,19 @@ def save_activity(conn: Connection, profile: Profile, now: datetime) -> None:
             at(now),
             profile.id,
         ),
+    )
+
+
+def save_activities(conn: Connection, people: Sequence[Profile], now: datetime) -> None:
+    """``save_activity`` for many profiles at once (one executemany: psycopg sends the
+    rows in one round trip)."""
+    if not people:
+        return
+    at = StoredValues(conn).at
+    execute_each(
+        conn,
+        _SAVE_ACTIVITY_SQL,
+        [(p.timezone, at(p.first_seen), at(p.last_seen), p.event_count, at(now), p.id) for p in people],
     )
 
 

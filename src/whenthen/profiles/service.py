@@ -86,26 +86,121 @@ def _event_identity_values(event: StoredEvent) -> list[tuple[str, str]]:
     return values
 
 
+class HeldProfiles:
+    """A pipeline batch's people (ADR 0014): the profiles its events name by one id read
+    and locked together at the batch's start (``prefetch``), and the activity its events
+    leave (first and last seen, event count) held and written together (``flush``: at the
+    batch's end, and before anything that reads profiles from the database for another
+    reason, i.e. a resolution that may merge).
+
+    Exactness rests on two facts. Only the person's own events change their profile
+    within a batch (a journey's profile update is the person's own, and the profile is
+    locked by the batch): so a prefetched profile is current until an event of that
+    person is applied, after which it is read again and the held activity laid over it.
+    And nothing in a batch reads the activity columns but ``apply_event`` itself."""
+
+    def __init__(self) -> None:
+        self._owners: dict[tuple[str, str, str], Profile] = {}
+        self._applied: set[str] = set()
+        self._activity: dict[str, Profile] = {}
+
+    def prefetch(self, conn: Connection, events: Sequence[StoredEvent]) -> None:
+        """Read and lock the owners of the ids of the events that name a person by one id
+        (``_known_by_its_only_id``'s case), one statement per workspace."""
+        wanted: dict[str, tuple[set[str], set[str]]] = {}
+        for event in events:
+            if not _one_id(event):
+                continue
+            uids, aids = wanted.setdefault(event.workspace_id, (set(), set()))
+            if event.user_id is not None:
+                uids.add(event.user_id)
+            elif event.anonymous_id is not None:
+                aids.add(event.anonymous_id)
+        for ws, (uids, aids) in wanted.items():
+            for (kind, value), profile in repo.by_identities(conn, ws, sorted(uids), sorted(aids)).items():
+                self._owners[(ws, kind, value)] = profile
+
+    def take(self, event: StoredEvent) -> Profile | None:
+        """The prefetched owner of the event's one id, unless an event of theirs was
+        applied since (then it is read again)."""
+        if not self._owners or not _one_id(event):
+            return None
+        if event.user_id is not None:
+            key = (event.workspace_id, IdentityKind.USER_ID.value, event.user_id)
+        elif event.anonymous_id is not None:
+            key = (event.workspace_id, IdentityKind.ANONYMOUS_ID.value, event.anonymous_id)
+        else:
+            return None
+        profile = self._owners.get(key)
+        return None if profile is None or profile.id in self._applied else profile
+
+    def current(self, profile: Profile) -> Profile:
+        """``profile`` as read from the database, with the activity held for it laid over."""
+        held = self._activity.get(profile.id)
+        if held is None:
+            return profile
+        return replace(
+            profile, first_seen=held.first_seen, last_seen=held.last_seen, event_count=held.event_count
+        )
+
+    def applied(self, profile_id: str) -> None:
+        self._applied.add(profile_id)
+
+    def hold(self, profile: Profile) -> None:
+        """Hold the profile's activity, to be written at ``flush``."""
+        self._activity[profile.id] = profile
+
+    def written(self, profile_id: str) -> None:
+        """The profile was written whole: nothing of it is held any longer."""
+        self._activity.pop(profile_id, None)
+
+    def merged(self) -> None:
+        """A merge moved identities: the prefetched owners no longer hold."""
+        self._owners.clear()
+
+    def flush(self, conn: Connection, now: datetime) -> None:
+        if self._activity:
+            repo.save_activities(conn, list(self._activity.values()), now)
+            self._activity.clear()
+
+
 def apply_event(
-    conn: Connection, event: StoredEvent, *, secret: bytes, now: datetime, check_erasures: bool = True
+    conn: Connection,
+    event: StoredEvent,
+    *,
+    secret: bytes,
+    now: datetime,
+    check_erasures: bool = True,
+    held: HeldProfiles | None = None,
 ) -> Applied:
     """Attribute one logged event to a profile and apply what it says about the person.
 
     ``check_erasures=False`` skips the erasure look-up, for a batch that found the
-    workspace has no erasures at all (see ``has_erasures``)."""
+    workspace has no erasures at all (see ``has_erasures``). With ``held`` (a pipeline
+    batch's :class:`HeldProfiles`), the profile is taken from what the batch read at its
+    start when it can be, and an activity-only change is held for the batch's end."""
     ws = event.workspace_id
     if check_erasures and repo.is_erased(conn, ws, erasure_hashes(secret, ws, _event_identity_values(event))):
         return Applied(profile_id=None, suppressed=True)
 
     merged_from: ProfileId | None = None
-    profile = _known_by_its_only_id(conn, event)
+    profile = held.take(event) if held is not None else None
+    if profile is None:
+        profile = _known_by_its_only_id(conn, event)
+        if profile is not None and held is not None:
+            profile = held.current(profile)
     if profile is not None:
         profile_id = profile.id
     else:
+        if held is not None:
+            # A resolution may merge, and a merge reads both profiles' activity.
+            held.flush(conn, now)
         if event.type is CallType.ALIAS:
             profile_id, merged_from = _resolve_alias(conn, event, now)
         else:
             profile_id, merged_from = _resolve(conn, event, now)
+        if merged_from is not None and held is not None:
+            held.merged()
         profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
     assert profile is not None
     if profile.merged_into is not None:
@@ -113,6 +208,10 @@ def apply_event(
         profile_id = profile.merged_into
         profile = repo.get(conn, ws, profile_id, lock=True, with_identities=False)
         assert profile is not None
+        if held is not None:
+            profile = held.current(profile)
+    if held is not None:
+        held.applied(profile_id)
     traits, times = profile.traits, profile.trait_times
     if event.type is CallType.IDENTIFY:
         incoming = event.payload.get("traits") or {}
@@ -129,17 +228,21 @@ def apply_event(
         # No trait changed, so neither did the email and phone taken from them (every
         # writer of traits sets those): only the activity and the time zone move.
         timezone = normalise_timezone(traits.get("timezone")) or normalise_timezone(context.get("timezone"))
-        repo.save_activity(
-            conn,
-            replace(
-                profile,
-                timezone=timezone or profile.timezone,
-                first_seen=first_seen,
-                last_seen=last_seen,
-                event_count=profile.event_count + 1,
-            ),
-            now,
+        active = replace(
+            profile,
+            timezone=timezone or profile.timezone,
+            first_seen=first_seen,
+            last_seen=last_seen,
+            event_count=profile.event_count + 1,
         )
+        if held is not None and active.timezone == profile.timezone:
+            # The time zone is read in the batch (journeys' local times): held only
+            # while it stays; the activity columns are read by nothing in it.
+            held.hold(active)
+        else:
+            repo.save_activity(conn, active, now)
+            if held is not None:
+                held.written(profile_id)
     else:
         reach = reachability(traits, context.get("timezone"))
         updated = replace(
@@ -154,6 +257,8 @@ def apply_event(
             event_count=profile.event_count + 1,
         )
         repo.save_state(conn, updated, now)
+        if held is not None:
+            held.written(profile_id)
     return Applied(
         profile_id=profile_id,
         suppressed=False,
@@ -167,12 +272,17 @@ def _known_by_its_only_id(conn: Connection, event: StoredEvent) -> Profile | Non
     """The most common case in one statement: a call other than alias with one id
     (userId or anonymousId, not both) that a profile already owns. ``None`` otherwise,
     and the general resolution (``_resolve``) decides."""
-    if event.type is CallType.ALIAS or (event.user_id is None) == (event.anonymous_id is None):
+    if not _one_id(event):
         return None
     if event.user_id is not None:
         return repo.by_identity(conn, event.workspace_id, IdentityKind.USER_ID, event.user_id)
     assert event.anonymous_id is not None
     return repo.by_identity(conn, event.workspace_id, IdentityKind.ANONYMOUS_ID, event.anonymous_id)
+
+
+def _one_id(event: StoredEvent) -> bool:
+    """A call other than alias with one id (userId or anonymousId, not both)."""
+    return event.type is not CallType.ALIAS and (event.user_id is None) != (event.anonymous_id is None)
 
 
 def _create(conn: Connection, ws: str, ids: list[Identity], now: datetime) -> ProfileId:
