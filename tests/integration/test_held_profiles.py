@@ -1,8 +1,9 @@
-"""A pipeline batch reads the people its events name together at its start, holds their
-activity (first and last seen, event count) and its new journey enrollments until its
-end (ADR 0014). Whatever the calls (identities known or not, merges by identify and
-alias, trait and time zone changes, a journey entered once and one entered every time),
-a batch must leave the same profiles, identities and enrollments as writing each
+"""A pipeline batch reads the people its events name together at its start (and their
+score rows), holds their activity (first and last seen, event count) and its new journey
+enrollments until its end (ADR 0014). Whatever the calls (identities known or not, merges by identify and
+alias, trait and time zone changes, a journey entered once and one entered every time,
+scores with a cap, a trait rule and a threshold), a batch must leave the same profiles,
+identities, enrollments and scores as writing each
 event's changes at once. Both databases; the reference is the same batch with the
 holding turned off."""
 
@@ -20,7 +21,7 @@ from sqlalchemy import select
 
 from tests.support.ingest import send
 from tests.support.workspace import make_workspace
-from whenthen import journeys
+from whenthen import journeys, scoring
 from whenthen import profiles as profiles_package
 from whenthen.bootstrap import Container
 from whenthen.journeys import repository as journey_repo
@@ -29,6 +30,9 @@ from whenthen.journeys.tables import enrollments
 from whenthen.profiles import repository as profile_repo
 from whenthen.profiles.service import HeldProfiles
 from whenthen.profiles.tables import identities, profiles
+from whenthen.scoring import HeldScores
+from whenthen.scoring.tables import profile_scores
+from whenthen.tracking.tables import events
 
 USERS = ["u0", "u1", "u2"]
 ANONS = ["a0", "a1", "a2"]
@@ -41,6 +45,18 @@ ONCE: dict[str, Any] = {
     "entry": {"frequency": "once"},
     "start": "wait",
     "nodes": {"wait": {"kind": "delay", "duration": "1d"}},
+}
+#: Scores: an event rule with a cap, a trait rule, decay and a threshold.
+MODEL: dict[str, Any] = {
+    "key": "interest",
+    "name": "Interest",
+    "rules": [
+        {"id": "ping", "event": "Ping", "points": 3, "cap": {"points": 6, "period": "1d"}},
+        {"id": "viewed", "event": "Viewed", "points": 1},
+        {"id": "plan", "trait": "plan", "value": "a", "points": 5},
+    ],
+    "decay": {"half_life": "7d"},
+    "thresholds": [4],
 }
 EVERY: dict[str, Any] = {
     "key": "every",
@@ -115,6 +131,8 @@ def writes_at_once() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(HeldProfiles, "prefetch", lambda self, conn, events: None)
+        mp.setattr(HeldScores, "prefetch", lambda self, conn, ws, ids: None)
+        mp.setattr(HeldScores, "rows", lambda self, ws, pid: None)
         mp.setattr(HeldProfiles, "hold", hold)
         mp.setattr(Writes, "enter", enter)
         yield
@@ -135,6 +153,18 @@ def canonical(c: Container, ws: str) -> dict[str, Any]:
         ):
             entered[(r.profile_id, r.journey_id)] = entered.get((r.profile_id, r.journey_id), 0) + 1
         keys = {r.id: r.key for r in journeys.list_all(conn, ws)}
+        scores = {
+            r.profile_id: (r.model_key, round(r.points, 9), r.as_of, r.caps, r.decay_due_at, r.decay_from)
+            for r in conn.execute(select(profile_scores).where(profile_scores.c.workspace_id == ws))
+        }
+        crossings = sorted(
+            r[0]["properties"]["direction"]
+            for r in conn.execute(
+                select(events.c.payload).where(
+                    events.c.workspace_id == ws, events.c.event == "Score Threshold Crossed"
+                )
+            )
+        )
     out: dict[Any, Any] = {}
     for ident, pid in sorted(owners.items()):
         p = rows[pid]
@@ -149,8 +179,10 @@ def canonical(c: Container, ws: str) -> dict[str, Any]:
             p.event_count,
             p.merged_into is None,
             sorted((keys[j], n) for (o, j), n in entered.items() if o == pid),
+            scores.get(pid),
         )
     out["profiles"] = sorted((r.merged_into is None, r.event_count) for r in rows.values())
+    out["crossings"] = crossings
     return out
 
 
@@ -173,6 +205,7 @@ def test_a_batch_that_holds_its_people_leaves_what_writing_each_event_leaves(
             for d in (ONCE, EVERY):
                 journeys.push(conn, ws, d, now=START)
                 journeys.publish(conn, ws, d["key"], now=START)
+            scoring.save_model(conn, ws, MODEL, now=START)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(profiles_package, "apply_event", remembering)
             for calls_ in (before, batch):

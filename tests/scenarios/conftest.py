@@ -1,3 +1,3 @@
-from tests.support.journey_env import env
+from tests.support.journey_env import env, pg_env
 
-__all__ = ["env"]
+__all__ = ["env", "pg_env"]

@@ -296,3 +296,45 @@ def test_a_fixed_amount_decay_moves_scores_segments_and_thresholds_each_period(
     env.advance(days=7)
     assert http.get(f"/api/v1/profiles/{pid}/scores").json()["scores"]["engagement"] == 0
     assert len(crossings(http, pid)) == 2
+
+
+def test_the_decay_step_leaves_a_person_another_transaction_holds_for_a_later_step(
+    pg_env: JourneyEnv,
+) -> None:
+    """PostgreSQL, several workers: a pipeline batch holds the profiles it applies events
+    to, and reads their score rows ahead (ADR 0014). The decay step neither waits for such
+    a person nor announces from what it cannot see: their timer stays due, and a later
+    step announces the crossing once (ADR 0011's rule, for score timers)."""
+    from sqlalchemy import select, text
+
+    from whenthen.profiles.tables import profiles as profile_rows
+    from whenthen.scoring.tables import profile_scores
+
+    env = pg_env
+    with TestClient(create_app(env.c, run_worker=False), headers=env.ws.admin_headers) as http:
+        assert http.put("/api/v1/scoring/models/interest", json=MODEL).status_code == 200
+        env.identify("lea", email="lea@example.com", title="Sales Director")  # 15
+        for n in range(3):
+            env.track("lea", "Demo Requested", n=n)  # 35, 55 (up), 75
+        pid = env.profile("lea").id
+        env.clock.advance(timedelta(days=4, hours=3))  # 75 -> below 50: the timer is due
+
+        def due_at() -> object:
+            with env.c.db.read() as conn:
+                return conn.execute(select(profile_scores.c.decay_due_at)).scalar_one()
+
+        before = due_at()
+        holder = env.c.db.engine.connect()
+        try:
+            holder.begin()
+            holder.execute(select(profile_rows.c.id).where(profile_rows.c.id == pid).with_for_update())
+            with env.c.db.write() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))  # waiting would fail, not hang
+                assert scoring.fire_decay_timers(conn, env.clock.now(), lambda *a, **k: None) == 0
+            assert due_at() == before
+            holder.rollback()
+        finally:
+            holder.close()
+        env.c.worker.drain()
+        assert [c["direction"] for c in crossings(http, pid)] == ["up", "down"]
+        assert due_at() != before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -72,8 +73,8 @@ class JourneyEnv:
             return journeys.enrollments_of(conn, self.ws.id, self.profile(user).id)
 
 
-@pytest.fixture
-def env(db_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
+@contextmanager
+def journey_env(db_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
     with SmtpSink() as sink:
         settings = Settings(
             database_url=db_url,
@@ -90,3 +91,16 @@ def env(db_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
             yield JourneyEnv(c=c, clock=clock, ws=make_workspace(c), sink=sink)
         finally:
             c.close()
+
+
+@pytest.fixture
+def env(db_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
+    with journey_env(db_url, clock) as made:
+        yield made
+
+
+@pytest.fixture
+def pg_env(pg_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
+    """``env`` on PostgreSQL only (row locks between transactions)."""
+    with journey_env(pg_url, clock) as made:
+        yield made

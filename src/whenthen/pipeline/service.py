@@ -225,6 +225,12 @@ def process_events(
     # The people its events name read and locked together, their activity written once.
     people = profiles.HeldProfiles()
     people.prefetch(conn, events)
+    # Their score rows too, where the workspace scores.
+    scores = scoring.HeldScores()
+    for ws, ids in people.prefetched().items():
+        known = setups[ws] = _setup(conn, ws)
+        if known.models:
+            scores.prefetch(conn, ws, ids)
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
@@ -245,6 +251,7 @@ def process_events(
             announced.flush(conn, now, partitions)
             journeys.on_merge(conn, event.workspace_id, applied.merged_from, applied.profile_id)
             scoring.move_to(conn, ws, applied.merged_from, applied.profile_id, now)
+            scores.forget()
             if setup.segments:
                 segments.on_merge(conn, ws, applied.merged_from, applied.profile_id, now)
         scored = None
@@ -258,6 +265,7 @@ def process_events(
                 setup.models,
                 setup.lifecycle,
                 announced,
+                scores,
             )
         if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
@@ -364,6 +372,7 @@ def _score(
     models: list[scoring.ScoringModel],
     lifecycle: scoring.Lifecycle | None,
     announced: _HeldAnnouncements,
+    scores: scoring.HeldScores,
 ) -> scoring.Scored:
     """Scores and stage for this event; threshold crossings and stage moves become events
     in the person's log (``announced`` holds them until the batch's end), so journeys can
@@ -379,6 +388,7 @@ def _score(
         now=now,
         workspace_models=models,
         lifecycle=lifecycle,
+        held=scores,
     )
     system_events = [
         segments.Announcement(

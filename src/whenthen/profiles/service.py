@@ -120,6 +120,13 @@ class HeldProfiles:
             for (kind, value), profile in repo.by_identities(conn, ws, sorted(uids), sorted(aids)).items():
                 self._owners[(ws, kind, value)] = profile
 
+    def prefetched(self) -> dict[str, list[str]]:
+        """The people read ahead, by workspace (for other steps' own read-ahead)."""
+        out: dict[str, set[str]] = {}
+        for (ws, _, _), profile in self._owners.items():
+            out.setdefault(ws, set()).add(profile.id)
+        return {ws: sorted(ids) for ws, ids in out.items()}
+
     def take(self, event: StoredEvent) -> Profile | None:
         """The prefetched owner of the event's one id, unless an event of theirs was
         applied since (then it is read again)."""

@@ -2,6 +2,7 @@
 
 from whenthen.scoring.model import Crossing, Lifecycle, Score, ScoringModel
 from whenthen.scoring.service import (
+    HeldScores,
     Scored,
     crossing_properties,
     decay_step,
@@ -24,6 +25,7 @@ from whenthen.scoring.service import (
 
 __all__ = [
     "Crossing",
+    "HeldScores",
     "Lifecycle",
     "Score",
     "Scored",

@@ -16,6 +16,7 @@ from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound, invalid_definition
 from whenthen.kernel.memo import ByDocument
 from whenthen.profiles import Emit
+from whenthen.profiles.tables import profiles as profiles_table
 from whenthen.scoring.model import (
     Crossing,
     Lifecycle,
@@ -31,6 +32,7 @@ from whenthen.scoring.model import (
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
 from whenthen.storage import Database
 from whenthen.storage.driver import DriverQuery
+from whenthen.storage.id_lists import ids_in, per_dialect
 
 # ---- models -------------------------------------------------------------------------------
 
@@ -122,10 +124,64 @@ _ROWS = DriverQuery(
 )
 
 
-def _rows(conn: Connection, ws: str, profile_id: str, keys: list[str]) -> dict[str, _ScoreRow]:
-    """The person's score rows in these models, by model key (one prebuilt statement)."""
+def _rows(
+    conn: Connection, ws: str, profile_id: str, keys: list[str], held: HeldScores | None = None
+) -> dict[str, _ScoreRow]:
+    """The person's score rows in these models, by model key (one prebuilt statement, or
+    what the batch holds for them)."""
     wanted = set(keys)
-    return {r[0]: _ScoreRow(*r) for r in _ROWS.all(conn, {"ws": ws, "pid": profile_id}) if r[0] in wanted}
+    rows = held.rows(ws, profile_id) if held is not None else None
+    if rows is None:
+        rows = {r[0]: _ScoreRow(*r) for r in _ROWS.all(conn, {"ws": ws, "pid": profile_id})}
+        if held is not None:
+            held.keep(ws, profile_id, rows)
+    return {k: r for k, r in rows.items() if k in wanted}
+
+
+#: ``_ROWS`` for many people at once (a batch's read-ahead).
+_ROWS_OF_MANY = per_dialect(
+    lambda d: DriverQuery(
+        select(profile_scores.c.profile_id, *_ROWS.stmt.selected_columns).where(
+            profile_scores.c.workspace_id == bindparam("ws"), ids_in(d, profile_scores.c.profile_id, "pids")
+        )
+    )
+)
+
+
+class HeldScores:
+    """A pipeline batch's score rows (ADR 0014): read for the batch's people together at
+    its start (``prefetch``) or at a person's first event, then kept as the batch writes
+    them, so a person's later events read none. The writes themselves stay immediate:
+    segments, tag rules and journeys read scores from the database in the same batch.
+    Only the scoring step and a merge (``move_to``, after which ``forget``) write score
+    rows in a batch."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], dict[str, _ScoreRow]] = {}
+
+    def prefetch(self, conn: Connection, ws: str, profile_ids: list[str]) -> None:
+        if not profile_ids:
+            return
+        found: dict[str, dict[str, _ScoreRow]] = {pid: {} for pid in profile_ids}
+        for r in _ROWS_OF_MANY[conn.dialect.name].all(conn, {"ws": ws, "pids": profile_ids}):
+            found[r[0]][r[1]] = _ScoreRow(*r[1:])
+        for pid, rows in found.items():
+            self._rows[(ws, pid)] = rows
+
+    def rows(self, ws: str, profile_id: str) -> dict[str, _ScoreRow] | None:
+        return self._rows.get((ws, profile_id))
+
+    def keep(self, ws: str, profile_id: str, rows: dict[str, _ScoreRow]) -> None:
+        self._rows[(ws, profile_id)] = rows
+
+    def stored(self, ws: str, profile_id: str, key: str, row: _ScoreRow) -> None:
+        rows = self._rows.get((ws, profile_id))
+        if rows is not None:
+            rows[key] = row
+
+    def forget(self) -> None:
+        """A merge moved score rows: read them again."""
+        self._rows.clear()
 
 
 def _row(conn: Connection, ws: str, profile_id: str, key: str) -> Any:
@@ -144,19 +200,29 @@ def _score(conn: Connection, ws: str, profile_id: str, key: str) -> Score | None
 
 
 def _store(
-    conn: Connection, ws: str, profile_id: str, model: ScoringModel, score: Score, existed: bool
+    conn: Connection,
+    ws: str,
+    profile_id: str,
+    model: ScoringModel,
+    score: Score,
+    existed: bool,
+    held: HeldScores | None = None,
 ) -> None:
     """Save the score as of its ``as_of``, with the timer for its next decay crossing."""
     key = model.key
-    values = {
-        "points": score.points,
-        "as_of": score.as_of,
-        "caps": score.to_json(),
-        "decay_due_at": next_decay_crossing(model, score, score.points),
-        "decay_from": score.points,
-    }
-    params = {"ws": ws, "pid": profile_id, "key": key, **{f"v_{c}": v for c, v in values.items()}}
+    row = _ScoreRow(
+        key,
+        score.points,
+        score.as_of,
+        score.to_json(),
+        next_decay_crossing(model, score, score.points),
+        score.points,
+    )
+    params = {"ws": ws, "pid": profile_id, "key": key, **{f"v_{c}": v for c, v in row._asdict().items()}}
+    del params["v_model_key"]
     conn.execute(_UPDATE_SCORE if existed else _INSERT_SCORE, params)
+    if held is not None:
+        held.stored(ws, profile_id, key, row)
 
 
 #: ``_store``'s statements, built once: a score is stored for most events of a workspace
@@ -207,6 +273,7 @@ def on_event(
     now: datetime,
     workspace_models: list[ScoringModel],
     lifecycle: Lifecycle | None,
+    held: HeldScores | None = None,
 ) -> Scored:
     """Apply one event to the person's scores, then to their stage. Only the models the
     event can change are read (one query for all of them); a model it cannot change keeps
@@ -217,7 +284,7 @@ def on_event(
     touched_keys = {m.key for m in touched}
     score_rules = lifecycle is not None and any(r.score_model for r in lifecycle.rules)
     wanted = workspace_models if score_rules else touched
-    rows = _rows(conn, ws, profile_id, [m.key for m in wanted]) if wanted else {}
+    rows = _rows(conn, ws, profile_id, [m.key for m in wanted], held) if wanted else {}
     values: dict[str, float] = {}
     for model in wanted:
         row = rows.get(model.key)
@@ -239,11 +306,21 @@ def on_event(
             model, before, event=event, properties=properties, traits_after=traits_after, now=now
         )
         if new is not None:
-            _store(conn, ws, profile_id, model, new, before is not None)
+            _store(conn, ws, profile_id, model, new, before is not None, held)
             stored.add(model.key)
             values[model.key] = new.points
         elif decayed and before is not None:
             _rearm(conn, ws, profile_id, model, before, values[model.key])
+            if held is not None and row is not None:
+                held.stored(
+                    ws,
+                    profile_id,
+                    model.key,
+                    row._replace(
+                        decay_due_at=next_decay_crossing(model, before, values[model.key]),
+                        decay_from=values[model.key],
+                    ),
+                )
         crossings.extend((model.key, c) for c in (*decayed, *crossed))
     change = None
     if lifecycle is not None:
@@ -294,10 +371,24 @@ _DECAY_DUE = (
 )
 
 
+#: The people of due score timers that no other transaction holds, locked (PostgreSQL).
+_PROFILES_FREE = (
+    select(profiles_table.c.id)
+    .where(ids_in("postgresql", profiles_table.c.id, "pids"))
+    .with_for_update(skip_locked=True)
+)
+
+
 def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit: int = 500) -> int:
     """Announce the thresholds that decay alone carried scores across, for the scores whose
     timer is due, and set their next timer. Returns how many timers were handled."""
     due = conn.execute(_DECAY_DUE, {"now": now, "limit": limit}).all()
+    if due and conn.dialect.name == "postgresql":
+        # As the segment steps (ADR 0011): a person a pipeline batch holds is left due for
+        # a later step (their event may be announcing this very crossing and re-arming
+        # from rows it read ahead, ADR 0014); the step never waits for a lock.
+        free = set(conn.execute(_PROFILES_FREE, {"pids": sorted({row.profile_id for row in due})}).scalars())
+        due = [row for row in due if row.profile_id in free]
     by_ws: dict[str, dict[str, ScoringModel]] = {}
     for row in due:
         if row.workspace_id not in by_ws:
