@@ -145,32 +145,9 @@ _INSERT_ENROLLMENT_SQL = statements(
 )
 
 
-def insert_enrollment(
-    conn: Connection,
-    *,
-    ws: str,
-    journey_id: str,
-    version: int,
-    profile_id: str,
-    state: State,
-    entry_key: str | None,
-    now: datetime,
-) -> None:
-    insert_enrollments(
-        conn,
-        [
-            enrollment_values(
-                conn,
-                ws=ws,
-                journey_id=journey_id,
-                version=version,
-                profile_id=profile_id,
-                state=state,
-                entry_key=entry_key,
-                now=now,
-            )
-        ],
-    )
+def insert_enrollment(conn: Connection, **row: Any) -> None:
+    """One new enrollment (the keywords of :func:`enrollment_values`)."""
+    insert_enrollments(conn, [enrollment_values(conn, **row)])
 
 
 def enrollment_values(

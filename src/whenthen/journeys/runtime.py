@@ -141,27 +141,11 @@ def _persist(
 ) -> None:
     """Write a transition: the enrollment's state, its journal and its effects. With
     ``writes``, the journal rows and the queued messages are held there, to be written
-    with the rest of the batch's (nothing in a batch reads them back)."""
+    with the rest of the batch's (nothing in a batch reads them back), and so is a new
+    enrollment whose only effects are messages (ADR 0014)."""
     state = transition.state
-    if new and writes is not None and all(isinstance(e, SendEmail | CallWebhook) for e in transition.effects):
-        # Nothing else happens in the database for this transition: the row waits for the
-        # batch's other writes (``Writes.ready_for`` writes it before the person's
-        # enrollments are read again in the batch).
-        writes.enter(
-            profile_id,
-            repo.enrollment_values(
-                conn,
-                ws=ws,
-                journey_id=journey.id,
-                version=version,
-                profile_id=profile_id,
-                state=state,
-                entry_key=entry_key,
-                now=now,
-            ),
-        )
-    elif new:
-        repo.insert_enrollment(
+    if new:
+        row = repo.enrollment_values(
             conn,
             ws=ws,
             journey_id=journey.id,
@@ -171,6 +155,13 @@ def _persist(
             entry_key=entry_key,
             now=now,
         )
+        if writes is not None and all(isinstance(e, SendEmail | CallWebhook) for e in transition.effects):
+            # Nothing else happens in the database for this transition: the row waits for
+            # the batch's other writes (``Writes.ready_for`` writes it before the person's
+            # enrollments are read again in the batch).
+            writes.enter(profile_id, row)
+        else:
+            repo.insert_enrollments(conn, [row])
     else:
         repo.save_state(conn, state, now)
     if writes is None:
