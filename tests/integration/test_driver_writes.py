@@ -143,8 +143,9 @@ def test_a_persons_activity_is_stored_as_through_sqlalchemy(container: Container
 
 
 def test_a_profile_read_by_its_identity_is_the_profile_sqlalchemy_reads(container: Container) -> None:
-    """``by_identity`` runs on the driver's cursor; what it gives back (times, JSON, the
-    lock on PostgreSQL aside) is what the same query through SQLAlchemy gives."""
+    """``by_identity`` (and ``by_identities``, a batch's read-ahead) run on the driver's
+    cursor; what they give back (times, JSON, the lock on PostgreSQL aside) is what the
+    same query through SQLAlchemy gives."""
     now = TIMES[1]
     with container.db.write() as conn:
         profile_repo.insert_profile(conn, "ws-1", "prf_read", now)
@@ -171,6 +172,9 @@ def test_a_profile_read_by_its_identity_is_the_profile_sqlalchemy_reads(containe
         fast = profile_repo.by_identity(conn, "ws-1", IdentityKind.USER_ID, "u\u00e9")
         orm = profile_repo.get(conn, "ws-1", "prf_read", with_identities=False)
         missing = profile_repo.by_identity(conn, "ws-1", IdentityKind.USER_ID, "nobody")
+        ahead = profile_repo.by_identities(conn, "ws-1", ["u\u00e9", "nobody"], ["u\u00e9"])
+    # The pipeline's read-ahead of a batch's people (ADR 0014) gives the same profile.
+    assert ahead == {("user_id", "u\u00e9"): orm}
     assert fast == orm
     assert fast is not None
     assert fast.first_seen == TIMES[2]
