@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -45,6 +45,24 @@ ONCE: dict[str, Any] = {
     "entry": {"frequency": "once"},
     "start": "wait",
     "nodes": {"wait": {"kind": "delay", "duration": "1d"}},
+}
+#: A journey step that writes the person's traits in the batch (a page view sets the
+#: city, by a jump into a second journey): their later events must see it.
+JUMPER: dict[str, Any] = {
+    "key": "jumper",
+    "name": "Jumper",
+    "trigger": {"kind": "event", "event": "Viewed"},
+    "entry": {"frequency": "every_time"},
+    "start": "go",
+    "nodes": {"go": {"kind": "jump", "journey": "setter"}},
+}
+SETTER: dict[str, Any] = {
+    "key": "setter",
+    "name": "Setter",
+    "trigger": {"kind": "api"},
+    "entry": {"frequency": "every_time"},
+    "start": "set",
+    "nodes": {"set": {"kind": "update_profile", "set": {"city": "z"}}},
 }
 #: Scores: an event rule with a cap, a trait rule, decay and a threshold.
 MODEL: dict[str, Any] = {
@@ -131,6 +149,7 @@ def writes_at_once() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(HeldProfiles, "prefetch", lambda self, conn, events: None)
+        mp.setattr(HeldProfiles, "take", lambda self, event: None)  # every event reads its person
         mp.setattr(HeldScores, "prefetch", lambda self, conn, ws, ids: None)
         mp.setattr(HeldScores, "rows", lambda self, ws, pid: None)
         mp.setattr(HeldProfiles, "hold", hold)
@@ -188,6 +207,14 @@ def canonical(c: Container, ws: str) -> dict[str, Any]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(before=calls(), batch=calls())
+# A journey step writes the person's traits between two of their events in one batch.
+@example(
+    before=[{"type": "identify", "userId": "u0", "traits": {"plan": "a"}, "timestamp": START.isoformat()}],
+    batch=[
+        {"type": "track", "userId": "u0", "event": "Viewed", "timestamp": START.isoformat()},
+        {"type": "identify", "userId": "u0", "traits": {"plan": "b"}, "timestamp": START.isoformat()},
+    ],
+)
 def test_a_batch_that_holds_its_people_leaves_what_writing_each_event_leaves(
     container: Container, before: list[dict[str, Any]], batch: list[dict[str, Any]]
 ) -> None:
@@ -202,7 +229,7 @@ def test_a_batch_that_holds_its_people_leaves_what_writing_each_event_leaves(
     for held in (False, True):
         ws = make_workspace(container).id
         with container.db.write() as conn:
-            for d in (ONCE, EVERY):
+            for d in (ONCE, EVERY, SETTER, JUMPER):
                 journeys.push(conn, ws, d, now=START)
                 journeys.publish(conn, ws, d["key"], now=START)
             scoring.save_model(conn, ws, MODEL, now=START)

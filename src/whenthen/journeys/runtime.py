@@ -192,6 +192,8 @@ def _persist(
                 writes.queued.append(queued)
         elif isinstance(effect, UpdateProfile):
             if effect.set or effect.unset:
+                if writes is not None:
+                    writes.touched.add(profile_id)
                 change = profiles.update_traits(
                     conn, ws, profile_id, set_=effect.set, unset=effect.unset, now=now
                 )
@@ -237,7 +239,7 @@ def _persist(
                 lists.remove_member(conn, ws, effect.list_key, profile_id)
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
-            _jump(conn, ws, journey, state, effect, profile_id, now, depth, partitions)
+            _jump(conn, ws, journey, state, effect, profile_id, now, depth, partitions, writes)
 
 
 def _render_context(journey: Any, state: State) -> dict[str, Any]:
@@ -304,6 +306,7 @@ def _jump(
     now: datetime,
     depth: int,
     partitions: int,
+    writes: Writes | None = None,
 ) -> None:
     """Enter the person into the jump's target journey if it admits them. A target that
     is missing, paused or archived admits nobody (as for any entry): the refusal is
@@ -325,6 +328,7 @@ def _jump(
             payload=state.context.get("payload"),
             now=now,
             depth=depth + 1,
+            writes=writes,
             partitions=partitions,
         )
     if entered is None:
@@ -409,6 +413,8 @@ def try_enter(
     """Enter the person if the entry rules allow; returns the enrollment id or ``None``.
     ``partitions`` is the log's partition count, for the events a step appends (a stage
     move)."""
+    if writes is not None:
+        writes.ready_for(conn, profile_id, now)  # the entry rules read the person's enrollments
     version = journey.active_version
     definition = definition_of(conn, journey.id, version)
     entry_key = _entry_key(definition, trigger, payload)
@@ -760,6 +766,9 @@ class Writes:
     def __init__(self) -> None:
         self.entered: list[tuple[Any, ...]] = []
         self.entering: set[str] = set()
+        #: People whose profile row a journey step wrote (traits): the pipeline reads
+        #: them again for their next event (``profiles.HeldProfiles.changed``).
+        self.touched: set[str] = set()
         self.states: list[dict[str, Any]] = []
         self.journal: list[dict[str, Any]] = []
         self.queued: list[messaging.Queued] = []

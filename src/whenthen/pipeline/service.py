@@ -306,6 +306,10 @@ def process_events(
             active_journeys=setup.active,
             writes=writes,
         )
+        if writes.touched:
+            for pid in writes.touched:
+                people.changed(pid)
+            writes.touched.clear()
     writes.write(conn, now)
     memberships.flush(conn)
     announced.flush(conn, now, partitions)

@@ -93,14 +93,20 @@ class HeldProfiles:
     batch's end, and before anything that reads profiles from the database for another
     reason, i.e. a resolution that may merge).
 
-    Exactness rests on two facts. Only the person's own events change their profile
-    within a batch (a journey's profile update is the person's own, and the profile is
-    locked by the batch): so a prefetched profile is current until an event of that
-    person is applied, after which it is read again and the held activity laid over it.
-    And nothing in a batch reads the activity columns but ``apply_event`` itself."""
+    A person's profile, once an event of theirs is applied, is kept as that event left it
+    (``remember``), and their later events in the batch start from it without a read.
+
+    Exactness rests on two facts. Within a batch, a person's profile row is written only
+    by their own events (``apply_event``), by a merge (after which everything read ahead
+    or kept is dropped: ``merged``) and by a journey's profile update, which the pipeline
+    reports (``changed``: the person is then read again, the held activity laid over).
+    The batch holds the person's lock, so nothing outside it writes them meanwhile. And
+    nothing in a batch reads the activity columns but ``apply_event`` itself."""
 
     def __init__(self) -> None:
         self._owners: dict[tuple[str, str, str], Profile] = {}
+        self._keys: dict[tuple[str, str, str], str] = {}
+        self._kept: dict[str, Profile] = {}
         self._applied: set[str] = set()
         self._activity: dict[str, Profile] = {}
 
@@ -128,18 +134,34 @@ class HeldProfiles:
         return {ws: sorted(ids) for ws, ids in out.items()}
 
     def take(self, event: StoredEvent) -> Profile | None:
-        """The prefetched owner of the event's one id, unless an event of theirs was
-        applied since (then it is read again)."""
-        if not self._owners or not _one_id(event):
+        """The owner of the event's one id as this batch last left them, or as read ahead
+        if no event of theirs was applied yet; ``None`` when they must be read."""
+        key = _key_of(event)
+        if key is None:
             return None
-        if event.user_id is not None:
-            key = (event.workspace_id, IdentityKind.USER_ID.value, event.user_id)
-        elif event.anonymous_id is not None:
-            key = (event.workspace_id, IdentityKind.ANONYMOUS_ID.value, event.anonymous_id)
-        else:
-            return None
-        profile = self._owners.get(key)
-        return None if profile is None or profile.id in self._applied else profile
+        pid = self._keys.get(key)
+        ahead = self._owners.get(key)
+        if pid is None:
+            if ahead is None:
+                return None
+            pid = ahead.id
+        kept = self._kept.get(pid)
+        if kept is not None:
+            return kept
+        return None if pid in self._applied or ahead is None else ahead
+
+    def remember(self, event: StoredEvent, profile: Profile) -> None:
+        """The person as ``event`` left them (written or held)."""
+        self._applied.add(profile.id)
+        self._kept[profile.id] = profile
+        key = _key_of(event)
+        if key is not None:
+            self._keys[key] = profile.id
+
+    def changed(self, profile_id: str) -> None:
+        """Something else in the batch wrote the person (a journey's profile update):
+        their next event reads them again."""
+        self._kept.pop(profile_id, None)
 
     def current(self, profile: Profile) -> Profile:
         """``profile`` as read from the database, with the activity held for it laid over."""
@@ -150,9 +172,6 @@ class HeldProfiles:
             profile, first_seen=held.first_seen, last_seen=held.last_seen, event_count=held.event_count
         )
 
-    def applied(self, profile_id: str) -> None:
-        self._applied.add(profile_id)
-
     def hold(self, profile: Profile) -> None:
         """Hold the profile's activity, to be written at ``flush``."""
         self._activity[profile.id] = profile
@@ -162,8 +181,11 @@ class HeldProfiles:
         self._activity.pop(profile_id, None)
 
     def merged(self) -> None:
-        """A merge moved identities: the prefetched owners no longer hold."""
+        """A merge moved identities and wrote the survivor: nothing read ahead or kept
+        holds any longer."""
         self._owners.clear()
+        self._keys.clear()
+        self._kept.clear()
 
     def flush(self, conn: Connection, now: datetime) -> None:
         if self._activity:
@@ -217,8 +239,6 @@ def apply_event(
         assert profile is not None
         if held is not None:
             profile = held.current(profile)
-    if held is not None:
-        held.applied(profile_id)
     traits, times = profile.traits, profile.trait_times
     if event.type is CallType.IDENTIFY:
         incoming = event.payload.get("traits") or {}
@@ -250,6 +270,8 @@ def apply_event(
             repo.save_activity(conn, active, now)
             if held is not None:
                 held.written(profile_id)
+        if held is not None:
+            held.remember(event, active)
     else:
         reach = reachability(traits, context.get("timezone"))
         updated = replace(
@@ -266,6 +288,7 @@ def apply_event(
         repo.save_state(conn, updated, now)
         if held is not None:
             held.written(profile_id)
+            held.remember(event, updated)
     return Applied(
         profile_id=profile_id,
         suppressed=False,
@@ -285,6 +308,16 @@ def _known_by_its_only_id(conn: Connection, event: StoredEvent) -> Profile | Non
         return repo.by_identity(conn, event.workspace_id, IdentityKind.USER_ID, event.user_id)
     assert event.anonymous_id is not None
     return repo.by_identity(conn, event.workspace_id, IdentityKind.ANONYMOUS_ID, event.anonymous_id)
+
+
+def _key_of(event: StoredEvent) -> tuple[str, str, str] | None:
+    """(workspace, kind, value) of a one-id event's id; ``None`` for other events."""
+    if not _one_id(event):
+        return None
+    if event.user_id is not None:
+        return (event.workspace_id, IdentityKind.USER_ID.value, event.user_id)
+    assert event.anonymous_id is not None
+    return (event.workspace_id, IdentityKind.ANONYMOUS_ID.value, event.anonymous_id)
 
 
 def _one_id(event: StoredEvent) -> bool:
