@@ -12,6 +12,7 @@ from whenthen.profiles.consent import (
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
 from whenthen.profiles.rechecks import Recheck
 from whenthen.profiles.rechecks import mark as mark_for_recheck
+from whenthen.profiles.repository import lock_free
 from whenthen.profiles.service import (
     Applied,
     Emit,
@@ -58,6 +59,7 @@ __all__ = [
     "get_profile",
     "groups_of",
     "has_erasures",
+    "lock_free",
     "lookup",
     "mark_for_recheck",
     "merges_of",

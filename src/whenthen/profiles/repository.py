@@ -124,6 +124,19 @@ def by_identities(
     return {(r[0], r[1]): _profile(_ProfileRow._make(r[2:])) for r in rows}
 
 
+#: PostgreSQL: the profiles among the ids that no other transaction holds, locked.
+_LOCK_FREE = (
+    select(profiles.c.id).where(ids_in("postgresql", profiles.c.id, "ids")).with_for_update(skip_locked=True)
+)
+
+
+def lock_free(conn: Connection, profile_ids: Sequence[str]) -> set[str]:
+    """PostgreSQL only: lock those of the profiles no other transaction holds (a pipeline
+    batch applying their events), skipping the others without waiting; returns the ones
+    locked."""
+    return set(conn.execute(_LOCK_FREE, {"ids": list(profile_ids)}).scalars())
+
+
 def get(
     conn: Connection, workspace_id: str, profile_id: str, *, lock: bool = False, with_identities: bool = True
 ) -> Profile | None:

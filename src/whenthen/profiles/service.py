@@ -104,55 +104,54 @@ class HeldProfiles:
     nothing in a batch reads the activity columns but ``apply_event`` itself."""
 
     def __init__(self) -> None:
-        self._owners: dict[tuple[str, str, str], Profile] = {}
+        #: Who owns each one-id key the batch knows (read ahead, or learned by applying).
         self._keys: dict[tuple[str, str, str], str] = {}
+        #: The people read ahead that no event of theirs was applied to yet.
+        self._ahead: dict[str, Profile] = {}
+        #: The people as the batch's last event of theirs left them.
         self._kept: dict[str, Profile] = {}
-        self._applied: set[str] = set()
         self._activity: dict[str, Profile] = {}
 
     def prefetch(self, conn: Connection, events: Sequence[StoredEvent]) -> None:
         """Read and lock the owners of the ids of the events that name a person by one id
         (``_known_by_its_only_id``'s case), one statement per workspace."""
-        wanted: dict[str, tuple[set[str], set[str]]] = {}
+        wanted: dict[str, dict[str, set[str]]] = {}
         for event in events:
-            if not _one_id(event):
-                continue
-            uids, aids = wanted.setdefault(event.workspace_id, (set(), set()))
-            if event.user_id is not None:
-                uids.add(event.user_id)
-            elif event.anonymous_id is not None:
-                aids.add(event.anonymous_id)
-        for ws, (uids, aids) in wanted.items():
-            for (kind, value), profile in repo.by_identities(conn, ws, sorted(uids), sorted(aids)).items():
-                self._owners[(ws, kind, value)] = profile
+            key = _key_of(event)
+            if key is not None:
+                ws, kind, value = key
+                wanted.setdefault(ws, {}).setdefault(kind, set()).add(value)
+        for ws, ids in wanted.items():
+            found = repo.by_identities(
+                conn,
+                ws,
+                sorted(ids.get(IdentityKind.USER_ID.value, ())),
+                sorted(ids.get(IdentityKind.ANONYMOUS_ID.value, ())),
+            )
+            for (kind, value), profile in found.items():
+                self._keys[(ws, kind, value)] = profile.id
+                self._ahead[profile.id] = profile
 
     def prefetched(self) -> dict[str, list[str]]:
         """The people read ahead, by workspace (for other steps' own read-ahead)."""
-        out: dict[str, set[str]] = {}
-        for (ws, _, _), profile in self._owners.items():
-            out.setdefault(ws, set()).add(profile.id)
-        return {ws: sorted(ids) for ws, ids in out.items()}
+        out: dict[str, list[str]] = {}
+        for pid, profile in sorted(self._ahead.items()):
+            out.setdefault(profile.workspace_id, []).append(pid)
+        return out
 
     def take(self, event: StoredEvent) -> Profile | None:
         """The owner of the event's one id as this batch last left them, or as read ahead
         if no event of theirs was applied yet; ``None`` when they must be read."""
         key = _key_of(event)
-        if key is None:
-            return None
-        pid = self._keys.get(key)
-        ahead = self._owners.get(key)
+        pid = None if key is None else self._keys.get(key)
         if pid is None:
-            if ahead is None:
-                return None
-            pid = ahead.id
+            return None
         kept = self._kept.get(pid)
-        if kept is not None:
-            return kept
-        return None if pid in self._applied or ahead is None else ahead
+        return kept if kept is not None else self._ahead.get(pid)
 
     def remember(self, event: StoredEvent, profile: Profile) -> None:
         """The person as ``event`` left them (written or held)."""
-        self._applied.add(profile.id)
+        self._ahead.pop(profile.id, None)
         self._kept[profile.id] = profile
         key = _key_of(event)
         if key is not None:
@@ -183,8 +182,8 @@ class HeldProfiles:
     def merged(self) -> None:
         """A merge moved identities and wrote the survivor: nothing read ahead or kept
         holds any longer."""
-        self._owners.clear()
         self._keys.clear()
+        self._ahead.clear()
         self._kept.clear()
 
     def flush(self, conn: Connection, now: datetime) -> None:
@@ -302,12 +301,11 @@ def _known_by_its_only_id(conn: Connection, event: StoredEvent) -> Profile | Non
     """The most common case in one statement: a call other than alias with one id
     (userId or anonymousId, not both) that a profile already owns. ``None`` otherwise,
     and the general resolution (``_resolve``) decides."""
-    if not _one_id(event):
+    key = _key_of(event)
+    if key is None:
         return None
-    if event.user_id is not None:
-        return repo.by_identity(conn, event.workspace_id, IdentityKind.USER_ID, event.user_id)
-    assert event.anonymous_id is not None
-    return repo.by_identity(conn, event.workspace_id, IdentityKind.ANONYMOUS_ID, event.anonymous_id)
+    ws, kind, value = key
+    return repo.by_identity(conn, ws, IdentityKind(kind), value)
 
 
 def _key_of(event: StoredEvent) -> tuple[str, str, str] | None:

@@ -16,7 +16,6 @@ from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound, invalid_definition
 from whenthen.kernel.memo import ByDocument
 from whenthen.profiles import Emit
-from whenthen.profiles.tables import profiles as profiles_table
 from whenthen.scoring.model import (
     Crossing,
     Lifecycle,
@@ -218,8 +217,8 @@ def _store(
         next_decay_crossing(model, score, score.points),
         score.points,
     )
-    params = {"ws": ws, "pid": profile_id, "key": key, **{f"v_{c}": v for c, v in row._asdict().items()}}
-    del params["v_model_key"]
+    values = {f"v_{c}": v for c, v in row._asdict().items() if c != "model_key"}
+    params = {"ws": ws, "pid": profile_id, "key": key, **values}
     conn.execute(_UPDATE_SCORE if existed else _INSERT_SCORE, params)
     if held is not None:
         held.stored(ws, profile_id, key, row)
@@ -310,17 +309,10 @@ def on_event(
             stored.add(model.key)
             values[model.key] = new.points
         elif decayed and before is not None:
-            _rearm(conn, ws, profile_id, model, before, values[model.key])
+            due_at = _rearm(conn, ws, profile_id, model, before, values[model.key])
             if held is not None and row is not None:
-                held.stored(
-                    ws,
-                    profile_id,
-                    model.key,
-                    row._replace(
-                        decay_due_at=next_decay_crossing(model, before, values[model.key]),
-                        decay_from=values[model.key],
-                    ),
-                )
+                rearmed = row._replace(decay_due_at=due_at, decay_from=values[model.key])
+                held.stored(ws, profile_id, model.key, rearmed)
         crossings.extend((model.key, c) for c in (*decayed, *crossed))
     change = None
     if lifecycle is not None:
@@ -339,8 +331,10 @@ def on_event(
 
 def _rearm(
     conn: Connection, ws: str, profile_id: str, model: ScoringModel, score: Score, value: float
-) -> None:
-    """Count the next decay crossing from ``value`` (the thresholds up to it were announced)."""
+) -> datetime | None:
+    """Count the next decay crossing from ``value`` (the thresholds up to it were
+    announced); returns when that is (the timer written)."""
+    due_at = next_decay_crossing(model, score, value)
     conn.execute(
         update(profile_scores)
         .where(
@@ -348,8 +342,9 @@ def _rearm(
             profile_scores.c.profile_id == profile_id,
             profile_scores.c.model_key == model.key,
         )
-        .values(decay_due_at=next_decay_crossing(model, score, value), decay_from=value)
+        .values(decay_due_at=due_at, decay_from=value)
     )
+    return due_at
 
 
 def crossing_properties(model_key: str, crossing: Crossing) -> dict[str, Any]:
@@ -371,14 +366,6 @@ _DECAY_DUE = (
 )
 
 
-#: The people of due score timers that no other transaction holds, locked (PostgreSQL).
-_PROFILES_FREE = (
-    select(profiles_table.c.id)
-    .where(ids_in("postgresql", profiles_table.c.id, "pids"))
-    .with_for_update(skip_locked=True)
-)
-
-
 def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit: int = 500) -> int:
     """Announce the thresholds that decay alone carried scores across, for the scores whose
     timer is due, and set their next timer. Returns how many timers were handled."""
@@ -387,7 +374,7 @@ def fire_decay_timers(conn: Connection, now: datetime, announce: Emit, *, limit:
         # As the segment steps (ADR 0011): a person a pipeline batch holds is left due for
         # a later step (their event may be announcing this very crossing and re-arming
         # from rows it read ahead, ADR 0014); the step never waits for a lock.
-        free = set(conn.execute(_PROFILES_FREE, {"pids": sorted({row.profile_id for row in due})}).scalars())
+        free = profiles.lock_free(conn, sorted({row.profile_id for row in due}))
         due = [row for row in due if row.profile_id in free]
     by_ws: dict[str, dict[str, ScoringModel]] = {}
     for row in due:
