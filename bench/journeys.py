@@ -321,9 +321,14 @@ def machine_load(seconds: float = 1.0) -> float:
 # ---- the SMTP sink that timestamps arrivals ----------------------------------------------
 
 
+EHLO_REPLY = b"250-127.0.0.1\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 33554432\r\n"
+
+
 class _SinkSession(asyncio.Protocol):
     """One SMTP session of the sink: the commands a client sends for plain delivery
-    (RFC 5321: EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT), each answered at once;
+    (RFC 5321: EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT), each answered at once, and
+    PIPELINING offered as mail servers do (RFC 2920: the replies to the commands of one
+    read go back in one write);
     the message itself is only searched for the event id in its subject and timestamped
     when its final ``.`` line arrives, before the ``250`` reply.
 
@@ -358,7 +363,7 @@ class _SinkSession(asyncio.Protocol):
                 continue
             verb = line[:4].upper()
             if verb == b"EHLO":
-                replies.append(b"250-127.0.0.1\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 33554432\r\n")
+                replies.append(EHLO_REPLY)
             elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 replies.append(b"250 OK\r\n")
             elif verb == b"DATA":

@@ -106,3 +106,30 @@ def test_implicit_tls(certificate: tuple[Path, ssl.SSLContext]) -> None:
             s.close()
         assert delivery.accepted, delivery.detail
         assert len(sink.messages()) == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_many_messages_and_a_large_one_over_one_tls_session(
+    certificate: tuple[Path, ssl.SSLContext], pipelining: bool
+) -> None:
+    """After STARTTLS and AUTH the session's TLS transport carries this module's own
+    transactions (pipelined or not): several messages in turn, one of 3 MB (larger than
+    the transport's write buffer, so writing it waits for the socket)."""
+    ca, context = certificate
+    big = "x" * 76 + "\n"
+    with SmtpSink(
+        "localhost", starttls=context, credentials=("mailer", "s3cret"), pipelining=pipelining
+    ) as sink:
+        s = sender(sink, ca)
+        try:
+            batch = [message() for _ in range(5)]
+            batch[2].set_content(big * 40_000)  # ~3 MB
+            deliveries = s.send_many(batch)
+            again = s.send(message())
+        finally:
+            s.close()
+        assert all(d.accepted for d in deliveries), deliveries
+        assert again.accepted, again.detail
+        got = sink.messages()
+        assert len(got) == 6
+        assert big * 40_000 in [m.body().replace("\r\n", "\n") for m in got]

@@ -36,6 +36,16 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            # aiosmtpd reads one command at a time from its stream, so pipelined commands
+            # are answered in order: offer it, as mail servers do.
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.sink.refuse_with:
             return self.sink.refuse_with
@@ -61,9 +71,12 @@ class SmtpSink:
         starttls: ssl.SSLContext | None = None,
         implicit_tls: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
+        pipelining: bool = True,
     ) -> None:
         """``starttls``/``implicit_tls``: serve TLS with this context (STARTTLS required, or
-        TLS from the first byte); ``credentials``: require AUTH with this user and password."""
+        TLS from the first byte); ``credentials``: require AUTH with this user and password;
+        ``pipelining``: offer PIPELINING (RFC 2920) in the EHLO reply."""
+        self.pipelining = pipelining
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.refuse_with: str | None = None

@@ -1,4 +1,5 @@
-"""SMTP delivery with aiosmtplib (host, port, TLS, auth from settings).
+"""SMTP delivery: sessions opened with aiosmtplib (host, port, TLS, auth from settings),
+messages handed over by this module's own transaction code on the same connection.
 
 The dispatcher hands over ``Outgoing`` messages (``send_outgoing``): the envelope and the
 bytes written by ``whenthen.messaging.email.build_email``. An ``EmailMessage`` (``send``,
@@ -7,6 +8,16 @@ characters, and a header holding one long URL without spaces (``List-Unsubscribe
 only be folded by turning it into an RFC 2047 encoded word, which is not allowed in that
 header and which mail providers do not decode: one-click unsubscribe would silently break.
 Lines may be up to 998 characters (RFC 5322), so such headers are sent as they are.
+
+aiosmtplib connects, says EHLO, starts TLS and logs in; then the session's transport is
+handed to :class:`_Replies` and each message is one transaction written here (ADR 0015):
+with a server that offers PIPELINING (RFC 2920: Postfix, Exim, the large providers)
+``MAIL``, every ``RCPT`` and ``DATA`` go in one write and their replies are read
+together, then the content: two round trips a message instead of four. aiosmtplib allows
+one command in flight at a time, and its per-command work (a lock, a timeout task, a
+regular expression over the whole message) was ~0.3 ms of CPU a message here, about half
+the dispatcher's cost per email; this code does the same exchange in ~0.05 ms. Without
+PIPELINING the commands go one by one, as before.
 """
 
 from __future__ import annotations
@@ -15,10 +26,13 @@ import asyncio
 import contextlib
 import copy
 import email.policy
+import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, TypeVar
 
@@ -39,18 +53,270 @@ CONNECTIONS = 8
 IDLE_SECONDS = 30.0
 
 _NO_ENVELOPE = "a message needs a From address and at least one recipient"
+#: What may not appear in an address on a command line, outside a quoted local part
+#: (CR and LF would inject commands, spaces and brackets ESMTP parameters).
+_UNSAFE_IN_ADDRESS = re.compile(r"[\s<>\x00-\x1f\x7f]")
+_QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+#: A reply longer than this is not an SMTP server talking (RFC 5321 lines are 512 octets).
+_MAX_REPLY = 64 * 1024
+
+
+class SmtpDropped(ConnectionError):
+    """The server closed the session (or the connection broke)."""
+
+    #: The message's content had been written: the server may have accepted it.
+    content_sent = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class _Replies(asyncio.Protocol):
+    """The reading side of an open session: the server's replies, parsed as they arrive
+    (several at once when commands were pipelined), and the transport's flow control."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._buffer = bytearray()
+        self._lines: list[str] = []  # a multi-line reply's lines so far
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self._lost: BaseException | None = None
+        self._paused: asyncio.Future[None] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._lost is None and not self.transport.is_closing()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            line = bytes(buffer[start:end]).rstrip(b"\r")
+            start = end + 1
+            if len(line) < 3 or not line[:3].isdigit():
+                self._fail(SmtpDropped(f"not an SMTP reply: {line[:80]!r}"))
+                return
+            self._lines.append(line[4:].decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                self._replies.append(Reply(int(line[:3]), "\n".join(self._lines)))
+                self._lines = []
+        del buffer[:start]
+        if len(buffer) > _MAX_REPLY:
+            self._fail(SmtpDropped("reply too long"))
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(SmtpDropped("the server closed the session"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(SmtpDropped(f"connection lost: {exc}" if exc else "connection closed"))
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._paused is None or self._paused.done():
+            self._paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            self._lost = exc
+        if not self.transport.is_closing():
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (len(self._replies) >= self._wanted or self._lost):
+            waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if not self.open:
+            raise self._lost or SmtpDropped("the session is closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            await self._paused
+
+    async def read(self, n: int, seconds: float) -> list[Reply]:
+        """The next ``n`` replies, in order."""
+        if len(self._replies) < n:
+            if self._lost is not None:
+                raise self._lost
+            self._wanted = n
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(seconds):
+                    await self._waiter
+            finally:
+                self._waiter = None
+            if len(self._replies) < n:
+                raise self._lost or SmtpDropped("the session is closed")
+        return [self._replies.popleft() for _ in range(n)]
+
+
+class _Session:
+    """An open, logged-in SMTP session and what its server offers."""
+
+    def __init__(self, client: aiosmtplib.SMTP, timeout: float) -> None:
+        transport = client.transport
+        assert isinstance(transport, asyncio.Transport)
+        self.pipelining = client.supports_extension("pipelining")
+        self.smtputf8 = client.supports_extension("smtputf8")
+        self.size = client.supports_extension("size")
+        self.timeout = timeout
+        self.replies = _Replies(transport)
+        # From here on the connection's bytes come to this session, not to aiosmtplib.
+        transport.set_protocol(self.replies)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.replies.open
+
+    def close(self) -> None:
+        if not self.replies.transport.is_closing():
+            self.replies.transport.close()
+
+    async def quit(self) -> None:
+        self.replies.write(b"QUIT\r\n")
+        await self.replies.read(1, self.timeout)
+
+    async def transact(self, item: Outgoing) -> Delivery:
+        """One message: its envelope, then its content. A refusal is a ``Delivery``; a
+        broken session raises ``SmtpDropped`` (``content_sent`` once the content was
+        written) or ``TimeoutError``."""
+        sender, recipients, data, utf8 = item
+        if utf8 and not self.smtputf8:
+            return Delivery(
+                accepted=False,
+                detail="not supported by the server: SMTPUTF8 (a non-ASCII address)",
+                permanent=True,
+            )
+        data = _as_transmitted(data)
+        options = (f" SIZE={len(data)}" if self.size else "") + (" SMTPUTF8" if utf8 else "")
+        try:
+            envelope = [f"MAIL FROM:<{_address(sender)}>{options}".encode("utf-8" if utf8 else "ascii")]
+            envelope += [f"RCPT TO:<{_address(r)}>".encode("utf-8" if utf8 else "ascii") for r in recipients]
+        except ValueError as exc:  # UnicodeEncodeError too: a non-ASCII address without SMTPUTF8
+            return Delivery(accepted=False, detail=f"cannot send: {exc}", permanent=True)
+        envelope.append(b"DATA")
+        replies = await self._envelope(envelope)
+        mail, answers = replies[0], replies[1 : 1 + len(recipients)]
+        data_reply = replies[-1] if len(replies) == len(envelope) else None
+        refused = {r: a for r, a in zip(recipients, answers, strict=False) if not a.ok}
+        if not mail.ok:
+            refusal = Delivery(accepted=False, detail=str(mail), permanent=mail.code >= 500)
+        elif len(refused) == len(recipients):
+            refusal = Delivery(
+                accepted=False,
+                detail="recipient refused: " + "; ".join(str(a) for a in refused.values()),
+                permanent=all(a.code >= 500 for a in refused.values()),
+            )
+        elif data_reply is not None and data_reply.code != 354:
+            refusal = Delivery(accepted=False, detail=str(data_reply), permanent=data_reply.code >= 500)
+        else:
+            return await self._content(data, refused)
+        await self._close_envelope(mail.ok, data_reply is not None and data_reply.code == 354)
+        return refusal
+
+    async def _envelope(self, commands: list[bytes]) -> list[Reply]:
+        """MAIL, the RCPTs and DATA: in one write when the server pipelines, else one by
+        one, stopping at a refused MAIL or before DATA when every recipient was refused."""
+        if self.pipelining:
+            self.replies.write(b"".join(c + b"\r\n" for c in commands))
+            return await self.replies.read(len(commands), self.timeout)
+        replies: list[Reply] = []
+        for i, command in enumerate(commands):
+            if i == len(commands) - 1 and not any(r.ok for r in replies[1:]):
+                break  # no recipient: no DATA
+            self.replies.write(command + b"\r\n")
+            replies += await self.replies.read(1, self.timeout)
+            if i == 0 and not replies[0].ok:
+                break
+        return replies
+
+    async def _content(self, data: bytes, refused: dict[str, Reply]) -> Delivery:
+        try:
+            self.replies.write(data + b".\r\n")
+            await self.replies.drain()
+            [final] = await self.replies.read(1, self.timeout)
+        except SmtpDropped as exc:
+            exc.content_sent = True
+            raise
+        if not final.ok:
+            return Delivery(accepted=False, detail=str(final), permanent=final.code >= 500)
+        if refused:
+            # Sent to the others; the refused recipients are final (as aiosmtplib reports).
+            return Delivery(accepted=False, detail=f"refused: {refused}", permanent=True)
+        return Delivery(accepted=True, detail=final.text)
+
+    async def _close_envelope(self, mail_accepted: bool, content_started: bool) -> None:
+        """After a refused envelope: end content the server started anyway (empty), and
+        reset an open envelope so the next message starts clean. A session that breaks
+        here is closed; the refusal stands."""
+        try:
+            if content_started:
+                self.replies.write(b".\r\n")
+                await self.replies.read(1, self.timeout)
+            if mail_accepted:
+                self.replies.write(b"RSET\r\n")
+                await self.replies.read(1, self.timeout)
+        except (SmtpDropped, TimeoutError):
+            self.close()
+
+
+def _address(address: str) -> str:
+    """The address as it goes between ``<>``; refused when it could smuggle a parameter or
+    a command onto the line (as aiosmtplib's own check)."""
+    if _UNSAFE_IN_ADDRESS.search(_QUOTED_LOCAL_PART.sub("", address, count=1)):
+        raise ValueError(f"address {address!r} contains characters not permitted in an SMTP mailbox")
+    return address
+
+
+def _as_transmitted(data: bytes) -> bytes:
+    """The content as DATA carries it: CRLF line ends (lone CR or LF made CRLF), ending
+    with CRLF, lines starting with a dot doubled (RFC 5321 4.5.2)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = re.sub(rb"\r\n|\n|\r", b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data
 
 
 class SmtpSender:
-    """Sends messages over SMTP sessions that stay open between messages (MAIL, RCPT,
-    DATA per message; no connect, EHLO, STARTTLS, AUTH and QUIT each time), up to
+    """Sends messages over SMTP sessions that stay open between messages (a transaction
+    per message; no connect, EHLO, STARTTLS, AUTH and QUIT each time), up to
     ``connections`` of them at once, on an event loop owned by this sender (the
     dispatcher calls it from its worker thread).
 
     ``send_many`` sends a batch concurrently over the sessions; the messages to one
     recipient go over one session, in order. A session that fails is closed; a message
-    that fails on a reused session which the server had dropped is sent again once over a
-    new one (nothing was accepted)."""
+    whose session turns out to have been dropped by the server before it answered
+    anything of that message is sent again once over a new one (nothing was accepted)."""
 
     def __init__(
         self, settings: EmailSettings, *, connections: int = CONNECTIONS, idle_seconds: float = IDLE_SECONDS
@@ -63,7 +329,7 @@ class SmtpSender:
         self._loop = asyncio.new_event_loop()
         #: One caller at a time drives the loop (the dispatcher thread; tests' drain()).
         self._lock = threading.Lock()
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._idle: list[tuple[_Session, float]] = []
 
     def send(self, message: EmailMessage) -> Delivery:
         return self.send_many([message])[0]
@@ -105,49 +371,43 @@ class SmtpSender:
     async def _lane(
         self, lane: list[int], prepared: dict[int, Outgoing], results: list[Delivery | None]
     ) -> None:
-        client: aiosmtplib.SMTP | None = None
+        session: _Session | None = None
         try:
             for i in lane:
-                results[i], client = await self._one(client, prepared[i])
+                results[i], session = await self._one(session, prepared[i])
         finally:
-            if client is not None:
-                self._idle.append((client, time.monotonic()))
+            if session is not None:
+                self._idle.append((session, time.monotonic()))
 
-    async def _one(
-        self, client: aiosmtplib.SMTP | None, item: Outgoing
-    ) -> tuple[Delivery, aiosmtplib.SMTP | None]:
-        sender, recipients, data, utf8 = item
+    async def _one(self, session: _Session | None, item: Outgoing) -> tuple[Delivery, _Session | None]:
         for fresh_only in (False, True):
             reused = False
             try:
-                if client is None:
-                    client, reused = await self._acquire(fresh_only)
+                if session is None:
+                    session, reused = await self._acquire(fresh_only)
                 else:
                     reused = True
-                errors, response = await client.sendmail(
-                    sender, list(recipients), data, mail_options=["SMTPUTF8"] if utf8 else None
-                )
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                await self._discard(client)
-                client = None
-                if reused and not fresh_only:
-                    continue  # the server had closed the idle session: once more on a new one
+                return await session.transact(item), session
+            except (SmtpDropped, aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                self._discard(session)
+                session = None
+                if reused and not fresh_only and not getattr(exc, "content_sent", False):
+                    # The server had closed the idle session and has nothing of this
+                    # message: once more on a new one.
+                    continue
                 return _refusal(exc), None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                await self._discard(client)
+                self._discard(session)
                 return _refusal(exc), None
-            if errors:
-                return Delivery(accepted=False, detail=f"refused: {errors}", permanent=True), client
-            return Delivery(accepted=True, detail=response), client
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _acquire(self, fresh_only: bool) -> tuple[aiosmtplib.SMTP, bool]:
+    async def _acquire(self, fresh_only: bool) -> tuple[_Session, bool]:
         """An open session (``True``: reused) or a new one, connected and logged in."""
         while self._idle and not fresh_only:
-            client, since = self._idle.pop()
-            if client.is_connected and time.monotonic() - since < self.idle_seconds:
-                return client, True
-            await self._discard(client, quit=client.is_connected)
+            session, since = self._idle.pop()
+            if session.is_connected and time.monotonic() - since < self.idle_seconds:
+                return session, True
+            await self._quit(session)
         s = self.settings
         client = aiosmtplib.SMTP(
             hostname=s.smtp_host,
@@ -162,19 +422,28 @@ class SmtpSender:
             if s.smtp_username:
                 password = s.smtp_password.get_secret_value() if s.smtp_password else ""
                 await client.login(s.smtp_username, password)
+            if client.is_ehlo_or_helo_needed:
+                # What the server offers (PIPELINING, SMTPUTF8, SIZE) is in its EHLO reply.
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()  # a server without ESMTP
         except BaseException:
             # ``aiosmtplib.send`` leaves the connection open when AUTH fails: close it here.
-            await self._discard(client)
+            client.close()
             raise
-        return client, False
+        return _Session(client, s.smtp_timeout_seconds), False
 
-    async def _discard(self, client: aiosmtplib.SMTP | None, *, quit: bool = False) -> None:
-        if client is None:
-            return
-        if quit:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await client.quit()
-        client.close()
+    @staticmethod
+    def _discard(session: _Session | None) -> None:
+        if session is not None:
+            session.close()
+
+    async def _quit(self, session: _Session) -> None:
+        if session.is_connected:
+            with contextlib.suppress(SmtpDropped, ConnectionError, OSError, TimeoutError):
+                await session.quit()
+        session.close()
 
     def _run(self, session: Coroutine[Any, Any, T]) -> T:
         try:
@@ -192,8 +461,8 @@ class SmtpSender:
 
     async def _close_idle(self) -> None:
         idle, self._idle = self._idle, []
-        for client, _ in idle:
-            await self._discard(client, quit=client.is_connected)
+        for session, _ in idle:
+            await self._quit(session)
 
     def close(self) -> None:
         with self._lock:
@@ -204,15 +473,11 @@ class SmtpSender:
 
 
 def _refusal(exc: BaseException) -> Delivery:
-    """What a failed SMTP exchange means: permanent (5xx, unsupported) or temporary."""
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        # 4xx at RCPT (greylisting, mailbox busy) is temporary: only 5xx is final.
-        permanent = all(500 <= r.code < 600 for r in exc.recipients)
-        answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-        return Delivery(accepted=False, detail=f"recipient refused: {answers}", permanent=permanent)
+    """What a failed session means: permanent (5xx at connect or login, unsupported) or
+    temporary (a dropped connection, a timeout, a 4xx)."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return Delivery(accepted=False, detail=f"{exc.code} {exc.message}", permanent=500 <= exc.code < 600)
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):  # e.g. SMTPUTF8 needed, not offered
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return Delivery(accepted=False, detail=f"not supported by the server: {exc}", permanent=True)
     return Delivery(accepted=False, detail=f"{type(exc).__name__}: {exc}")
 
