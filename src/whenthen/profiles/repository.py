@@ -5,7 +5,22 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from whenthen.kernel.ids import ProfileId, WorkspaceId
 from whenthen.profiles.model import Identity, IdentityKind, Merge, Profile
@@ -18,7 +33,7 @@ from whenthen.profiles.tables import (
     profiles,
 )
 from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements
-from whenthen.storage.id_lists import ids_in, per_dialect
+from whenthen.storage.id_lists import array_param, ids_in, per_dialect
 from whenthen.storage.plans import tested_only
 
 
@@ -85,6 +100,8 @@ def by_identity(conn: Connection, workspace_id: str, kind: IdentityKind, value: 
 
 
 def _owners_read(dialect: str) -> DriverQuery:
+    if dialect == "postgresql":
+        return DriverQuery(_owners_read_postgresql())
     stmt = (
         select(identities.c.kind, identities.c.value, *_BY_IDENTITY.selected_columns)
         .join(profiles, identities.c.profile_id == profiles.c.id)
@@ -101,11 +118,42 @@ def _owners_read(dialect: str) -> DriverQuery:
                 ),
             ),
         )
-        # Locked in the order of their ids: two batches locking some of the same people
-        # take them in the same order.
         .order_by(profiles.c.id)
     )
-    return DriverQuery(stmt.with_for_update(of=profiles) if dialect == "postgresql" else stmt)
+    return DriverQuery(stmt)
+
+
+def _owners_read_postgresql() -> Select[Any]:
+    """Each (kind, value) looked up on its own through the identities' primary key (a
+    ``LATERAL`` subquery with ``LIMIT 1``, which the planner runs once per key), then
+    the profiles locked in the order of their ids: two batches locking some of the same
+    people take them in the same order.
+
+    Not ``kind = 'user_id' AND value = ANY(:uids) OR ...``: the planner's choice for that
+    depends on statistics, and with none (a fresh table, autovacuum not yet run) or with
+    a small table it scanned the workspace's every identity, comparing each with every id
+    of the batch (9-15 ms a batch of 100 events at 1,000 people, against ~0.3 ms)."""
+    keys = (
+        func.unnest(array_param("kinds"), array_param("values"))
+        .table_valued("kind", "value")
+        .render_derived("k")
+    )
+    owner = (
+        select(identities.c.profile_id)
+        .where(
+            identities.c.workspace_id == bindparam("ws"),
+            identities.c.kind == keys.c.kind,
+            identities.c.value == keys.c.value,
+        )
+        .limit(literal_column("1"))  # written out: the plan is made knowing it
+        .lateral("o")
+    )
+    return (
+        select(keys.c.kind, keys.c.value, *_BY_IDENTITY.selected_columns)
+        .select_from(keys.join(owner, true()).join(profiles, profiles.c.id == owner.c.profile_id))
+        .order_by(profiles.c.id)
+        .with_for_update(of=profiles)
+    )
 
 
 _OWNERS = per_dialect(_owners_read)
@@ -118,9 +166,14 @@ def by_identities(
     PostgreSQL in id order): the profile owning each id that has one, by (kind, value)."""
     if not user_ids and not anonymous_ids:
         return {}
-    rows = _OWNERS[conn.dialect.name].all(
-        conn, {"ws": workspace_id, "uids": list(user_ids), "aids": list(anonymous_ids)}
-    )
+    if conn.dialect.name == "postgresql":
+        kinds = [IdentityKind.USER_ID.value] * len(user_ids) + [IdentityKind.ANONYMOUS_ID.value] * len(
+            anonymous_ids
+        )
+        params: dict[str, Any] = {"ws": workspace_id, "kinds": kinds, "values": [*user_ids, *anonymous_ids]}
+    else:
+        params = {"ws": workspace_id, "uids": list(user_ids), "aids": list(anonymous_ids)}
+    rows = _OWNERS[conn.dialect.name].all(conn, params)
     return {(r[0], r[1]): _profile(_ProfileRow._make(r[2:])) for r in rows}
 
 
