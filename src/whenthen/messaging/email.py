@@ -107,7 +107,16 @@ class BuiltEmail:
         return parsed
 
 
+@lru_cache(maxsize=8)
+def _date(now: datetime) -> str:
+    """The Date header's value: a dispatcher batch builds all its messages at one ``now``."""
+    return format_datetime(now)
+
+
+@lru_cache(maxsize=256)
 def unsubscribe_url(a: Addressing) -> str:
+    """The message's one-click unsubscribe link (kept for the few calls that follow: the
+    template's ``unsubscribe_url``, the footer and ``List-Unsubscribe`` each ask)."""
     return a.link("unsubscribe")
 
 
@@ -207,7 +216,7 @@ def build_email(
         _address_header("From", sender, utf8),
         _address_header("To", recipient, utf8),
         _unstructured("Subject", _LINE_BREAKS.sub(" ", subject), utf8),
-        b"Date: %s\r\n" % (format_datetime(now) if now is not None else formatdate(localtime=False)).encode(),
+        b"Date: %s\r\n" % (_date(now) if now is not None else formatdate(localtime=False)).encode(),
         _message_id(f"<{a.message_id}@{_domain(sender)}>", utf8),
         _unstructured("X-Whenthen-Message-Id", a.message_id, utf8),
     ]

@@ -158,20 +158,29 @@ class _Replies(asyncio.Protocol):
             await self._paused
 
     async def read(self, n: int, seconds: float) -> list[Reply]:
-        """The next ``n`` replies, in order."""
+        """The next ``n`` replies, in order; ``TimeoutError`` when they do not all come
+        within ``seconds``. (A timer handle of the loop's own rather than
+        ``asyncio.timeout``, whose context and task bookkeeping cost more than the wait.)"""
         if len(self._replies) < n:
             if self._lost is not None:
                 raise self._lost
+            loop = asyncio.get_running_loop()
             self._wanted = n
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(seconds, _expire, waiter)
             try:
-                async with asyncio.timeout(seconds):
-                    await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
             if len(self._replies) < n:
                 raise self._lost or SmtpDropped("the session is closed")
         return [self._replies.popleft() for _ in range(n)]
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no reply from the SMTP server in time"))
 
 
 class _Session:
@@ -287,7 +296,8 @@ class _Session:
 def _address(address: str) -> str:
     """The address as it goes between ``<>``; refused when it could smuggle a parameter or
     a command onto the line (as aiosmtplib's own check)."""
-    if _UNSAFE_IN_ADDRESS.search(_QUOTED_LOCAL_PART.sub("", address, count=1)):
+    unquoted = _QUOTED_LOCAL_PART.sub("", address, count=1) if address.startswith('"') else address
+    if _UNSAFE_IN_ADDRESS.search(unquoted):
         raise ValueError(f"address {address!r} contains characters not permitted in an SMTP mailbox")
     return address
 
