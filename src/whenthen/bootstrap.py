@@ -79,7 +79,7 @@ def build(
     secret = settings.secret_key.get_secret_value().encode("utf-8")
     closers: list[Callable[[], None]] = []
     if email_sender is None and settings.email.smtp_host:
-        smtp = SmtpSender(settings.email)
+        smtp = SmtpSender(settings.email, connections=settings.email.smtp_connections)
         closers.append(smtp.close)
         email_sender = smtp
     if webhook_caller is None:

@@ -61,6 +61,10 @@ class EmailSettings(BaseModel):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_timeout_seconds: float = 10.0
+    #: SMTP sessions kept open and used at once by a dispatcher. Each message takes two
+    #: round trips to the server (one with PIPELINING for the envelope, one for the
+    #: content): over a network, more sessions carry more messages a second.
+    smtp_connections: int = Field(default=8, ge=1, le=64)
     #: A CA bundle (PEM) to verify the SMTP server's certificate with, e.g. a private CA.
     smtp_ca_file: str | None = None
     from_address: str = "whenthen <noreply@localhost>"

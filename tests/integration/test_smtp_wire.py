@@ -74,6 +74,24 @@ def test_a_message_without_an_envelope_is_refused_without_a_session() -> None:
         assert [m.recipients for m in sink.messages()] == [("bob@example.com",)]
 
 
+def test_the_number_of_sessions_comes_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch, db_url: str, clock: ManualClock
+) -> None:
+    monkeypatch.setenv("WHENTHEN_EMAIL__SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("WHENTHEN_EMAIL__SMTP_CONNECTIONS", "3")
+    settings = Settings(database_url=db_url, secret_key="s", demo_workspace=False)
+    c = build(settings, clock=clock)
+    try:
+        sender = c.dispatcher.handlers["email"].sender  # type: ignore[attr-defined]
+        assert isinstance(sender, SmtpSender)
+        assert sender.connections == 3
+    finally:
+        c.close()
+    monkeypatch.setenv("WHENTHEN_EMAIL__SMTP_CONNECTIONS", "0")
+    with pytest.raises(ValueError, match="smtp_connections"):
+        Settings(database_url=db_url, secret_key="s")
+
+
 class PortOnlySender:
     """A sender offering only the port (``send(EmailMessage)``), as a test double or
     another provider would."""
