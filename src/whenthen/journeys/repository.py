@@ -24,6 +24,7 @@ from whenthen.storage.driver import (
     statements,
     write_rows,
 )
+from whenthen.storage.plans import in_index_order
 
 
 def _locking(conn: Connection, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -344,9 +345,11 @@ _DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
 
 def due(conn: Connection, now: datetime, limit: int) -> list[Any]:
     """Active enrollments whose timer has fallen due, oldest first (the columns of
-    ``_DUE_COLUMNS``); locked, skipping rows another worker holds (PostgreSQL)."""
+    ``_DUE_COLUMNS``); locked, skipping rows another worker holds (PostgreSQL). Read in
+    ``ix_enrollments_due``'s order, stopping at ``limit`` however many are due."""
     stmt = _DUE_LOCKED if conn.dialect.name == "postgresql" else _DUE
-    return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
+    with in_index_order(conn):
+        return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
 
 
 _NEXT_WAKE = select(func.min(enrollments.c.wake_at)).where(

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from whenthen.messaging.tables import messages, outbox
 from whenthen.storage.driver import StoredValues, execute_each, json_dumps, statements, write_rows
+from whenthen.storage.plans import in_index_order
 
 # Statements run for every message and job are built once, with bind parameters: building
 # ``insert().values(**row)`` per call cost several times the statement (docs/benchmarks.md).
@@ -222,9 +223,15 @@ def enqueue_job(conn: Connection, ws: str, kind: str, payload: Mapping[str, Any]
 def claim(conn: Connection, now: datetime, *, limit: int, lease: timedelta) -> list[Any]:
     """Take up to ``limit`` ready jobs and hide them for ``lease`` while they run.
 
-    A job whose worker dies is retried when the lease ends (at-least-once)."""
+    A job whose worker dies is retried when the lease ends (at-least-once).
+
+    The first ready jobs are read in ``ix_outbox_ready``'s order and the read stops at
+    ``limit``, whatever the backlog (``in_index_order``): a PostgreSQL planner that takes
+    the outbox for small (no statistics yet, or from before a big send queued its jobs)
+    otherwise reads and sorts every ready job, 110 ms a claim at 200,000 of them."""
     stmt = _READY_LOCKED if conn.dialect.name == "postgresql" else _READY
-    rows = list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
+    with in_index_order(conn):
+        rows = list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
     if rows:
         conn.execute(_HIDE, {"b_ids": [r.id for r in rows], "b_until": now + lease})
     return rows

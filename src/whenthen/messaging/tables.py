@@ -45,9 +45,12 @@ outbox = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("done_at", UTCDateTime(), nullable=True),
+    # The claim's whole order: the first ready jobs are read in index order, whatever
+    # the backlog (migration 0010).
     Index(
         "ix_outbox_ready",
         "available_at",
+        "id",
         sqlite_where=text("done_at IS NULL"),
         postgresql_where=text("done_at IS NULL"),
     ),

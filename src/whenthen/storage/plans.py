@@ -1,4 +1,5 @@
-"""Steering SQLite's planner, which has no statistics.
+"""Steering the planners: SQLite's, which has no statistics, and PostgreSQL's, which
+may have none yet.
 
 SQLite prefers the index that matches the most equality terms of a WHERE clause, and a
 primary key that starts with ``workspace_id`` matches ``workspace_id = ?`` as well as a
@@ -6,13 +7,21 @@ person's index matches ``profile_id = ?``. Chosen wrongly, one person's rows are
 by walking every row of the workspace. Writing a term as ``+column`` (unary plus) is
 SQLite's documented way to keep it from being searched in an index; the row is still
 tested. PostgreSQL gets the plain column (its planner has statistics).
+
+PostgreSQL's statistics can be missing (a table nobody analysed yet) or old (taken
+before a big send queued its jobs). A queue read, "the first N due rows in the index's
+order", is then planned as "read every due row, sort, keep N": a cost that grows with
+the backlog. ``in_index_order`` plans such a read with sorting off, so the ordered index
+is walked and the read stops at N (ADR 0016).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import ColumnElement, String
+from sqlalchemy import ColumnElement, Connection, String
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import UnaryExpression
 
@@ -22,3 +31,19 @@ def tested_only(dialect_name: str, column: ColumnElement[Any]) -> ColumnElement[
     if dialect_name == "postgresql":
         return column
     return UnaryExpression(column, operator=operators.custom_op("+"), type_=String())
+
+
+@contextmanager
+def in_index_order(conn: Connection) -> Iterator[None]:
+    """The statements run inside are planned without a sort step on PostgreSQL (a
+    ``SET LOCAL`` for their transaction, set back on leaving); nothing on SQLite.
+
+    Only for reads whose ORDER BY an index gives: the planner then walks that index."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.exec_driver_sql("SET LOCAL enable_sort = off")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("SET LOCAL enable_sort = on")

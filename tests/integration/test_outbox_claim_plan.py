@@ -1,0 +1,83 @@
+"""A claim of ready outbox jobs reads the first ones in the ready index's order and
+stops, however long the backlog (a big send queues a job per person): no sort of every
+ready job, on SQLite and PostgreSQL, with and without the planner's statistics
+(migration 0010; on ``available_at`` alone PostgreSQL sorted the whole backlog)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, text
+
+from tests.support.plans import Statements, sqlite_plan
+from whenthen.messaging import service
+from whenthen.storage import Database
+
+NOW = datetime(2026, 12, 7, 9, tzinfo=UTC)
+BACKLOG = 20_000
+LIMIT = 200
+
+
+def _fill(conn: Connection) -> None:
+    """BACKLOG ready jobs over the hour before NOW, four at each second (the id breaks
+    the ties), one done and one not yet available."""
+    conn.execute(
+        text(
+            "INSERT INTO outbox (workspace_id, kind, payload, available_at, attempts, created_at, done_at) "
+            "VALUES ('ws', 'email', '{}', :at, 0, :at, :done)"
+        ),
+        [{"at": NOW - timedelta(seconds=3600 - i // 4), "done": None} for i in range(BACKLOG)]
+        + [
+            {"at": NOW - timedelta(hours=2), "done": NOW},
+            {"at": NOW + timedelta(hours=1), "done": None},
+        ],
+    )
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
+
+
+@pytest.mark.parametrize("analysed", [False, True])
+def test_a_claim_reads_the_first_ready_jobs_in_index_order(db: Database, analysed: bool) -> None:
+    with db.write() as conn:
+        _fill(conn)
+        if analysed:
+            conn.exec_driver_sql("ANALYZE")
+        expected = [
+            r[0]
+            for r in conn.execute(
+                text(
+                    "SELECT id FROM outbox WHERE done_at IS NULL AND available_at <= :now "
+                    "ORDER BY available_at, id LIMIT :n"
+                ),
+                {"now": NOW, "n": LIMIT},
+            )
+        ]
+    with db.write() as conn, Statements(conn) as seen:
+        claimed = service.claim(conn, NOW, limit=LIMIT, lease=timedelta(minutes=5))
+    assert [job.id for job in claimed] == expected
+    # The claim's statements again, in one transaction, the read explained.
+    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith("SELECT")]
+    # The settings sent before the read (the one after sets back).
+    before = [q for q, _ in seen.seen[: [q for q, _ in seen.seen].index(read)]]
+    settings = [q for q in before if q.lstrip().startswith("SET")]
+    with db.write() as conn:
+        if db.engine.dialect.name == "sqlite":
+            steps = sqlite_plan(conn, read, parameters)
+            assert any("ix_outbox_ready" in s for s in steps), steps
+            assert not any("TEMP B-TREE" in s for s in steps), steps
+            return
+        for setting in settings:
+            conn.exec_driver_sql(setting)
+        [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
+    nodes = _nodes(doc[0]["Plan"])
+    assert not [n for n in nodes if "Sort" in n["Node Type"]], nodes
+    [scan] = [n for n in nodes if n.get("Relation Name") == "outbox"]
+    assert scan["Node Type"] == "Index Scan", scan
+    assert scan["Index Name"] == "ix_outbox_ready", scan
+    # The claim stops after its LIMIT ready jobs (the first LIMIT are claimed by now, so
+    # the next LIMIT): it never reads the backlog.
+    assert scan["Actual Rows"] <= 2 * LIMIT, scan
