@@ -72,7 +72,11 @@ def build(
     """Wire everything. ``email_sender`` and ``webhook_caller`` override the adapters the
     settings choose (tests and demos use this, never patching)."""
     clock = clock or SystemClock()
-    db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    db = Database(
+        settings.database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        background_checkpoints=True,
+    )
     install_sqlite_functions(db.engine)  # segments need power() on SQLite builds without math
     if migrate:
         upgrade(db)

@@ -13,7 +13,8 @@ a separate ``worker``). SQLite's busy handler polls with sleeps of 1 to 100 ms, 
 processes that met there lost most of their time asleep; a waiter on ``flock`` wakes as the
 lock is released. A writer that does not take the ``flock`` (the ``sqlite3`` shell, say)
 still meets the others in the busy handler, as before
-(docs/adr/0006-sqlite-writers-and-driver-level-append.md).
+(docs/adr/0006-sqlite-writers-and-driver-level-append.md). In the long-running processes
+WAL checkpoints run on a thread of their own, not inside a writer's commit (ADR 0017).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, exc
+
+from whenthen.storage.checkpoint import BACKSTOP_PAGES, WalCheckpointer
 
 
 class Dialect(enum.StrEnum):
@@ -95,8 +98,19 @@ class WriterQueue:
 class Database:
     """Owns the engine; hands out transactions."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        sqlite_synchronous: str = "FULL",
+        background_checkpoints: bool = False,
+    ) -> None:
+        """``background_checkpoints`` (SQLite): WAL checkpoints run on a thread of this
+        object's, not in the commits of its writers (``storage.checkpoint``, ADR 0017);
+        the long-running processes ask for it (``bootstrap.build``)."""
         self.url = _normalise_url(url)
+        self._checkpointer: WalCheckpointer | None = None
         kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
         if self.url.startswith("sqlite"):
             self.dialect = Dialect.SQLITE
@@ -116,9 +130,17 @@ class Database:
         self._lock_fd: int | None = None
         self._lock_pid = 0
         if self.dialect is Dialect.SQLITE:
-            _configure_sqlite(self.engine, sqlite_synchronous)
-            database = self.engine.url.database or ""
-            self._lock_path = os.path.abspath(database) + ".writer-lock"
+            database = os.path.abspath(self.engine.url.database or "")
+            if background_checkpoints:
+                self._checkpointer = WalCheckpointer(database, synchronous=sqlite_synchronous)
+            _configure_sqlite(
+                self.engine,
+                sqlite_synchronous,
+                autocheckpoint=BACKSTOP_PAGES if background_checkpoints else None,
+            )
+            self._lock_path = database + ".writer-lock"
+            if self._checkpointer is not None:
+                self._checkpointer.start()
 
     @contextmanager
     def _writer_file(self) -> Iterator[None]:
@@ -166,7 +188,14 @@ class Database:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """The thread running this database's WAL checkpoints, if it has one."""
+        return self._checkpointer
+
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)
@@ -210,7 +239,7 @@ def ping(engine: Engine, dbapi_conn: Any) -> bool:
         return False
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, *, autocheckpoint: int | None) -> None:
     if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"invalid sqlite synchronous mode: {synchronous}")
 
@@ -223,6 +252,8 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        if autocheckpoint is not None:
+            cur.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
         cur.close()
 
     @event.listens_for(engine, "begin")
