@@ -30,7 +30,9 @@ Part 1, delivery ("event to email handed to the SMTP server"). For each database
    Then it waits up to ``--drain`` seconds for the remaining emails. It prints p50, p95,
    p99 and max, the emails/s achieved, the backlog (events sent but not yet emailed) over
    time and where it sits (pending events, open outbox jobs). An email that did not
-   arrive within the wait counts as an infinite latency.
+   arrive within the wait counts as an infinite latency. The stages line splits each
+   email's latency at the event's ``received_at`` and its message's ``created_at``
+   (API; pipeline; dispatcher + SMTP: see ``_stages``).
 
 Part 2, timers ("one million waiting enrollments"). In this process, per database:
 
@@ -120,9 +122,10 @@ from whenthen.journeys.tables import enrollment_journal, enrollments
 from whenthen.journeys.tasks import TimerStep, fire_timers, seconds_to_next_timer
 from whenthen.kernel.clock import SystemClock
 from whenthen.kernel.ids import new_secret
-from whenthen.messaging.tables import outbox
+from whenthen.messaging.tables import messages, outbox
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
+from whenthen.tracking.tables import events
 from whenthen.worker.heap import freeze_start_up_heap
 
 T = TypeVar("T")
@@ -529,6 +532,8 @@ class DeliveryPhase:
     backlog_series: list[tuple[float, int]]  # (seconds since start, sent - emailed)
     cpu: Cpu
     duplicates: int = 0
+    #: Where the time went, per stage: name -> (p50, p99) seconds (``_stages``).
+    stages: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -726,6 +731,7 @@ async def delivery_phase(
             arrivals.append(arrival)
     window = max(schedule_end, sent.end) - sent.start
     span = (max(arrivals) - sent.start) if arrivals else 0.0
+    stages = await asyncio.to_thread(_stages, db, sent, sink)
     return DeliveryPhase(
         name=prefix,
         rate=rate,
@@ -749,7 +755,44 @@ async def delivery_phase(
         backlog_series=series,
         cpu=cpu,
         duplicates=sink.duplicates,
+        stages=stages,
     )
+
+
+def _stages(db: Database, sent: Sent, sink: TimedSink) -> dict[str, tuple[float, float]]:
+    """p50 and p99 of each stage an event's email went through, from the database's
+    timestamps (the server's wall clock, turned into this process's ``perf_counter``,
+    which the sink's arrivals share): the scheduled send to the event stored by the API
+    (``events.received_at``), to its message made by the pipeline (``messages.created_at``:
+    the pipeline's clock when it made the message, before its batch committed), to the
+    email's arrival at the SMTP sink. So "dispatcher + SMTP" holds the rest of the
+    pipeline's batch and its commit, the wait for the dispatcher, and the sending."""
+    offset = time.time() - time.perf_counter()
+    ids = list(sent.acked)
+    stored: dict[str, float] = {}
+    queued: dict[str, float] = {}
+    with db.read() as conn:
+        for lo in range(0, len(ids), 1_000):
+            chunk = ids[lo : lo + 1_000]
+            for message_id, at in conn.execute(
+                select(events.c.message_id, events.c.received_at).where(events.c.message_id.in_(chunk))
+            ):
+                stored[message_id] = at.timestamp() - offset
+            for subject, at in conn.execute(
+                select(messages.c.subject, messages.c.created_at).where(
+                    messages.c.subject.in_([f"Ping {e}" for e in chunk])
+                )
+            ):
+                queued[subject.removeprefix("Ping ")] = at.timestamp() - offset
+    spans: dict[str, list[float]] = {"API": [], "pipeline": [], "dispatcher + SMTP": []}
+    for event_id in ids:
+        arrival = sink.arrival(event_id)
+        if event_id not in stored or event_id not in queued or arrival is None:
+            continue
+        spans["API"].append(stored[event_id] - sent.due[event_id])
+        spans["pipeline"].append(queued[event_id] - stored[event_id])
+        spans["dispatcher + SMTP"].append(arrival - queued[event_id])
+    return {name: (percentile(v, 50), percentile(v, 99)) for name, v in spans.items() if v}
 
 
 def _describe_phase(p: DeliveryPhase) -> str:
@@ -764,7 +807,14 @@ def _describe_phase(p: DeliveryPhase) -> str:
         f"    {p.acked:,}/{p.scheduled:,} events acknowledged (errors: {errors}; ack p99 {_ms(p.ack_p99)}), "
         f"{p.emailed:,} emails arrived\n"
         f"    event -> SMTP: p50 {_ms(p.p50)}, p95 {_ms(p.p95)}, p99 {_ms(p.p99)}, max {_ms(p.max)}\n"
-        f"    emails/s while sending {p.emails_per_second_during:,.0f} (offered {p.rate:,.0f}/s), "
+        + (
+            "    stages (p50 / p99): "
+            + "; ".join(f"{name} {_ms(a)} / {_ms(b)}" for name, (a, b) in p.stages.items())
+            + "\n"
+            if p.stages
+            else ""
+        )
+        + f"    emails/s while sending {p.emails_per_second_during:,.0f} (offered {p.rate:,.0f}/s), "
         f"overall {p.emails_per_second_overall:,.0f}/s; {drained}\n"
         f"    backlog when the schedule ended: {p.backlog_at_end:,} events without email "
         f"({p.pending_events_at_end:,} not yet through the pipeline, "
