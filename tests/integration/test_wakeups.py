@@ -119,10 +119,25 @@ def test_sqlite_sockets_are_private_removed_on_close_and_stale_ones_cleaned(tmp_
         ringer.ring(Topic.EVENTS)
         assert heard.rung.wait(10)
         assert until(lambda: not stale.exists())
+        # The folder stays while another process's socket is in it.
+        other = SocketWakeups(folder)
+        other.listen(Topic.OUTBOX, Counter())
+        listener.close()
+        assert [p.name for p in folder.iterdir()][0].startswith("outbox-")
+        other.close()
     finally:
         listener.close()
         ringer.close()
-    assert list(folder.iterdir()) == []
+    # Gone with the last socket.
+    assert not folder.exists()
+    # And made again by the next listener.
+    again = SocketWakeups(folder)
+    try:
+        again.listen(Topic.OUTBOX, Counter())
+        assert folder.exists()
+    finally:
+        again.close()
+    assert not folder.exists()
 
 
 @pytest.fixture

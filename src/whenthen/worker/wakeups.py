@@ -189,12 +189,21 @@ class SocketWakeups:
                     raise
 
     def listen(self, topic: Topic, on_ring: Callable[[], None]) -> None:
-        self.folder.mkdir(mode=0o700, exist_ok=True)
         path = self.folder / f"{topic.value}-{os.getpid()}-{len(self._listeners)}.sock"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a stale file of a reused pid
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(path))
+        for attempt in range(3):
+            self.folder.mkdir(mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale file of a reused pid
+            try:
+                sock.bind(str(path))
+                break
+            except FileNotFoundError:
+                # The last listener of another process removed the empty folder between
+                # our mkdir and bind (``close``): make it again.
+                if attempt == 2:
+                    sock.close()
+                    raise
         sock.settimeout(0.5)
         thread = threading.Thread(
             target=self._receive, args=(sock, on_ring), name=f"whenthen-wake-{topic.value}", daemon=True
@@ -229,6 +238,10 @@ class SocketWakeups:
         if self._out is not None:
             self._out.close()
             self._out = None
+        # The folder goes with its last socket (a test run or a bench makes one per
+        # database file); one that still holds another process's socket stays.
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
 
 
 # ---- PostgreSQL: LISTEN / NOTIFY ---------------------------------------------------------
