@@ -123,7 +123,8 @@ def test_sqlite_sockets_are_private_removed_on_close_and_stale_ones_cleaned(tmp_
         other = SocketWakeups(folder)
         other.listen(Topic.OUTBOX, Counter())
         listener.close()
-        assert [p.name for p in folder.iterdir()][0].startswith("outbox-")
+        [left] = [p.name for p in folder.iterdir()]
+        assert left.startswith("outbox-")
         other.close()
     finally:
         listener.close()
