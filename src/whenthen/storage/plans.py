@@ -36,14 +36,16 @@ def tested_only(dialect_name: str, column: ColumnElement[Any]) -> ColumnElement[
 @contextmanager
 def in_index_order(conn: Connection) -> Iterator[None]:
     """The statements run inside are planned without a sort step on PostgreSQL (a
-    ``SET LOCAL`` for their transaction, set back on leaving); nothing on SQLite.
+    ``SET LOCAL`` for their transaction, back to the server's setting on leaving);
+    nothing on SQLite.
 
-    Only for reads whose ORDER BY an index gives: the planner then walks that index."""
+    Only for reads whose ORDER BY an index gives: the planner then walks that index.
+    When the body raises, the setting is left as it is: the transaction is failed (a
+    statement on it would only raise again and hide the first error) and its rollback
+    undoes a ``SET LOCAL``."""
     if conn.dialect.name != "postgresql":
         yield
         return
     conn.exec_driver_sql("SET LOCAL enable_sort = off")
-    try:
-        yield
-    finally:
-        conn.exec_driver_sql("SET LOCAL enable_sort = on")
+    yield
+    conn.exec_driver_sql("SET LOCAL enable_sort TO DEFAULT")
