@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.support.processes import free_port
+from whenthen.worker import wakeups
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -34,6 +35,7 @@ def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path
         text=True,
     )
     output = ""
+    rest = ""
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -77,5 +79,12 @@ def test_serve_creates_demo_workspace_and_processes_events(db_url: str, tmp_path
             proc.kill()
             proc.wait()
         if proc.stdout is not None:
+            rest = proc.stdout.read()
             proc.stdout.close()
+    # Stopped by SIGTERM, the processes closed their containers: no traceback, and on
+    # SQLite no wake-up socket (nor their folder) left behind.
+    assert "Traceback" not in rest, rest
+    if db_url.startswith("sqlite"):
+        database = db_url.removeprefix("sqlite:///")
+        assert not wakeups.socket_folder(os.path.abspath(database)).exists(), output + rest
     assert proc.returncode is not None

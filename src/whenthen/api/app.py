@@ -26,7 +26,7 @@ from whenthen.api.responses import JSONBody
 from whenthen.bootstrap import Container
 
 
-def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
+def create_app(c: Container, *, run_worker: bool | None = None, owns_container: bool = False) -> FastAPI:
     """Build the app. With ``run_worker`` (default: the settings' ``embedded_worker``) the
     pipeline worker runs in a thread of this process for the app's lifetime."""
     embedded = c.settings.server.embedded_worker if run_worker is None else run_worker
@@ -43,6 +43,10 @@ def create_app(c: Container, *, run_worker: bool | None = None) -> FastAPI:
             await run_in_threadpool(single_calls.stop)
             if embedded:
                 await run_in_threadpool(c.worker.stop)
+            if owns_container:
+                # Its wake-up sockets, checkpoint thread and connections: the server
+                # process ends by the signal that stopped it, with no other chance.
+                await run_in_threadpool(c.close)
 
     app = FastAPI(
         title="whenthen",
@@ -90,4 +94,4 @@ def create_app_from_environment() -> FastAPI:
     from whenthen.bootstrap import build
     from whenthen.settings import load_settings
 
-    return create_app(build(load_settings(), migrate=False))
+    return create_app(build(load_settings(), migrate=False), owns_container=True)

@@ -110,7 +110,15 @@ def _serve(
         return
     app_ = create_app(c, run_worker=not no_worker)
     freeze_start_up_heap()
+    # uvicorn stops on SIGTERM, puts back the handler it found and raises the signal
+    # again: with the default handler the process would die there, before ``serve``
+    # closes the container (wake-up sockets, the checkpoint thread, connections).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=access_log)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command()
