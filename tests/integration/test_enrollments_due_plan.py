@@ -6,12 +6,11 @@ PostgreSQL planner with no statistics read every due enrollment and sorted them.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import Connection, text
 
-from tests.support.plans import Statements, sqlite_plan
+from tests.support.plans import Statements, assert_walks_index
 from whenthen.journeys import repository
 from whenthen.storage import Database
 
@@ -41,10 +40,6 @@ def _fill(conn: Connection) -> None:
     )
 
 
-def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [plan] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
-
-
 @pytest.mark.parametrize("analysed", [False, True])
 def test_the_due_read_walks_the_timer_index_and_stops_at_its_limit(db: Database, analysed: bool) -> None:
     with db.write() as conn:
@@ -57,22 +52,4 @@ def test_the_due_read_walks_the_timer_index_and_stops_at_its_limit(db: Database,
             # The rest of the transaction is planned as before.
             assert conn.exec_driver_sql("SHOW enable_sort").scalar() == "on"
     assert [row.id for row in due] == [f"en{i:06d}" for i in range(LIMIT)]
-    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith("SELECT")]
-    # The settings sent before the read (the one after sets back).
-    before = [q for q, _ in seen.seen[: [q for q, _ in seen.seen].index(read)]]
-    settings = [q for q in before if q.lstrip().startswith("SET")]
-    with db.write() as conn:
-        if db.engine.dialect.name == "sqlite":
-            steps = sqlite_plan(conn, read, parameters)
-            assert any("ix_enrollments_due" in s for s in steps), steps
-            assert not any("TEMP B-TREE" in s for s in steps), steps
-            return
-        for setting in settings:
-            conn.exec_driver_sql(setting)
-        [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
-    nodes = _nodes(doc[0]["Plan"])
-    assert not [n for n in nodes if "Sort" in n["Node Type"]], nodes
-    [scan] = [n for n in nodes if n.get("Relation Name") == "enrollments"]
-    assert scan["Node Type"] == "Index Scan", scan
-    assert scan["Index Name"] == "ix_enrollments_due", scan
-    assert scan["Actual Rows"] <= 2 * LIMIT, scan
+    assert_walks_index(db, seen, table="enrollments", index="ix_enrollments_due", limit=LIMIT)

@@ -6,12 +6,11 @@ ready job, on SQLite and PostgreSQL, with and without the planner's statistics
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import Connection, text
 
-from tests.support.plans import Statements, sqlite_plan
+from tests.support.plans import Statements, assert_walks_index
 from whenthen.messaging import service
 from whenthen.storage import Database
 
@@ -36,10 +35,6 @@ def _fill(conn: Connection) -> None:
     )
 
 
-def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [plan] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
-
-
 @pytest.mark.parametrize("analysed", [False, True])
 def test_a_claim_reads_the_first_ready_jobs_in_index_order(db: Database, analysed: bool) -> None:
     with db.write() as conn:
@@ -60,24 +55,4 @@ def test_a_claim_reads_the_first_ready_jobs_in_index_order(db: Database, analyse
         claimed = service.claim(conn, NOW, limit=LIMIT, lease=timedelta(minutes=5))
     assert [job.id for job in claimed] == expected
     # The claim's statements again, in one transaction, the read explained.
-    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith("SELECT")]
-    # The settings sent before the read (the one after sets back).
-    before = [q for q, _ in seen.seen[: [q for q, _ in seen.seen].index(read)]]
-    settings = [q for q in before if q.lstrip().startswith("SET")]
-    with db.write() as conn:
-        if db.engine.dialect.name == "sqlite":
-            steps = sqlite_plan(conn, read, parameters)
-            assert any("ix_outbox_ready" in s for s in steps), steps
-            assert not any("TEMP B-TREE" in s for s in steps), steps
-            return
-        for setting in settings:
-            conn.exec_driver_sql(setting)
-        [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
-    nodes = _nodes(doc[0]["Plan"])
-    assert not [n for n in nodes if "Sort" in n["Node Type"]], nodes
-    [scan] = [n for n in nodes if n.get("Relation Name") == "outbox"]
-    assert scan["Node Type"] == "Index Scan", scan
-    assert scan["Index Name"] == "ix_outbox_ready", scan
-    # The claim stops after its LIMIT ready jobs (the first LIMIT are claimed by now, so
-    # the next LIMIT): it never reads the backlog.
-    assert scan["Actual Rows"] <= 2 * LIMIT, scan
+    assert_walks_index(db, seen, table="outbox", index="ix_outbox_ready", limit=LIMIT)

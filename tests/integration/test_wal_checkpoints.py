@@ -8,11 +8,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import text
 
+from tests.support.processes import eventually
 from whenthen.storage import Database
 from whenthen.storage.checkpoint import BACKSTOP_PAGES, WalCheckpointer
 
@@ -27,15 +27,6 @@ def _fill(db: Database, first: int = 0) -> None:
             text("INSERT INTO pad (id, body) VALUES (:id, :body)"),
             [{"id": first + i, "body": BLOB} for i in range(ROWS)],
         )
-
-
-def _eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)
-    return check()
 
 
 def _autocheckpoint(db: Database) -> int:
@@ -65,15 +56,15 @@ def test_with_a_checkpointer_the_thread_copies_the_log_and_stops_with_the_databa
         assert checkpointer.alive
         assert _autocheckpoint(db) == BACKSTOP_PAGES
         _fill(db)
-        assert _eventually(lambda: path.stat().st_size > ROWS * 3_000)
+        eventually(lambda: path.stat().st_size > ROWS * 3_000)
 
         def copied_all() -> bool:
             last = checkpointer.last
             return last is not None and last[1] >= ROWS and last[1] == last[2]
 
-        assert _eventually(copied_all)
+        eventually(copied_all)
         _fill(db, first=ROWS)
-        assert _eventually(lambda: path.stat().st_size > 2 * ROWS * 3_000)
+        eventually(lambda: path.stat().st_size > 2 * ROWS * 3_000)
         # The log restarts from its beginning once copied: it does not hold both fills.
         assert os.path.getsize(f"{path}-wal") < 2 * ROWS * 4_096
         with db.read() as conn:
@@ -97,8 +88,8 @@ def test_the_writers_commits_leave_the_copy_to_the_thread(tmp_path: Path) -> Non
         checkpointer = WalCheckpointer(str(path), synchronous="FULL", interval=0.01)
         checkpointer.start()
         try:
-            assert _eventually(lambda: path.stat().st_size > ROWS * 3_000)
-            assert _eventually(lambda: checkpointer.checkpoints >= 1)
+            eventually(lambda: path.stat().st_size > ROWS * 3_000)
+            eventually(lambda: checkpointer.checkpoints >= 1)
         finally:
             checkpointer.stop()
     finally:
@@ -119,7 +110,7 @@ def test_a_checkpointer_waits_for_its_database_file_and_never_creates_it(tmp_pat
             _fill(db)
         finally:
             db.dispose()
-        assert _eventually(lambda: checkpointer.checkpoints > 0)
+        eventually(lambda: checkpointer.checkpoints > 0)
     finally:
         checkpointer.stop()
 
@@ -148,7 +139,7 @@ def test_several_checkpointers_on_one_database_while_it_is_written(tmp_path: Pat
         for t in threads:
             t.join()
         assert errors == []
-        assert _eventually(lambda: path.stat().st_size > 10 * ROWS * 3_000)
+        eventually(lambda: path.stat().st_size > 10 * ROWS * 3_000)
         assert first.checkpointer is not None
         assert second.checkpointer is not None
         assert first.checkpointer.checkpoints > 0

@@ -32,3 +32,32 @@ class Statements:
 def sqlite_plan(conn: Connection, statement: str, parameters: Any) -> list[str]:
     """The steps of SQLite's ``EXPLAIN QUERY PLAN`` for a captured statement."""
     return [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+
+
+def assert_walks_index(db: Any, seen: Statements, *, table: str, index: str, limit: int) -> None:
+    """The one ``SELECT`` captured in ``seen`` (a queue read) reads ``table`` through
+    ``index`` in its order, with no sort step, and (PostgreSQL, run again under
+    ``EXPLAIN ANALYZE`` after the settings sent before it) reads at most twice ``limit``
+    rows however many qualify."""
+    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith("SELECT")]
+    before = [q for q, _ in seen.seen[: [q for q, _ in seen.seen].index(read)]]
+    settings = [q for q in before if q.lstrip().startswith("SET")]
+    with db.write() as conn:
+        if conn.dialect.name == "sqlite":
+            steps = sqlite_plan(conn, read, parameters)
+            assert any(index in s for s in steps), steps
+            assert not any("TEMP B-TREE" in s for s in steps), steps
+            return
+        for setting in settings:
+            conn.exec_driver_sql(setting)
+        [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
+    nodes = _nodes(doc[0]["Plan"])
+    assert not [n for n in nodes if "Sort" in n["Node Type"]], nodes
+    [scan] = [n for n in nodes if n.get("Relation Name") == table]
+    assert scan["Node Type"] == "Index Scan", scan
+    assert scan["Index Name"] == index, scan
+    assert scan["Actual Rows"] <= 2 * limit, scan
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
