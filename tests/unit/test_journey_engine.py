@@ -87,6 +87,7 @@ def test_abandoned_cart_reminder_when_no_checkout() -> None:
     [send] = t.effects
     assert isinstance(send, SendEmail)
     assert send.idempotency_key == "e1:remind:2"
+    assert send.message_id == message_id_for("e1:remind:2")
     assert t.state.context["last_message"] == message_id_for("e1:remind:2")
 
 
@@ -419,6 +420,9 @@ def test_engine_invariants(d: JourneyDefinition, steps: list[tuple[int, str]], x
             if isinstance(e, SendEmail | CallWebhook):
                 assert e.idempotency_key not in keys  # at most one send per key
                 keys.add(e.idempotency_key)
+            if isinstance(e, SendEmail):
+                # The message it queues is named by its key, whatever the path.
+                assert e.message_id == message_id_for(e.idempotency_key)
         waits = [j for j in tr.journal if j.kind == "waiting"]
         for w in waits:
             assert datetime.fromisoformat(w.detail["until"]) > w.at

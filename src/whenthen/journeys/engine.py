@@ -168,10 +168,16 @@ def _split(run: _Run, node_id: str, node: SplitNode) -> Outcome:
 
 def _send_email(run: _Run, node_id: str, node: SendEmailNode) -> Outcome:
     key = run.key(node_id)
-    run.effects.append(
-        SendEmail(node=node_id, idempotency_key=key, email=node.email, marketing=node.marketing)
-    )
     message_id = message_id_for(key)
+    run.effects.append(
+        SendEmail(
+            node=node_id,
+            idempotency_key=key,
+            email=node.email,
+            marketing=node.marketing,
+            message_id=message_id,
+        )
+    )
     messages = run.messages()
     messages[node_id] = message_id
     run.context["messages"] = messages

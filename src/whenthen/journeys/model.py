@@ -81,6 +81,8 @@ class SendEmail:
     idempotency_key: str
     email: EmailTemplate
     marketing: bool
+    #: The message it queues (``engine.message_id_for(idempotency_key)``), derived once.
+    message_id: str
 
 
 @dataclass(frozen=True, slots=True)

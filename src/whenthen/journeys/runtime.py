@@ -286,7 +286,9 @@ def _queued(
     return messaging.Queued(
         ws=ws,
         channel=channel,
-        message_id=message_id_for(effect.idempotency_key),
+        message_id=effect.message_id
+        if isinstance(effect, SendEmail)
+        else message_id_for(effect.idempotency_key),
         idempotency_key=effect.idempotency_key,
         profile_id=profile_id,
         journey_id=journey.id,

@@ -29,7 +29,7 @@ from whenthen.journeys.definition import (
     JourneyDefinition,
     TraitChangeTrigger,
 )
-from whenthen.journeys.engine import advance, message_id_for, start
+from whenthen.journeys.engine import advance, start
 from whenthen.journeys.matching import event_matches, holds
 from whenthen.journeys.model import (
     CallWebhook,
@@ -195,7 +195,7 @@ class Simulator:
                 "would_send_email",
                 effect.node,
                 subject=self._subject(effect, person, state),
-                message_id=message_id_for(effect.idempotency_key),
+                message_id=effect.message_id,
             )
         elif isinstance(effect, CallWebhook):
             self._note(person, at, "would_call_webhook", effect.node, url=effect.url)
