@@ -420,7 +420,7 @@ def test_engine_invariants(d: JourneyDefinition, steps: list[tuple[int, str]], x
             if isinstance(e, SendEmail | CallWebhook):
                 assert e.idempotency_key not in keys  # at most one send per key
                 keys.add(e.idempotency_key)
-            if isinstance(e, SendEmail):
+            if isinstance(e, SendEmail | CallWebhook):
                 # The message it queues is named by its key, whatever the path.
                 assert e.message_id == message_id_for(e.idempotency_key)
         waits = [j for j in tr.journal if j.kind == "waiting"]

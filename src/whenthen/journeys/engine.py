@@ -196,6 +196,7 @@ def _webhook(run: _Run, node_id: str, node: WebhookNode) -> Outcome:
             body=node.body,
             headers=node.headers,
             map_response=node.map_response,
+            message_id=message_id_for(key),
         )
     )
     run.note("webhook", node_id, idempotency_key=key)

@@ -93,6 +93,8 @@ class CallWebhook:
     body: Mapping[str, Any] | None
     headers: Mapping[str, str]
     map_response: Mapping[str, str]
+    #: The message it queues (``engine.message_id_for(idempotency_key)``), derived once.
+    message_id: str
 
 
 @dataclass(frozen=True, slots=True)

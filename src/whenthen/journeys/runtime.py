@@ -29,7 +29,7 @@ from whenthen.journeys.definition import (
     reacts_to_events,
     reads_history,
 )
-from whenthen.journeys.engine import advance, message_id_for, start
+from whenthen.journeys.engine import advance, start
 from whenthen.journeys.management import definition_of
 from whenthen.journeys.matching import event_matches, holds, trait_holds
 from whenthen.journeys.model import (
@@ -286,9 +286,7 @@ def _queued(
     return messaging.Queued(
         ws=ws,
         channel=channel,
-        message_id=effect.message_id
-        if isinstance(effect, SendEmail)
-        else message_id_for(effect.idempotency_key),
+        message_id=effect.message_id,
         idempotency_key=effect.idempotency_key,
         profile_id=profile_id,
         journey_id=journey.id,

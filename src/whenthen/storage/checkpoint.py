@@ -57,7 +57,7 @@ class WalCheckpointer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:

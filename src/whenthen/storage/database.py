@@ -131,15 +131,14 @@ class Database:
         self._lock_pid = 0
         if self.dialect is Dialect.SQLITE:
             database = os.path.abspath(self.engine.url.database or "")
-            if background_checkpoints:
-                self._checkpointer = WalCheckpointer(database, synchronous=sqlite_synchronous)
             _configure_sqlite(
                 self.engine,
                 sqlite_synchronous,
                 autocheckpoint=BACKSTOP_PAGES if background_checkpoints else None,
             )
             self._lock_path = database + ".writer-lock"
-            if self._checkpointer is not None:
+            if background_checkpoints:
+                self._checkpointer = WalCheckpointer(database, synchronous=sqlite_synchronous)
                 self._checkpointer.start()
 
     @contextmanager
