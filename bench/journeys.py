@@ -1084,7 +1084,7 @@ class TimerResult:
 
 
 ENROLLMENT_COLUMNS = tuple(enrollments.c.keys())
-JOURNAL_COLUMNS = tuple(c.name for c in enrollment_journal.c if c.name != "id")
+JOURNAL_COLUMNS = tuple(enrollment_journal.c.keys())
 BULK_CHUNK = 10_000
 
 
@@ -1125,7 +1125,11 @@ class BulkFill:
             for c in JOURNAL_COLUMNS
         ]
 
-    def _rows(self, n: int, pick_every: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def _rows(
+        self, n: int, pick_every: int, journal_id: int
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """``n`` enrollments and their journal rows, chained as the product chains them
+        (``prev_id``, ``journal_tail``: ADR 0018), the journal's ids from ``journal_id``."""
         rows: list[tuple[Any, ...]] = []
         journal: list[tuple[Any, ...]] = []
         engine_time = 0.0
@@ -1138,7 +1142,23 @@ class BulkFill:
             t = engine_start(self.definition, eid, trigger=None, payload=None, now=entered, facts=self.facts)
             engine_time += time.perf_counter() - e0
             s = t.state
-            # The values repository.insert_enrollment writes.
+            prev: int | None = None
+            for entry in t.journal:
+                j = {
+                    "id": journal_id,
+                    "workspace_id": self.ws,
+                    "journey_id": self.journey_id,
+                    "enrollment_id": eid,
+                    "profile_id": profile_id,
+                    "at": entry.at,
+                    "kind": entry.kind,
+                    "node": entry.node,
+                    "detail": dict(entry.detail),
+                    "prev_id": prev,
+                }
+                journal.append(self._bind(j, JOURNAL_COLUMNS, self._journal_processors))
+                prev, journal_id = journal_id, journal_id + 1
+            # The values repository.insert_enrollment writes, then the journal its tail.
             row = {
                 "id": s.enrollment_id,
                 "workspace_id": self.ws,
@@ -1156,20 +1176,9 @@ class BulkFill:
                 "entry_key": None,
                 "failures": 0,
                 "updated_at": entered,
+                "journal_tail": prev,
             }
             rows.append(self._bind(row, ENROLLMENT_COLUMNS, self._enroll_processors))
-            for entry in t.journal:
-                j = {
-                    "workspace_id": self.ws,
-                    "journey_id": self.journey_id,
-                    "enrollment_id": eid,
-                    "profile_id": profile_id,
-                    "at": entry.at,
-                    "kind": entry.kind,
-                    "node": entry.node,
-                    "detail": dict(entry.detail),
-                }
-                journal.append(self._bind(j, JOURNAL_COLUMNS, self._journal_processors))
             if pick_every and i % pick_every == 0:
                 self.picked.append(eid)
         self.engine_seconds += engine_time
@@ -1196,8 +1205,9 @@ class BulkFill:
         t0 = time.perf_counter()
         while self.count < total:
             n = min(BULK_CHUNK, total - self.count)
-            rows, journal = self._rows(n, pick_every)
             with self.db.write() as conn:
+                top = conn.execute(select(func.max(enrollment_journal.c.id))).scalar()
+                rows, journal = self._rows(n, pick_every, int(top or 0) + 1)
                 self._write(conn, rows, journal)
             self.count += n
             self.journal_rows += len(journal)
@@ -1214,6 +1224,11 @@ class BulkFill:
                 with cur.copy(f"COPY enrollment_journal ({', '.join(JOURNAL_COLUMNS)}) FROM STDIN") as copy:
                     for j in journal:
                         copy.write_row(j)
+                # The ids were given: the product's next ones come after them.
+                cur.execute(
+                    "SELECT setval(pg_get_serial_sequence('enrollment_journal', 'id'),"
+                    " (SELECT max(id) FROM enrollment_journal))"
+                )
             return
         cur = raw.cursor()
         try:

@@ -125,6 +125,7 @@ def test_journal_rows_are_stored_as_through_sqlalchemy(container: Container) -> 
         )
 
     with container.db.write() as conn:
+        _enroll(conn, "enr_fast")
         repo.insert_journal_rows(conn, rows("enr_fast"))
         conn.execute(insert(enrollment_journal), rows("enr_orm"))
     with container.db.read() as conn:
@@ -142,8 +143,13 @@ def test_journal_rows_are_stored_as_through_sqlalchemy(container: Container) -> 
             ).mappings()
         ]
         typed = repo.journal_of(conn, "enr_fast")
+    # Chained: each row points to the one before it, the enrollment to the last (ADR 0018).
+    ids = [row["id"] for row in fast]
+    assert [row["prev_id"] for row in fast] == [None, *ids[:-1]]
+    with container.db.read() as conn:
+        assert repo.journal_tails(conn, ["enr_fast"]) == {"enr_fast": ids[-1]}
     for row in (*fast, *slow):
-        del row["id"], row["enrollment_id"]
+        del row["id"], row["enrollment_id"], row["prev_id"]
     assert fast == slow
     # In the order given (the journal is read by id).
     assert [(r.at, r.kind, r.node, r.detail) for r in typed] == [

@@ -13,6 +13,7 @@ import yaml
 from sqlalchemy import select
 
 from tests.support.ingest import send
+from tests.support.journal import assert_chains_whole
 from tests.support.workspace import TestWorkspace, make_workspace
 from whenthen import journeys, profiles
 from whenthen.bootstrap import Container, build
@@ -89,6 +90,8 @@ def journey_env(db_url: str, clock: ManualClock) -> Iterator[JourneyEnv]:
         c = build(settings, clock=clock)
         try:
             yield JourneyEnv(c=c, clock=clock, ws=make_workspace(c), sink=sink)
+            # Whatever the scenario did, every enrollment's journal is still one whole chain.
+            assert_chains_whole(c.db)
         finally:
             c.close()
 

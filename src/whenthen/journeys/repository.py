@@ -1,10 +1,22 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, bindparam, delete, func, insert, literal_column, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 
 from whenthen.journeys.model import JournalEntry, State, Status
 from whenthen.journeys.tables import (
@@ -199,38 +211,61 @@ def insert_enrollments(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 #: form the column types store, by those types' own bind processors, so nothing reads back
 #: differently; ``tests/integration/test_timer_driver_writes.py`` compares the stored rows
 #: with SQLAlchemy's own statements. (State update, journal insert) per dialect, written out.
-_DRIVER_SQL = {
+_SAVE_STATES_SQL = {
     "sqlite": (
         "UPDATE enrollments SET status = ?, node = ?, wake_at = ?, ended_at = ?, steps = ?,"
-        " context = ?, reason = ?, updated_at = ? WHERE id = ?",
-        "INSERT INTO enrollment_journal (workspace_id, journey_id, enrollment_id, profile_id, at,"
-        " kind, node, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " context = ?, reason = ?, updated_at = ?, journal_tail = coalesce(?, journal_tail)"
+        " WHERE id = ?"
     ),
     # One statement reading the batch from one JSON document (``jsonb_to_recordset``): an
     # executemany is a statement per row even in psycopg's pipeline mode, and arrays are
     # dumped value by value in Python; both were slower than SQLAlchemy's multi-row insert.
-    # ``ORDINALITY`` keeps the journal's ids in the rows' order.
     "postgresql": (
         "UPDATE enrollments AS e SET status = v.status, node = v.node, wake_at = v.wake_at,"
         " ended_at = v.ended_at, steps = v.steps, context = v.context, reason = v.reason,"
-        " updated_at = v.updated_at"
+        " updated_at = v.updated_at, journal_tail = coalesce(v.journal_tail, e.journal_tail)"
         " FROM jsonb_to_recordset(%s::jsonb) AS v(status text, node text, wake_at timestamptz,"
         " ended_at timestamptz, steps int, context jsonb, reason text, updated_at timestamptz,"
-        " id text)"
-        " WHERE e.id = v.id",
-        "INSERT INTO enrollment_journal (workspace_id, journey_id, enrollment_id, profile_id, at,"
-        " kind, node, detail)"
-        " SELECT workspace_id, journey_id, enrollment_id, profile_id, at, kind, node, detail"
-        " FROM ROWS FROM (jsonb_to_recordset(%s::jsonb) AS (workspace_id text, journey_id text,"
-        " enrollment_id text, profile_id text, at timestamptz, kind text, node text,"
-        " detail jsonb)) WITH ORDINALITY"
-        " AS v(workspace_id, journey_id, enrollment_id, profile_id, at, kind, node, detail, n)"
-        " ORDER BY n",
+        " journal_tail bigint, id text)"
+        " WHERE e.id = v.id"
     ),
 }
-
-_STATE_KEYS = ("status", "node", "wake_at", "ended_at", "steps", "context", "reason", "updated_at", "id")
-_JOURNAL_KEYS = ("workspace_id", "journey_id", "enrollment_id", "profile_id", "at", "kind", "node", "detail")
+_STATE_KEYS = (
+    "status",
+    "node",
+    "wake_at",
+    "ended_at",
+    "steps",
+    "context",
+    "reason",
+    "updated_at",
+    "journal_tail",
+    "id",
+)
+#: Journal rows: an executemany on SQLite, ``COPY`` on PostgreSQL (:func:`insert_journal_rows`).
+_INSERT_JOURNAL_SQL = (
+    "INSERT INTO enrollment_journal (id, workspace_id, journey_id, enrollment_id, profile_id,"
+    " at, kind, node, detail, prev_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_JOURNAL_KEYS = (
+    "id",
+    "workspace_id",
+    "journey_id",
+    "enrollment_id",
+    "profile_id",
+    "at",
+    "kind",
+    "node",
+    "detail",
+    "prev_id",
+)
+_SET_TAILS_SQL = {
+    "sqlite": "UPDATE enrollments SET journal_tail = ? WHERE id = ?",
+    "postgresql": (
+        "UPDATE enrollments AS e SET journal_tail = v.tail"
+        " FROM jsonb_to_recordset(%s::jsonb) AS v(tail bigint, id text) WHERE e.id = v.id"
+    ),
+}
 
 
 def state_params(state: State, now: datetime) -> dict[str, Any]:
@@ -251,10 +286,15 @@ def save_state(conn: Connection, state: State, now: datetime) -> None:
     save_states(conn, [state_params(state, now)])
 
 
-def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
-    """Many ``save_state`` at once (one executemany), from :func:`state_params`."""
+def save_states(
+    conn: Connection, params: Sequence[dict[str, Any]], tails: Mapping[str, int] | None = None
+) -> None:
+    """Many ``save_state`` at once (one executemany), from :func:`state_params`; with
+    ``tails``, the enrollments named there get that journal tail in the same statement
+    (:func:`insert_journal_rows` ``leave``)."""
     if not params:
         return
+    tail = (tails or {}).get
     if conn.dialect.name == "postgresql" and len({p["b_id"] for p in params}) < len(params):
         # One UPDATE ... FROM applies one row per enrollment: keep each one's last, as a
         # statement per row would leave it.
@@ -271,11 +311,12 @@ def save_states(conn: Connection, params: Sequence[dict[str, Any]]) -> None:
             dumps(p["b_context"]),
             p["b_reason"],
             at(p["b_updated_at"]),
+            tail(p["b_id"]),
             p["b_id"],
         )
         for p in params
     ]
-    write_rows(conn, _DRIVER_SQL[conn.dialect.name][0], _STATE_KEYS, values)
+    write_rows(conn, _SAVE_STATES_SQL[conn.dialect.name], _STATE_KEYS, values)
 
 
 def enrollment(conn: Connection, enrollment_id: str, *, lock: bool = False) -> Any:
@@ -328,6 +369,7 @@ _DUE_COLUMNS = [
         "context",
         "reason",
         "failures",
+        "journal_tail",
     )
 ]
 _DUE = (
@@ -395,21 +437,20 @@ def enrollments_of_profile(conn: Connection, ws: str, profile_id: str) -> list[A
 
 # A person's journal rows are found through their enrollments (every journal row belongs
 # to an enrollment of the same person: they are written, moved and deleted together):
-# ``ix_enrollments_profile_status`` then ``ix_enrollment_journal_enrollment``. The journal
-# has no index on the person, and ``profile_id = ?`` on it was a scan of the whole
+# ``ix_enrollments_profile_status``, then each enrollment's chain from its ``journal_tail``
+# (ADR 0018). The journal has no index on the person, and ``profile_id = ?`` on it was a scan of the whole
 # journal for every merge the pipeline applies (70 ms at 400,000 journal rows on SQLite,
 # growing with it, under the write lock). Date schedules are keyed (journey, person): they
 # are found by the workspace's journeys and the ids, not by a scan.
-def _enrollments_of(ws: str, profile_ids: Sequence[str]) -> Any:
-    return select(enrollments.c.id).where(
-        enrollments.c.workspace_id == ws, enrollments.c.profile_id.in_(list(profile_ids))
-    )
+def _person(ws: str, profile_ids: Sequence[str]) -> Any:
+    """The condition on enrollments that selects those of the people."""
+    return and_(enrollments.c.workspace_id == ws, enrollments.c.profile_id.in_(list(profile_ids)))
 
 
 def reassign_profile(conn: Connection, ws: str, from_id: str, into_id: str) -> None:
     conn.execute(
         update(enrollment_journal)
-        .where(enrollment_journal.c.enrollment_id.in_(_enrollments_of(ws, [from_id])))
+        .where(enrollment_journal.c.id.in_(_journal_ids_of(_person(ws, [from_id]))))
         .values(profile_id=into_id)
     )
     conn.execute(
@@ -422,7 +463,7 @@ def reassign_profile(conn: Connection, ws: str, from_id: str, into_id: str) -> N
 def delete_for_profiles(conn: Connection, ws: str, profile_ids: Sequence[str]) -> None:
     ids = list(profile_ids)
     conn.execute(
-        delete(enrollment_journal).where(enrollment_journal.c.enrollment_id.in_(_enrollments_of(ws, ids)))
+        delete(enrollment_journal).where(enrollment_journal.c.id.in_(_journal_ids_of(_person(ws, ids))))
     )
     conn.execute(
         delete(enrollments).where(enrollments.c.workspace_id == ws, enrollments.c.profile_id.in_(ids))
@@ -476,39 +517,119 @@ def write_journal(
         )
 
 
-def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+def insert_journal_rows(
+    conn: Connection,
+    rows: Sequence[dict[str, Any]],
+    *,
+    tails: Mapping[str, int | None] | None = None,
+    leave: AbstractSet[str] = frozenset(),
+) -> dict[str, int]:
     """Journal rows of many enrollments at once, from :func:`journal_rows`: on SQLite one
-    executemany, on PostgreSQL one ``COPY`` (the timer step writes three rows a wake-up)."""
+    executemany, on PostgreSQL one ``COPY`` (the timer step writes three rows a wake-up).
+
+    Each row is chained to its enrollment's row before it (``prev_id``) and the
+    enrollment's ``journal_tail`` moves to its last row (ADR 0018): the journal has no
+    index by enrollment. ``tails`` are enrollments' current tails the caller read under
+    its lock (the others are read here); the enrollments in ``leave`` keep theirs for the
+    caller to write with their state (:func:`save_states` ``tails``). Returns the new
+    tails."""
     if not rows:
-        return
+        return {}
+    last: dict[str, int | None] = {}
+    unknown: list[str] = []
+    for r in rows:
+        eid = r["enrollment_id"]
+        if eid not in last:
+            last[eid] = None
+            if tails is not None and eid in tails:
+                last[eid] = tails[eid]
+            else:
+                unknown.append(eid)
+    if unknown:
+        last.update(journal_tails(conn, unknown))
     stored = StoredValues(conn)
     at = stored.at
     postgres = conn.dialect.name == "postgresql"
     dumps = json_dumps(conn) if postgres else stored.dumps
-    values = [
-        (
-            r["workspace_id"],
-            r["journey_id"],
-            r["enrollment_id"],
-            r["profile_id"],
-            at(r["at"]),
-            r["kind"],
-            r["node"],
-            dumps(r["detail"]),
+    values = []
+    for jid, r in zip(_journal_ids(conn, len(rows)), rows, strict=True):
+        eid = r["enrollment_id"]
+        values.append(
+            (
+                jid,
+                r["workspace_id"],
+                r["journey_id"],
+                eid,
+                r["profile_id"],
+                at(r["at"]),
+                r["kind"],
+                r["node"],
+                dumps(r["detail"]),
+                last[eid],
+            )
         )
-        for r in rows
-    ]
+        last[eid] = jid
     if postgres:
         copy_rows(conn, "enrollment_journal", _JOURNAL_KEYS, values)
     else:
-        write_rows(conn, _DRIVER_SQL[conn.dialect.name][1], _JOURNAL_KEYS, values)
+        write_rows(conn, _INSERT_JOURNAL_SQL, _JOURNAL_KEYS, values)
+    moved = {eid: jid for eid, jid in last.items() if jid is not None}
+    rest = [(jid, eid) for eid, jid in moved.items() if eid not in leave]
+    if rest:
+        write_rows(conn, _SET_TAILS_SQL[conn.dialect.name], ("tail", "id"), rest)
+    return moved
+
+
+_NEXT_JOURNAL_IDS = {
+    # SQLite has one writer at a time (this transaction): the ids after the largest.
+    "sqlite": "SELECT max(id) FROM enrollment_journal",
+    "postgresql": (
+        "SELECT nextval(pg_get_serial_sequence('enrollment_journal', 'id')) FROM generate_series(1, %(n)s)"
+    ),
+}
+
+
+def _journal_ids(conn: Connection, n: int) -> list[int]:
+    """``n`` new journal ids in increasing order (a row's id is its place in the journal)."""
+    sql = _NEXT_JOURNAL_IDS[conn.dialect.name]
+    if conn.dialect.name == "postgresql":
+        return sorted(int(v) for (v,) in conn.exec_driver_sql(sql, {"n": n}))
+    top = conn.exec_driver_sql(sql).scalar()
+    start = int(top or 0) + 1
+    return list(range(start, start + n))
+
+
+def journal_tails(conn: Connection, enrollment_ids: Sequence[str]) -> dict[str, int | None]:
+    """The enrollments' current journal tails (the id of their latest journal row)."""
+    found: dict[str, int | None] = {}
+    for chunk in range(0, len(enrollment_ids), 500):
+        ids = list(enrollment_ids[chunk : chunk + 500])
+        stmt = select(enrollments.c.id, enrollments.c.journal_tail).where(enrollments.c.id.in_(ids))
+        found.update({eid: tail for eid, tail in conn.execute(stmt)})
+    return found
+
+
+def _journal_ids_of(enrollment_filter: Any) -> Any:
+    """The ids of the journal rows of the enrollments ``enrollment_filter`` selects: each
+    one's chain walked back from its tail (a recursive query, a primary-key probe a row)."""
+    chain = (
+        select(enrollments.c.journal_tail.label("id"))
+        .where(enrollment_filter, enrollments.c.journal_tail.is_not(None))
+        .cte("journal_chain", recursive=True)
+    )
+    earlier = enrollment_journal.alias("earlier")
+    chain = chain.union_all(
+        select(earlier.c.prev_id).where(earlier.c.id == chain.c.id, earlier.c.prev_id.is_not(None))
+    )
+    return select(chain.c.id)
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:
+    """An enrollment's journal, in the order it was written."""
     return list(
         conn.execute(
             select(enrollment_journal)
-            .where(enrollment_journal.c.enrollment_id == enrollment_id)
+            .where(enrollment_journal.c.id.in_(_journal_ids_of(enrollments.c.id == enrollment_id)))
             .order_by(enrollment_journal.c.id)
         )
     )

@@ -772,6 +772,9 @@ class Writes:
         self.states: list[dict[str, Any]] = []
         self.journal: list[dict[str, Any]] = []
         self.queued: list[messaging.Queued] = []
+        #: Journal tails known from the rows the transitions were read from (the timer
+        #: step's locked due rows), so that they are not read again to chain the journal.
+        self.tails: dict[str, int | None] = {}
 
     def enter(self, profile_id: str, row: tuple[Any, ...]) -> None:
         """Hold a new enrollment's row (``repo.enrollment_values``)."""
@@ -786,6 +789,7 @@ class Writes:
 
     def add(self, row: Any, journey: Any, t: Transition, now: datetime) -> None:
         self.states.append(repo.state_params(t.state, now))
+        self.tails[row.id] = row.journal_tail
         self.journal.extend(
             repo.journal_rows(
                 ws=row.workspace_id,
@@ -803,11 +807,15 @@ class Writes:
         if self.entered:
             repo.insert_enrollments(conn, self.entered)
             self.entered, self.entering = [], set()
+        # The journal first: the enrollments whose state is saved next get their new
+        # journal tail in the same statement (each enrollment row written once).
+        tails = repo.insert_journal_rows(
+            conn, self.journal, tails=self.tails, leave={p["b_id"] for p in self.states}
+        )
         if self.states:
-            repo.save_states(conn, self.states)
-        repo.insert_journal_rows(conn, self.journal)
+            repo.save_states(conn, self.states, tails)
         messaging.enqueue_many(conn, self.queued, now)
-        self.states, self.journal, self.queued = [], [], []
+        self.states, self.journal, self.queued, self.tails = [], [], [], {}
 
 
 def _hold(conn: Connection, enrollment_id: str, now: datetime) -> None:
