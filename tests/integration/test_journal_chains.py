@@ -80,3 +80,43 @@ def test_the_migration_chains_the_journal_written_before_it(db: Database) -> Non
     with db.read() as conn:
         assert [r.kind for r in repo.journal_of(conn, "enr_b")] == ["step1", "step4", "later"]
     assert assert_chains_whole(db) == len(written) + 1
+
+
+def test_two_processes_writing_one_enrollment_keep_its_journal_in_written_order(pg_url: str) -> None:
+    """PostgreSQL hands each engine its journal ids a block at a time: a row written later
+    by the other engine may have a smaller id, and the journal still reads back in the
+    order it was written (the chain's), every row once."""
+    first, second = Database(pg_url), Database(pg_url)
+    try:
+        with first.write() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status,"
+                    " entered_at, steps, context, updated_at) VALUES ('enr_x', 'ws', 'jrn', 1, 'prf_x',"
+                    " 'active', :at, 1, '{}', :at)"
+                ),
+                {"at": AT},
+            )
+        written = []
+        for n, db in enumerate([first, second, first, second, second, first]):
+            with db.write() as conn:
+                repo.write_journal(
+                    conn,
+                    ws="ws",
+                    journey_id="jrn",
+                    enrollment_id="enr_x",
+                    profile_id="prf_x",
+                    entries=[
+                        JournalEntry(at=AT + timedelta(minutes=n), kind=f"step{n}", node=None, detail={})
+                    ],
+                )
+            written.append(f"step{n}")
+        with first.read() as conn:
+            rows = repo.journal_of(conn, "enr_x")
+        assert [r.kind for r in rows] == written
+        ids = [r.id for r in rows]
+        assert ids != sorted(ids)  # the two engines' blocks interleave
+        assert assert_chains_whole(first) == len(written)
+    finally:
+        first.dispose()
+        second.dispose()

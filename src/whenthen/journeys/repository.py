@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Engine,
     Integer,
     and_,
     bindparam,
@@ -153,8 +157,8 @@ def to_state(row: Any) -> State:
 #: level, as the states and journal rows below; ``failures`` keeps its server default.
 _INSERT_ENROLLMENT_SQL = statements(
     "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
-    " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)"
+    " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at, journal_tail)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)"
 )
 
 
@@ -174,7 +178,8 @@ def enrollment_values(
     entry_key: str | None,
     now: datetime,
 ) -> tuple[Any, ...]:
-    """A new enrollment's row in stored form, for :func:`insert_enrollments`."""
+    """A new enrollment's row in stored form, for :func:`insert_enrollments`; its journal
+    tail (the last item) is ``None`` until :func:`with_tail` gives it one."""
     at = StoredValues(conn).at
     return (
         state.enrollment_id,
@@ -192,7 +197,15 @@ def enrollment_values(
         state.reason,
         entry_key,
         at(now),
+        None,
     )
+
+
+def with_tail(row: tuple[Any, ...], tails: Mapping[str, int]) -> tuple[Any, ...]:
+    """A new enrollment's row (:func:`enrollment_values`) with its journal tail from
+    ``tails`` (:func:`chain_journal`), so that no ``UPDATE`` has to set it after."""
+    tail = tails.get(row[0])
+    return row if tail is None else (*row[:-1], tail)
 
 
 def insert_enrollments(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -517,40 +530,37 @@ def write_journal(
         )
 
 
-def insert_journal_rows(
-    conn: Connection,
-    rows: Sequence[dict[str, Any]],
-    *,
-    tails: Mapping[str, int | None] | None = None,
-    leave: AbstractSet[str] = frozenset(),
-) -> dict[str, int]:
-    """Journal rows of many enrollments at once, from :func:`journal_rows`: on SQLite one
-    executemany, on PostgreSQL one ``COPY`` (the timer step writes three rows a wake-up).
+@dataclass
+class ChainedJournal:
+    """Journal rows ready to insert (:func:`chain_journal`): their stored values, ids and
+    ``prev_id`` given, and each enrollment's new tail (its last row's id)."""
 
-    Each row is chained to its enrollment's row before it (``prev_id``) and the
-    enrollment's ``journal_tail`` moves to its last row (ADR 0018): the journal has no
-    index by enrollment. ``tails`` are enrollments' current tails the caller read under
-    its lock (the others are read here); the enrollments in ``leave`` keep theirs for the
-    caller to write with their state (:func:`save_states` ``tails``). Returns the new
-    tails."""
-    if not rows:
-        return {}
+    values: list[tuple[Any, ...]]
+    tails: dict[str, int]
+
+
+def chain_journal(
+    conn: Connection, rows: Sequence[dict[str, Any]], *, tails: Mapping[str, int | None] | None = None
+) -> ChainedJournal:
+    """Give journal rows (from :func:`journal_rows`) their ids and chain each to its
+    enrollment's row before it (ADR 0018). ``tails`` are enrollments' current tails the
+    caller knows (``None`` for a new enrollment; the timer step's locked due rows carry
+    theirs); the others are read here."""
     last: dict[str, int | None] = {}
     unknown: list[str] = []
     for r in rows:
         eid = r["enrollment_id"]
         if eid not in last:
-            last[eid] = None
             if tails is not None and eid in tails:
                 last[eid] = tails[eid]
             else:
+                last[eid] = None
                 unknown.append(eid)
     if unknown:
         last.update(journal_tails(conn, unknown))
     stored = StoredValues(conn)
     at = stored.at
-    postgres = conn.dialect.name == "postgresql"
-    dumps = json_dumps(conn) if postgres else stored.dumps
+    dumps = json_dumps(conn) if conn.dialect.name == "postgresql" else stored.dumps
     values = []
     for jid, r in zip(_journal_ids(conn, len(rows)), rows, strict=True):
         eid = r["enrollment_id"]
@@ -569,34 +579,96 @@ def insert_journal_rows(
             )
         )
         last[eid] = jid
-    if postgres:
-        copy_rows(conn, "enrollment_journal", _JOURNAL_KEYS, values)
+    return ChainedJournal(values, {eid: jid for eid, jid in last.items() if jid is not None})
+
+
+def write_chained(
+    conn: Connection, chained: ChainedJournal, *, leave: AbstractSet[str] = frozenset()
+) -> None:
+    """Insert chained journal rows (SQLite one executemany, PostgreSQL one ``COPY``) and
+    move each enrollment's ``journal_tail`` to its last row, except those in ``leave``
+    (written with the tail already: a new enrollment's row, a state saved with it)."""
+    if not chained.values:
+        return
+    if conn.dialect.name == "postgresql":
+        copy_rows(conn, "enrollment_journal", _JOURNAL_KEYS, chained.values)
     else:
-        write_rows(conn, _INSERT_JOURNAL_SQL, _JOURNAL_KEYS, values)
-    moved = {eid: jid for eid, jid in last.items() if jid is not None}
-    rest = [(jid, eid) for eid, jid in moved.items() if eid not in leave]
+        write_rows(conn, _INSERT_JOURNAL_SQL, _JOURNAL_KEYS, chained.values)
+    rest = [(jid, eid) for eid, jid in chained.tails.items() if eid not in leave]
     if rest:
         write_rows(conn, _SET_TAILS_SQL[conn.dialect.name], ("tail", "id"), rest)
-    return moved
+
+
+def insert_journal_rows(
+    conn: Connection,
+    rows: Sequence[dict[str, Any]],
+    *,
+    tails: Mapping[str, int | None] | None = None,
+) -> dict[str, int]:
+    """Journal rows of many enrollments at once, from :func:`journal_rows`, chained and
+    written (:func:`chain_journal`, :func:`write_chained`). Returns the new tails."""
+    if not rows:
+        return {}
+    chained = chain_journal(conn, rows, tails=tails)
+    write_chained(conn, chained)
+    return chained.tails
 
 
 _NEXT_JOURNAL_IDS = {
     # SQLite has one writer at a time (this transaction): the ids after the largest.
     "sqlite": "SELECT max(id) FROM enrollment_journal",
+    # The sequence looked up once, not once a row.
     "postgresql": (
-        "SELECT nextval(pg_get_serial_sequence('enrollment_journal', 'id')) FROM generate_series(1, %(n)s)"
+        "SELECT nextval(s.seq) FROM (SELECT pg_get_serial_sequence('enrollment_journal', 'id')::regclass"
+        " AS seq OFFSET 0) AS s, generate_series(1, %(n)s)"
     ),
 }
 
 
+class _IdBlocks:
+    """PostgreSQL: journal ids taken from the sequence a block at a time, per engine, and
+    handed out from there: one round trip per ``BLOCK`` ids, not one per journal write (a
+    person entering a journey outside a pipeline batch wrote its journal in two round
+    trips instead of one). Ids a process took and did not use are a gap, as any
+    sequence's; the journal's order is its chains', not its ids' (:func:`journal_of`)."""
+
+    BLOCK = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Per engine object (not its ``id()``, which a later engine on another database
+        # may reuse): a block belongs to the database whose sequence gave it.
+        self._free: weakref.WeakKeyDictionary[Engine, list[int]] = weakref.WeakKeyDictionary()
+
+    def take(self, conn: Connection, n: int) -> list[int]:
+        with self._lock:
+            free = self._free.setdefault(conn.engine, [])
+            if len(free) < n:
+                more = max(n - len(free), self.BLOCK)
+                rows = conn.exec_driver_sql(_NEXT_JOURNAL_IDS["postgresql"], {"n": more})
+                free.extend(sorted(int(v) for (v,) in rows))
+            taken = free[:n]
+            del free[:n]
+        return taken
+
+
+_ID_BLOCKS = _IdBlocks()
+
+
 def _journal_ids(conn: Connection, n: int) -> list[int]:
-    """``n`` new journal ids in increasing order (a row's id is its place in the journal)."""
-    sql = _NEXT_JOURNAL_IDS[conn.dialect.name]
+    """``n`` new journal ids in increasing order."""
+    if not n:
+        return []
     if conn.dialect.name == "postgresql":
-        return sorted(int(v) for (v,) in conn.exec_driver_sql(sql, {"n": n}))
-    top = conn.exec_driver_sql(sql).scalar()
+        return _ID_BLOCKS.take(conn, n)
+    top = conn.exec_driver_sql(_NEXT_JOURNAL_IDS["sqlite"]).scalar()
     start = int(top or 0) + 1
     return list(range(start, start + n))
+
+
+_TAILS = select(enrollments.c.id, enrollments.c.journal_tail).where(
+    enrollments.c.id.in_(bindparam("b_ids", expanding=True))
+)
 
 
 def journal_tails(conn: Connection, enrollment_ids: Sequence[str]) -> dict[str, int | None]:
@@ -604,33 +676,42 @@ def journal_tails(conn: Connection, enrollment_ids: Sequence[str]) -> dict[str, 
     found: dict[str, int | None] = {}
     for chunk in range(0, len(enrollment_ids), 500):
         ids = list(enrollment_ids[chunk : chunk + 500])
-        stmt = select(enrollments.c.id, enrollments.c.journal_tail).where(enrollments.c.id.in_(ids))
-        found.update({eid: tail for eid, tail in conn.execute(stmt)})
+        found.update({eid: tail for eid, tail in conn.execute(_TAILS, {"b_ids": ids})})
     return found
 
 
-def _journal_ids_of(enrollment_filter: Any) -> Any:
-    """The ids of the journal rows of the enrollments ``enrollment_filter`` selects: each
-    one's chain walked back from its tail (a recursive query, a primary-key probe a row)."""
+def _chain(enrollment_filter: Any) -> Any:
+    """The chains of the enrollments ``enrollment_filter`` selects, walked back from their
+    tails (a recursive query, a primary-key probe a row): (id, back), ``back`` 0 for the
+    latest row of its enrollment."""
     chain = (
-        select(enrollments.c.journal_tail.label("id"))
+        select(enrollments.c.journal_tail.label("id"), literal_column("0").label("back"))
         .where(enrollment_filter, enrollments.c.journal_tail.is_not(None))
         .cte("journal_chain", recursive=True)
     )
     earlier = enrollment_journal.alias("earlier")
-    chain = chain.union_all(
-        select(earlier.c.prev_id).where(earlier.c.id == chain.c.id, earlier.c.prev_id.is_not(None))
+    return chain.union_all(
+        select(earlier.c.prev_id, chain.c.back + 1).where(
+            earlier.c.id == chain.c.id, earlier.c.prev_id.is_not(None)
+        )
     )
-    return select(chain.c.id)
+
+
+def _journal_ids_of(enrollment_filter: Any) -> Any:
+    """The ids of the journal rows of the enrollments ``enrollment_filter`` selects."""
+    return select(_chain(enrollment_filter).c.id)
 
 
 def journal_of(conn: Connection, enrollment_id: str) -> list[Any]:
-    """An enrollment's journal, in the order it was written."""
+    """An enrollment's journal, in the order it was written: the chain's order (on
+    PostgreSQL each process hands out ids from blocks it took, so a later row of an
+    enrollment written by another process may have a smaller id)."""
+    chain = _chain(enrollments.c.id == enrollment_id)
     return list(
         conn.execute(
             select(enrollment_journal)
-            .where(enrollment_journal.c.id.in_(_journal_ids_of(enrollments.c.id == enrollment_id)))
-            .order_by(enrollment_journal.c.id)
+            .join(chain, chain.c.id == enrollment_journal.c.id)
+            .order_by(chain.c.back.desc())
         )
     )
 

@@ -144,6 +144,23 @@ def _persist(
     with the rest of the batch's (nothing in a batch reads them back), and so is a new
     enrollment whose only effects are messages (ADR 0014)."""
     state = transition.state
+    eid = state.enrollment_id
+    # Without ``writes``, the journal is chained first, so that the enrollment's row is
+    # written once with its new journal tail (ADR 0018).
+    chained = None
+    if writes is None and transition.journal:
+        chained = repo.chain_journal(
+            conn,
+            repo.journal_rows(
+                ws=ws,
+                journey_id=journey.id,
+                enrollment_id=eid,
+                profile_id=profile_id,
+                entries=transition.journal,
+            ),
+            tails={eid: None} if new else None,
+        )
+    tails = chained.tails if chained is not None else {}
     if new:
         row = repo.enrollment_values(
             conn,
@@ -161,19 +178,14 @@ def _persist(
             # enrollments are read again in the batch).
             writes.enter(profile_id, row)
         else:
-            repo.insert_enrollments(conn, [row])
+            # With ``writes``, its journal rows are held, and a direct journal write (a
+            # refused jump) may come first: their chain starts from the stored tail.
+            repo.insert_enrollments(conn, [repo.with_tail(row, tails)])
     else:
-        repo.save_state(conn, state, now)
-    if writes is None:
-        repo.write_journal(
-            conn,
-            ws=ws,
-            journey_id=journey.id,
-            enrollment_id=state.enrollment_id,
-            profile_id=profile_id,
-            entries=transition.journal,
-        )
-    elif transition.journal:
+        repo.save_states(conn, [repo.state_params(state, now)], tails)
+    if chained is not None:
+        repo.write_chained(conn, chained, leave={eid})
+    elif writes is not None and transition.journal:
         writes.journal.extend(
             repo.journal_rows(
                 ws=ws,
@@ -780,6 +792,7 @@ class Writes:
         """Hold a new enrollment's row (``repo.enrollment_values``)."""
         self.entered.append(row)
         self.entering.add(profile_id)
+        self.tails[row[0]] = None  # a new enrollment's chain starts with its held rows
 
     def ready_for(self, conn: Connection, profile_id: str, now: datetime) -> None:
         """Write what is held before the person's enrollments are read (their entry
@@ -804,16 +817,16 @@ class Writes:
             self.queued.append(_queued(row.workspace_id, journey, t.state, row.profile_id, effect))
 
     def write(self, conn: Connection, now: datetime) -> None:
+        # The journal is chained first: new enrollments are inserted, and the states
+        # saved, with their new journal tails (each enrollment row written once).
+        chained = repo.chain_journal(conn, self.journal, tails=self.tails)
+        written = {row[0] for row in self.entered} | {p["b_id"] for p in self.states}
         if self.entered:
-            repo.insert_enrollments(conn, self.entered)
+            repo.insert_enrollments(conn, [repo.with_tail(row, chained.tails) for row in self.entered])
             self.entered, self.entering = [], set()
-        # The journal first: the enrollments whose state is saved next get their new
-        # journal tail in the same statement (each enrollment row written once).
-        tails = repo.insert_journal_rows(
-            conn, self.journal, tails=self.tails, leave={p["b_id"] for p in self.states}
-        )
         if self.states:
-            repo.save_states(conn, self.states, tails)
+            repo.save_states(conn, self.states, chained.tails)
+        repo.write_chained(conn, chained, leave=written)
         messaging.enqueue_many(conn, self.queued, now)
         self.states, self.journal, self.queued, self.tails = [], [], [], {}
 
