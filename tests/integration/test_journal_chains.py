@@ -18,6 +18,19 @@ from whenthen.storage.migrate import alembic_config, upgrade
 AT = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 
 
+def _note(db: Database, enrollment_id: str, profile_id: str, kind: str, at: datetime) -> None:
+    """One journal entry for the enrollment, in a transaction of its own."""
+    with db.write() as conn:
+        repo.write_journal(
+            conn,
+            ws="ws",
+            journey_id="jrn",
+            enrollment_id=enrollment_id,
+            profile_id=profile_id,
+            entries=[JournalEntry(at=at, kind=kind, node=None, detail={})],
+        )
+
+
 def _downgrade(db: Database, revision: str) -> None:
     cfg = alembic_config(db)
     with db.engine.begin() as conn:
@@ -68,15 +81,7 @@ def test_the_migration_chains_the_journal_written_before_it(db: Database) -> Non
     assert "ix_enrollment_journal_enrollment" not in indexes
     assert assert_chains_whole(db) == len(written)
     # Rows written after the migration go on from each chain's tail.
-    with db.write() as conn:
-        repo.write_journal(
-            conn,
-            ws="ws",
-            journey_id="jrn",
-            enrollment_id="enr_b",
-            profile_id="prf_enr_b",
-            entries=[JournalEntry(at=AT + timedelta(hours=1), kind="later", node=None, detail={})],
-        )
+    _note(db, "enr_b", "prf_enr_b", "later", AT + timedelta(hours=1))
     with db.read() as conn:
         assert [r.kind for r in repo.journal_of(conn, "enr_b")] == ["step1", "step4", "later"]
     assert assert_chains_whole(db) == len(written) + 1
@@ -99,17 +104,7 @@ def test_two_processes_writing_one_enrollment_keep_its_journal_in_written_order(
             )
         written = []
         for n, db in enumerate([first, second, first, second, second, first]):
-            with db.write() as conn:
-                repo.write_journal(
-                    conn,
-                    ws="ws",
-                    journey_id="jrn",
-                    enrollment_id="enr_x",
-                    profile_id="prf_x",
-                    entries=[
-                        JournalEntry(at=AT + timedelta(minutes=n), kind=f"step{n}", node=None, detail={})
-                    ],
-                )
+            _note(db, "enr_x", "prf_x", f"step{n}", AT + timedelta(minutes=n))
             written.append(f"step{n}")
         with first.read() as conn:
             rows = repo.journal_of(conn, "enr_x")
