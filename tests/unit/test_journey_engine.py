@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -89,6 +91,30 @@ def test_abandoned_cart_reminder_when_no_checkout() -> None:
     assert send.idempotency_key == "e1:remind:2"
     assert send.message_id == message_id_for("e1:remind:2")
     assert t.state.context["last_message"] == message_id_for("e1:remind:2")
+
+
+def test_a_waiting_enrollment_holds_no_empty_maps_and_gains_them_when_used() -> None:
+    """A new enrollment's context has only what it was given (no empty maps of messages
+    and split choices: the row of each of a million waiting people is shorter, with room
+    for what a wake-up adds), and the maps appear with their first entry."""
+    d = journey(
+        {
+            "a": {"kind": "delay", "duration": "1d", "next": "s"},
+            "s": {"kind": "split", "variants": [{"name": "x", "weight": 1, "next": "m"}]},
+            "m": {"kind": "send_email", "email": EMAIL},
+        }
+    )
+    entered = start(d, "e1", trigger=None, now=T0, facts=MemoryFacts())
+    assert entered.state.context == {}
+    woke = T0 + timedelta(days=1)
+    t = advance(d, entered.state, Wake(woke), now=woke, facts=MemoryFacts())
+    [send] = t.effects
+    assert isinstance(send, SendEmail)
+    sent = send.message_id
+    assert t.state.context == {"variants": {"s": "x"}, "messages": {"m": sent}, "last_message": sent}
+    # A state stored before, with the empty maps, advances the same way.
+    stored = dataclasses.replace(entered.state, context={"messages": {}, "variants": {}})
+    assert advance(d, stored, Wake(woke), now=woke, facts=MemoryFacts()) == t
 
 
 def test_abandoned_cart_no_reminder_after_checkout_of_same_cart() -> None:
