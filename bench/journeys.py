@@ -56,10 +56,12 @@ Part 2, timers ("one million waiting enrollments"). In this process, per databas
    caught by the real ``PipelineWorker`` thread, which also runs the pipeline and any
    further steps on every pass, with the outbox dispatcher (email captured, no SMTP) in
    its background thread; its timer step (``steps[0]``, as ``bootstrap.build`` adds it)
-   timestamps each batch, its threads' too. Lag of an enrollment = wall time after the
-   commit of the batch that advanced it minus the due instant.
+   timestamps each batch, its threads' too; then (c) a third set, as spread over the
+   table, by the role layout: that worker runs the pipeline role only and a ``whenthen
+   worker --role dispatch`` process sends the emails. Lag of an enrollment = wall time
+   after the commit of the batch that advanced it minus the due instant.
    (``--quick`` runs (a) only, with 5,000 due.) With ``--timer-processes N`` on
-   PostgreSQL, (c) a third set is fired by the timer step looped in N processes at once,
+   PostgreSQL, (d) a fourth set is fired by the timer step looped in N processes at once,
    as N ``whenthen worker`` processes share due timers (``FOR UPDATE SKIP LOCKED``).
 
 Nothing is asserted: figures, goals and their ratios are printed. The exit code is 0
@@ -127,6 +129,7 @@ from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
 from whenthen.tracking.tables import events
 from whenthen.worker.heap import freeze_start_up_heap
+from whenthen.worker.runner import Role
 
 T = TypeVar("T")
 
@@ -1116,6 +1119,9 @@ class BulkFill:
         self.spread = int(timedelta(days=29).total_seconds())
         self.delay = timedelta(days=30)
         self.picked: list[str] = []
+        #: Ids picked halfway between those of ``picked``, as spread over the table (the
+        #: lag of the worker in the role layout), without changing ``picked`` itself.
+        self.picked_between: list[str] = []
         dialect = db.engine.dialect
         self._enroll_processors = [
             enrollments.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in ENROLLMENT_COLUMNS
@@ -1181,6 +1187,8 @@ class BulkFill:
             rows.append(self._bind(row, ENROLLMENT_COLUMNS, self._enroll_processors))
             if pick_every and i % pick_every == 0:
                 self.picked.append(eid)
+            elif pick_every > 1 and i % pick_every == pick_every // 2:
+                self.picked_between.append(eid)
         self.engine_seconds += engine_time
         return rows, journal
 
@@ -1535,9 +1543,20 @@ def lag_timer_processes(url: str, ids: Sequence[str], lead: float, limit: float,
     )
 
 
-def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: float) -> Lag:
+def lag_worker(
+    container: Container,
+    ids: Sequence[str],
+    lead: float,
+    limit: float,
+    *,
+    role: Role = Role.ALL,
+    name: str = "real worker (pipeline + timers each pass, outbox in its own thread)",
+    others: WorkerGroup | None = None,
+) -> Lag:
     """The real worker (pipeline and timers on every pass, the outbox dispatcher in its own
-    thread), with its timer step wrapped to timestamp each batch after its commit."""
+    thread; with ``role``, only that role's threads), with its timer step wrapped to
+    timestamp each batch after its commit. ``others``: worker processes running beside
+    it (their CPU counted as the workers')."""
     timers = container.worker.steps[0]
     assert isinstance(timers, TimerStep), "bootstrap.build adds the journey timer step first"
     recorded = _RecordedStep(timers)
@@ -1546,8 +1565,8 @@ def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: flo
         due_at = time.time() + lead
         _make_due(container.db, ids, datetime.fromtimestamp(due_at, UTC))
         freeze_start_up_heap()  # as in lag_timer_step
-        with measure_cpu() as cpu:
-            container.worker.start()
+        with measure_cpu(worker=others) as cpu:
+            container.worker.start(role)
             deadline = due_at + limit
             while time.time() < deadline:
                 with recorded.lock:
@@ -1557,13 +1576,32 @@ def lag_worker(container: Container, ids: Sequence[str], lead: float, limit: flo
             container.worker.stop()
     finally:
         container.worker.steps[0] = timers
-    batches = sorted(recorded.batches)
-    return _lags(
-        batches, due_at, len(ids), "real worker (pipeline + timers each pass, outbox in its own thread)", cpu
-    )
+    return _lags(sorted(recorded.batches), due_at, len(ids), name, cpu)
 
 
-def bench_timers(args: argparse.Namespace, target: Target) -> TimerResult:
+def lag_worker_roles(
+    container: Container, env: dict[str, str], log_path: Path, ids: Sequence[str], lead: float, limit: float
+) -> Lag:
+    """The role layout (``whenthen worker --role pipeline`` and ``--role dispatch``): this
+    process's worker runs the pipeline role (events, timers and the other steps), and a
+    ``whenthen worker --role dispatch`` process sends the emails the timers queue, woken
+    as in production."""
+    dispatcher = WorkerGroup([WorkerProcess(env, log_path, role="dispatch")])
+    try:
+        return lag_worker(
+            container,
+            ids,
+            lead,
+            limit,
+            role=Role.PIPELINE,
+            name="worker, pipeline role (the outbox in a `--role dispatch` process)",
+            others=dispatcher,
+        )
+    finally:
+        dispatcher.stop()
+
+
+def bench_timers(args: argparse.Namespace, target: Target, logs: Path) -> TimerResult:
     result = TimerResult(label=target.label, kind=target.kind)
     _say(f"\n== Timers, {target.label}")
     url = target.fresh("timers")
@@ -1652,6 +1690,22 @@ def bench_timers(args: argparse.Namespace, target: Target) -> TimerResult:
                     update(outbox).where(outbox.c.done_at.is_(None)).values(done_at=SystemClock().now())
                 )
             lag = lag_worker(container, picked[args.due : 2 * args.due], 1.5, args.lag_limit)
+            result.lags.append(lag)
+            _say(_describe_lag(lag))
+            # The role layout, on another set as spread over the table as the others.
+            with db.write() as conn:
+                conn.execute(
+                    update(outbox).where(outbox.c.done_at.is_(None)).values(done_at=SystemClock().now())
+                )
+            between = fill.picked_between[: args.due]
+            lag = lag_worker_roles(
+                container,
+                server_env(url, target.synchronous),
+                logs / f"timers-dispatch-{target.kind}.log",
+                between,
+                1.5,
+                args.lag_limit,
+            )
             result.lags.append(lag)
             _say(_describe_lag(lag))
         if multi:
@@ -1929,7 +1983,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_quiet(args.wait_quiet)
                 target = make()
                 try:
-                    timers.append(bench_timers(args, target))
+                    timers.append(bench_timers(args, target, Path(logs)))
                 except Exception as exc:  # report it, clean up, and go on with the next database
                     failed = True
                     _say(f"  FAILED: {type(exc).__name__}: {exc}")
