@@ -223,7 +223,7 @@ def insert_enrollments(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 #: the timer step's hot path (docs/design/journeys.md, "Timers"). The values are put in the
 #: form the column types store, by those types' own bind processors, so nothing reads back
 #: differently; ``tests/integration/test_timer_driver_writes.py`` compares the stored rows
-#: with SQLAlchemy's own statements. (State update, journal insert) per dialect, written out.
+#: with SQLAlchemy's own statements. The state update per dialect, written out.
 _SAVE_STATES_SQL = {
     "sqlite": (
         "UPDATE enrollments SET status = ?, node = ?, wake_at = ?, ended_at = ?, steps = ?,"
@@ -255,7 +255,7 @@ _STATE_KEYS = (
     "journal_tail",
     "id",
 )
-#: Journal rows: an executemany on SQLite, ``COPY`` on PostgreSQL (:func:`insert_journal_rows`).
+#: Journal rows: an executemany on SQLite, ``COPY`` on PostgreSQL (:func:`write_chained`).
 _INSERT_JOURNAL_SQL = (
     "INSERT INTO enrollment_journal (id, workspace_id, journey_id, enrollment_id, profile_id,"
     " at, kind, node, detail, prev_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -304,7 +304,7 @@ def save_states(
 ) -> None:
     """Many ``save_state`` at once (one executemany), from :func:`state_params`; with
     ``tails``, the enrollments named there get that journal tail in the same statement
-    (:func:`insert_journal_rows` ``leave``)."""
+    (:func:`write_chained` ``leave``)."""
     if not params:
         return
     tail = (tails or {}).get
@@ -451,8 +451,8 @@ def enrollments_of_profile(conn: Connection, ws: str, profile_id: str) -> list[A
 # A person's journal rows are found through their enrollments (every journal row belongs
 # to an enrollment of the same person: they are written, moved and deleted together):
 # ``ix_enrollments_profile_status``, then each enrollment's chain from its ``journal_tail``
-# (ADR 0018). The journal has no index on the person, and ``profile_id = ?`` on it was a scan of the whole
-# journal for every merge the pipeline applies (70 ms at 400,000 journal rows on SQLite,
+# (ADR 0018). The journal has no index on the person, and ``profile_id = ?`` on it was a
+# scan of the whole journal for every merge the pipeline applies (70 ms at 400,000 journal rows on SQLite,
 # growing with it, under the write lock). Date schedules are keyed (journey, person): they
 # are found by the workspace's journeys and the ids, not by a scan.
 def _person(ws: str, profile_ids: Sequence[str]) -> Any:
@@ -599,19 +599,11 @@ def write_chained(
         write_rows(conn, _SET_TAILS_SQL[conn.dialect.name], ("tail", "id"), rest)
 
 
-def insert_journal_rows(
-    conn: Connection,
-    rows: Sequence[dict[str, Any]],
-    *,
-    tails: Mapping[str, int | None] | None = None,
-) -> dict[str, int]:
+def insert_journal_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Journal rows of many enrollments at once, from :func:`journal_rows`, chained and
-    written (:func:`chain_journal`, :func:`write_chained`). Returns the new tails."""
-    if not rows:
-        return {}
-    chained = chain_journal(conn, rows, tails=tails)
-    write_chained(conn, chained)
-    return chained.tails
+    written (:func:`chain_journal`, :func:`write_chained`)."""
+    if rows:
+        write_chained(conn, chain_journal(conn, rows))
 
 
 _NEXT_JOURNAL_IDS = {

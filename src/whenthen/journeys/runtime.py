@@ -145,21 +145,14 @@ def _persist(
     enrollment whose only effects are messages (ADR 0014)."""
     state = transition.state
     eid = state.enrollment_id
+    journal = repo.journal_rows(
+        ws=ws, journey_id=journey.id, enrollment_id=eid, profile_id=profile_id, entries=transition.journal
+    )
     # Without ``writes``, the journal is chained first, so that the enrollment's row is
     # written once with its new journal tail (ADR 0018).
     chained = None
-    if writes is None and transition.journal:
-        chained = repo.chain_journal(
-            conn,
-            repo.journal_rows(
-                ws=ws,
-                journey_id=journey.id,
-                enrollment_id=eid,
-                profile_id=profile_id,
-                entries=transition.journal,
-            ),
-            tails={eid: None} if new else None,
-        )
+    if writes is None and journal:
+        chained = repo.chain_journal(conn, journal, tails={eid: None} if new else None)
     tails = chained.tails if chained is not None else {}
     if new:
         row = repo.enrollment_values(
@@ -185,16 +178,8 @@ def _persist(
         repo.save_states(conn, [repo.state_params(state, now)], tails)
     if chained is not None:
         repo.write_chained(conn, chained, leave={eid})
-    elif writes is not None and transition.journal:
-        writes.journal.extend(
-            repo.journal_rows(
-                ws=ws,
-                journey_id=journey.id,
-                enrollment_id=state.enrollment_id,
-                profile_id=profile_id,
-                entries=transition.journal,
-            )
-        )
+    elif writes is not None:
+        writes.journal.extend(journal)
     for effect in transition.effects:
         if isinstance(effect, SendEmail | CallWebhook):
             queued = _queued(ws, journey, state, profile_id, effect)

@@ -77,7 +77,7 @@ enrollment_journal = Table(
     Column("detail", JsonDoc, nullable=False),
     #: The enrollment's journal row before this one (``None`` for its first). The journal
     #: has no index by enrollment: each wake-up inserted into it at a random place, a
-    #: third of a timer batch at a million waiting (ADR 0018).
+    #: quarter of a timer batch at a million waiting (ADR 0018).
     Column("prev_id", BigInteger, nullable=True),
     Index("ix_enrollment_journal_journey", "journey_id", "kind", "node"),
 )
