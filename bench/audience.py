@@ -15,7 +15,8 @@ Per database (a SQLite file in a private temporary folder, or a fresh PostgreSQL
    ``tracking.service.append``): workspace A has 100 segments (every condition kind, 33
    of them time-dependent) and 2 scoring models (one decaying) and a lifecycle;
    workspace B has none. Each log is processed as the worker processes it
-   (``pipeline.process_partition``, 100 events per transaction, partition by partition,
+   (``pipeline.process_partitions``: 100 events of the busy partitions a transaction, 400
+   while groups come back full,
    until nothing is pending: the system events the batches emit, such as ``Segment
    Entered``, are processed too and counted). Printed: events/s of the track events
    in A (the figure) and in B (the same pipeline without audience work), the time per
@@ -89,6 +90,7 @@ from whenthen.profiles.tables import identities, profiles
 from whenthen.segments import service as segments
 from whenthen.segments.evaluator import evaluate, next_change
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
+from whenthen.settings import PipelineSettings
 from whenthen.storage import Database
 from whenthen.storage.migrate import upgrade
 from whenthen.tracking import service as tracking_service
@@ -100,8 +102,11 @@ RECOMPUTE_GOAL = 30.0  # s
 EXPIRY_GOAL = 60.0  # s
 QUIET = 0.15  # cores other processes may use before a phase is flagged
 PARTITIONS = 64
-BATCH = 100  # events per pipeline transaction (PipelineSettings.batch_size)
+#: Events per pipeline transaction, as the worker takes them (``PipelineSettings``).
+BATCH = PipelineSettings().batch_size
+BACKLOG_BATCH = max(BATCH, PipelineSettings().backlog_batch_size)
 SECRET = b"bench-audience-secret"
+OWNER = "bench-audience"  # the pipeline leases' owner
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 #: The minute in which every "Trial Started" happened, a day before NOW.
 TRIAL_MINUTE = NOW - timedelta(days=1)
@@ -381,19 +386,32 @@ def _log(profiles: int, track_events: int) -> tuple[list[dict[str, Any]], list[d
 
 
 def _drain(db: Database) -> int:
-    """Process every pending event as the worker does; returns how many were processed."""
+    """Process every pending event as the worker does (``PipelineWorker.run_once``): the
+    partitions with pending events, their oldest events in one transaction
+    (``pipeline.process_partitions``, under the bench's leases), ``batch_size`` of them,
+    or ``backlog_batch_size`` after a group came back full, until none is pending.
+    Returns how many were processed."""
+    now = NOW
+    with db.write() as conn:
+        owned = pipeline_service.claim(conn, OWNER, range(PARTITIONS), now=now, lease=timedelta(hours=1))
     total = 0
+    limit = BATCH
     while True:
         with db.read() as conn:
-            parts = pipeline.pending_partitions(conn, range(PARTITIONS))
-        if not parts:
+            busy = pipeline.pending_partitions(conn, owned)
+        if not busy:
             return total
-        for p in parts:
+        while True:  # as a pass: groups until one comes back short
             with db.write() as conn:
-                out = pipeline.process_partition(
-                    conn, p, limit=BATCH, secret=SECRET, now=NOW, partitions=PARTITIONS
+                out = pipeline_service.process_partitions(
+                    conn, OWNER, busy, limit=limit, secret=SECRET, now=now, partitions=PARTITIONS
                 )
-            total += out.processed
+            n = out.processed + out.suppressed
+            total += n
+            full = n >= limit
+            limit = BACKLOG_BATCH if full else BATCH
+            if not full:
+                break
 
 
 def _append(db: Database, ws: str, calls: list[dict[str, Any]]) -> None:

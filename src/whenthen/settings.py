@@ -35,6 +35,11 @@ class PipelineSettings(BaseModel):
     #: How many pending events one claim takes from a partition. Small enough that a batch
     #: (one transaction) does not keep API writers waiting long on SQLite.
     batch_size: int = 100
+    #: How many a group takes after one came back full (a backlog: a burst, or the log
+    #: left while no worker ran), until one comes back short: each transaction's fixed
+    #: costs (its commit's fsync, the workspace set-up, the reads of the batch's people)
+    #: are shared by more events. Never fewer than ``batch_size``.
+    backlog_batch_size: int = Field(default=400, ge=1)
     #: How long a partition lease lasts before another worker may take it over.
     lease_seconds: float = 30.0
     #: Idle poll interval of the background worker.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import insert, select
@@ -419,3 +421,47 @@ def test_an_idle_worker_sleeps_until_the_next_timer_not_a_whole_poll(
         assert worker._idle_wait() == poll
     finally:
         worker.next_due.pop()
+
+
+def test_a_backlog_is_taken_in_larger_groups_until_one_comes_back_short(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a group comes back full the next takes ``backlog_batch_size`` events (a
+    backlog's transactions share their fixed costs among more events); after a short one,
+    ``batch_size`` again. Every event is applied once, in order per person."""
+    settings = container.settings.pipeline
+    assert (settings.batch_size, settings.backlog_batch_size) == (100, 400)
+    limits: list[tuple[int, int]] = []
+    original = pipeline.process_partitions
+
+    def recorded(*args: Any, **kwargs: Any) -> pipeline.BatchOutcome:
+        out: pipeline.BatchOutcome = original(*args, **kwargs)
+        limits.append((kwargs["limit"], out.processed + out.suppressed))
+        return out
+
+    monkeypatch.setattr(pipeline, "process_partitions", recorded)  # as the worker calls it
+    container.worker.pass_budget_seconds = 3600.0  # one pass takes the whole backlog
+    ws = make_workspace(container)
+    calls = [
+        {"type": "track", "userId": f"u{i % 30}", "event": "E", "messageId": f"m{i}"} for i in range(1000)
+    ]
+    send(container, ws.id, *calls, drain=False)
+    while container.worker.run_once(background=False):
+        pass
+    # A group reads "about" its limit (each partition's share is rounded up), so "full"
+    # is at least the limit.
+    assert limits[0][0] == 100
+    for (limit, got), (next_limit, _) in itertools.pairwise(limits):
+        assert next_limit == (400 if got >= limit else 100)
+    assert sum(got for _, got in limits) == 1000
+    assert sum(1 for limit, _ in limits if limit == 400) >= 2
+    assert limits[-1][1] < limits[-1][0]
+    limits.clear()
+    send(container, ws.id, {"type": "track", "userId": "u1", "event": "E", "messageId": "late"}, drain=False)
+    container.worker.run_once(background=False)
+    assert limits == [(100, 1)]  # after a short group: batch_size again
+    with container.db.read() as conn:
+        assert pipeline.count_pending(conn) == 0
+        for i in range(30):
+            expected = len(range(i, 1000, 30)) + (1 if i == 1 else 0)
+            assert profiles.lookup(conn, ws.id, user_id=f"u{i}").event_count == expected

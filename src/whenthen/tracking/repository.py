@@ -106,7 +106,9 @@ def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[Any
     ``limit / len(partitions)`` (rounded up) events, the oldest of its pending ones; what
     the others leave of ``limit`` is then shared among the partitions that filled their
     share (one more read, after the events already taken), so one busy partition among
-    quiet ones still moves in large batches. Each partition's events are a prefix of its
+    quiet ones still moves in large batches. Both shares are rounded up, so a backlog
+    gives at least ``limit`` events (fewer than ``limit + len(partitions)``): the worker
+    reads a full group as a backlog. Each partition's events are a prefix of its
     pending ones: every person's calls are applied in order.
     """
     n = len(partitions)
@@ -120,7 +122,7 @@ def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[Any
     full = {p: got[-1].seq for p, got in taken.items() if len(got) >= share}
     if not full:
         return rows
-    more = _read_pending(conn, full, max(1, (limit - len(rows)) // len(full)))
+    more = _read_pending(conn, full, max(1, -(-(limit - len(rows)) // len(full))))
     return sorted(rows + more, key=lambda r: r.seq)
 
 

@@ -78,6 +78,9 @@ class PipelineWorker:
     #: than the events); a pass that applied no event runs them at once.
     steps_interval_seconds: float = 0.05
     _steps_at: float | None = None
+    #: How many events the next group takes: ``batch_size`` (0: not set yet), or
+    #: ``backlog_limit`` while groups come back full.
+    _group_limit: int = 0
     _owned: set[int] | None = None
     _renewed_at: datetime | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
@@ -113,13 +116,15 @@ class PipelineWorker:
         handled = 0
         started = time.monotonic()
         while busy:
-            n = self._process_group(busy)
+            limit = self._group_limit or self.settings.batch_size
+            n = self._process_group(busy, limit)
             handled += n
             if n:
                 # The group committed its outbox jobs: the dispatcher need not wait for the
                 # rest of the pass (up to ``pass_budget_seconds`` under load).
                 self._outbox_ready()
-            if n < self.settings.batch_size or time.monotonic() - started >= self.pass_budget_seconds:
+            self._group_limit = self.backlog_limit if n >= limit else self.settings.batch_size
+            if n < limit or time.monotonic() - started >= self.pass_budget_seconds:
                 break
         applied = handled
         if (
@@ -154,10 +159,17 @@ class PipelineWorker:
         self._renewed_at = now
         return self._owned
 
-    def _process_group(self, partitions: list[int]) -> int:
-        """Up to ``batch_size`` events of several partitions in one transaction: under
-        light load each partition has a few events, and a commit per partition (an fsync
-        each on PostgreSQL and SQLite FULL, 3-4 ms here) was most of the cost. Returns how
+    @property
+    def backlog_limit(self) -> int:
+        """How many events a group takes after a full one (see
+        ``PipelineSettings.backlog_batch_size``)."""
+        return max(self.settings.batch_size, self.settings.backlog_batch_size)
+
+    def _process_group(self, partitions: list[int], limit: int) -> int:
+        """Up to ``limit`` events of several partitions in one transaction: under light
+        load each partition has a few events, and a commit per partition (an fsync each
+        on PostgreSQL and SQLite FULL, 3-4 ms here) was most of the cost. ``limit`` is
+        ``batch_size``, or ``backlog_limit`` after a group came back full. Returns how
         many events were handled. If the transaction fails, each partition is done again
         on its own (and event by event if need be)."""
         try:
@@ -166,7 +178,7 @@ class PipelineWorker:
                     conn,
                     self.owner,
                     partitions,
-                    limit=self.settings.batch_size,
+                    limit=limit,
                     secret=self.secret,
                     now=self.clock.now(),
                     partitions=self.settings.partitions,
