@@ -257,6 +257,44 @@ def test_an_event_arriving_before_the_decay_timer_fired_announces_the_crossing_f
     assert [c["direction"] for c in crossings(http, pid)] == ["up"]
 
 
+def test_an_event_that_changes_nothing_still_announces_a_crossing_decay_made_first(
+    env: JourneyEnv, http: TestClient
+) -> None:
+    """The model has a trait rule, so every event touches it; an event that changes
+    neither its points nor what it awards is skipped without reading the score, except
+    when the score's decay timer is due: then the crossing is announced from the event."""
+    assert http.put("/api/v1/scoring/models/interest", json=MODEL).status_code == 200
+    env.identify("noa", email="noa@example.com")
+    for n in range(3):
+        env.track("noa", "Demo Requested", n=n)  # 60
+    pid = env.profile("noa").id
+
+    def unrelated_event() -> scoring.Scored:
+        with env.c.db.write() as conn:
+            return scoring.on_event(
+                conn,
+                env.ws.id,
+                pid,
+                event="Page Viewed",
+                properties={},
+                traits_after={},
+                now=env.clock.now(),
+                workspace_models=scoring.models(conn, env.ws.id),
+                lifecycle=None,
+            )
+
+    env.clock.advance(timedelta(days=1))  # ~54: nothing due
+    assert unrelated_event() == scoring.Scored((), None, frozenset())
+    env.clock.advance(timedelta(days=6))  # 30 now; the timer is due but no worker ran
+    scored = unrelated_event()
+    assert [(k, c.direction, c.threshold) for k, c in scored.crossings] == [("interest", "down", 50)]
+    assert scored.stored == frozenset()  # the points stand; only the timer moved
+    # Re-armed: the worker does not announce the down crossing again (the caller, the
+    # pipeline, announces what on_event returns); the log holds the first "up" only.
+    env.c.worker.drain()
+    assert [c["direction"] for c in crossings(http, pid)] == ["up"]
+
+
 def test_a_fixed_amount_decay_moves_scores_segments_and_thresholds_each_period(
     env: JourneyEnv, http: TestClient
 ) -> None:

@@ -17,6 +17,7 @@ from whenthen.scoring.model import (
     ScoringModel,
     apply,
     crossings_between,
+    may_change,
     next_decay_crossing,
     next_stage,
     value_at,
@@ -316,3 +317,52 @@ def test_timers_announce_every_threshold_decay_passes_exactly_once(
         assert due > t
     assert announced == [c.threshold for c in crossings_between(model, points, start)]
     assert crossings_between(model, start, final) == ()
+
+
+_NAMES = ["Product Viewed", "Page Viewed", "Email Unsubscribed", "Other"]
+_TRAITS = st.fixed_dictionaries(
+    {},
+    optional={"title": st.sampled_from(["Director of Sales", "engineer", "", None]), "plan": st.just("pro")},
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 72),
+            st.sampled_from(_NAMES),
+            st.sampled_from([{}, {"path": "/pricing"}, {"path": "/home"}]),
+            _TRAITS,
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_may_change_is_false_only_where_apply_changes_nothing(
+    steps: list[tuple[int, str, dict[str, Any], dict[str, Any]]],
+) -> None:
+    """The pipeline skips ``apply`` (and reading the score) when ``may_change`` says no:
+    along any run of events, wherever it says no, ``apply`` returns ``(None, ())``; and it
+    says yes wherever ``apply`` changes the score."""
+    score: Score | None = None
+
+    for h, name, props, traits in sorted(steps, key=lambda s: s[0]):
+        at = T0 + timedelta(hours=h)
+        awarded = score.awarded if score is not None else ()
+        maybe = may_change(MODEL, awarded, event=name, properties=props, traits_after=traits)
+        new, crossed = apply(MODEL, score, event=name, properties=props, traits_after=traits, now=at)
+        if not maybe:
+            assert (new, crossed) == (None, ())
+        score = new or score
+
+
+def test_may_change_follows_event_rules_filters_and_trait_rules() -> None:
+    director = {"title": "Sales Director"}
+    assert may_change(MODEL, (), event="Product Viewed", properties={}, traits_after={})
+    assert may_change(MODEL, (), event="Page Viewed", properties={"path": "/pricing"}, traits_after={})
+    assert not may_change(MODEL, (), event="Page Viewed", properties={"path": "/home"}, traits_after={})
+    assert not may_change(MODEL, (), event="Other", properties={}, traits_after={})
+    # a trait rule: holds and not given, given and no longer holds; as given, no change
+    assert may_change(MODEL, (), event="Other", properties={}, traits_after=director)
+    assert not may_change(MODEL, ("director",), event="Other", properties={}, traits_after=director)
+    assert may_change(MODEL, ("director",), event="Other", properties={}, traits_after={"title": "cook"})

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -190,6 +190,30 @@ def touches(model: ScoringModel, event: str, properties: Mapping[str, Any]) -> b
         )
         for rule in model.rules
     )
+
+
+def may_change(
+    model: ScoringModel,
+    awarded: Collection[str],
+    *,
+    event: str,
+    properties: Mapping[str, Any],
+    traits_after: Mapping[str, Any],
+) -> bool:
+    """Whether :func:`apply` can change a score whose trait rules ``awarded`` are given
+    (``Score.awarded``; none without a score): an event rule matches the event, or a
+    trait rule holds now and is not given, or is given and no longer holds. When this is
+    false, ``apply`` returns ``(None, ())``: the same answer without reading the score."""
+    for rule in model.rules:
+        if rule.trait is not None:
+            holds_now = compare(lookup_path(traits_after, rule.trait), rule.op, rule.value)
+            if holds_now != (rule.id in awarded):
+                return True
+        elif rule.event == event and all(
+            compare(_event_value(properties, f.path), f.op, f.value) for f in rule.where
+        ):
+            return True
+    return False
 
 
 def apply(

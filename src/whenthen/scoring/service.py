@@ -22,6 +22,7 @@ from whenthen.scoring.model import (
     Score,
     ScoringModel,
     apply,
+    may_change,
     crossings_between,
     next_decay_crossing,
     next_stage,
@@ -287,17 +288,28 @@ def on_event(
     values: dict[str, float] = {}
     for model in wanted:
         row = rows.get(model.key)
+        decay_due = (
+            row is not None
+            and row.decay_due_at is not None
+            and row.decay_from is not None
+            and row.decay_due_at <= now
+        )
+        if (
+            not score_rules
+            and not decay_due
+            and not may_change(
+                model, _awarded(row), event=event, properties=properties, traits_after=traits_after
+            )
+        ):
+            # ``apply`` would change nothing (a model with trait rules is touched by every
+            # event, most of which change neither its points nor what it awards).
+            continue
         before = Score.from_row(row.points, row.as_of, row.caps) if row else None
         values[model.key] = value_at(before, model.decay, now) if before else 0.0
         if model.key not in touched_keys:
             continue
         decayed: tuple[Crossing, ...] = ()
-        if (
-            row is not None
-            and row.decay_due_at is not None
-            and row.decay_from is not None
-            and row.decay_due_at <= now
-        ):
+        if decay_due and row is not None and row.decay_from is not None:
             # Decay carried the score across a threshold before this event and the timer
             # has not fired yet: announce that first, as the timer would have.
             decayed = crossings_between(model, float(row.decay_from), values[model.key])
@@ -327,6 +339,13 @@ def on_event(
             set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
             change = (current, target)
     return Scored(tuple(crossings), change, frozenset(stored))
+
+
+def _awarded(row: _ScoreRow | None) -> tuple[str, ...]:
+    """The trait rules a stored score gives (``Score.awarded``), read without the score."""
+    if row is None or not row.caps:
+        return ()
+    return tuple(row.caps.get("awarded") or ())
 
 
 def _rearm(
