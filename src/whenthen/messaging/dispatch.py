@@ -275,11 +275,11 @@ class EmailJob:
         outcomes: list[Outcome | None] = [None] * len(jobs)
         mids = [job.payload["message_id"] for job in jobs]
         with self.db.read() as conn:
-            rows = service.messages_by_id(conn, sorted(set(mids)))
+            rows = service.heads_by_id(conn, sorted(set(mids)))
             wanted: dict[str, set[str]] = {}
-            for msg in rows.values():
-                if msg.status in service.STILL_TO_SEND:
-                    wanted.setdefault(msg.workspace_id, set()).add(msg.profile_id)
+            for head in rows.values():
+                if head.status in service.STILL_TO_SEND:
+                    wanted.setdefault(head.workspace_id, set()).add(head.profile_id)
             # The survivor's consent: the profile may have been merged since it was queued.
             people: dict[tuple[str, str], tuple[Profile | None, str | None]] = {
                 (ws, pid): found
@@ -328,7 +328,7 @@ class EmailJob:
         return [o if o is not None else Outcome() for o in outcomes]
 
     def _build(
-        self, job: Any, msg: Any, profile: Profile | None, consent: str | None, now: datetime
+        self, job: Any, msg: service.MessageHead, profile: Profile | None, consent: str | None, now: datetime
     ) -> Outcome | _Pending:
         payload = job.payload
         mid = msg.id
