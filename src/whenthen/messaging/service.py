@@ -37,18 +37,18 @@ _EXISTING_KEYS = select(messages.c.idempotency_key).where(
     messages.c.idempotency_key.in_(bindparam("b_keys", expanding=True))
 )
 _MESSAGE = select(messages).where(messages.c.id == bindparam("b_id"))
+#: What the dispatcher and its handlers read of a job (id, workspace, kind, payload, attempts): its times
+#: stay unread (three conversions a job, in every claim).
 _READY = (
-    select(outbox)
+    select(outbox.c.id, outbox.c.workspace_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
     .where(outbox.c.done_at.is_(None), outbox.c.available_at <= bindparam("b_now"))
     .order_by(outbox.c.available_at, outbox.c.id)
     .limit(bindparam("b_limit", type_=Integer))
 )
 _READY_LOCKED = _READY.with_for_update(skip_locked=True)
-_HIDE = (
-    update(outbox)
-    .where(outbox.c.id.in_(bindparam("b_ids", expanding=True)))
-    .values(available_at=bindparam("b_until"), attempts=outbox.c.attempts + 1)
-)
+#: Each claimed job hidden for its lease, by key (an executemany: an expanding ``IN`` was
+#: rendered anew for every claim).
+_HIDE_SQL = statements("UPDATE outbox SET available_at = %s, attempts = attempts + 1 WHERE id = %s")
 _FINISH = (
     update(outbox)
     .where(outbox.c.id == bindparam("b_id"))
@@ -240,7 +240,8 @@ def claim(conn: Connection, now: datetime, *, limit: int, lease: timedelta) -> l
     with in_index_order(conn):
         rows = list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
     if rows:
-        conn.execute(_HIDE, {"b_ids": [r.id for r in rows], "b_until": now + lease})
+        until = StoredValues(conn).at(now + lease)
+        execute_each(conn, _HIDE_SQL, [(until, r.id) for r in rows])
     return rows
 
 
