@@ -33,7 +33,7 @@ from whenthen.profiles.tables import (
     profiles,
 )
 from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements
-from whenthen.storage.id_lists import array_param, ids_in, per_dialect
+from whenthen.storage.id_lists import array_param, by_ids, ids_in, per_dialect
 from whenthen.storage.plans import tested_only
 
 
@@ -178,9 +178,7 @@ def by_identities(
 
 
 #: PostgreSQL: the profiles among the ids that no other transaction holds, locked.
-_LOCK_FREE = (
-    select(profiles.c.id).where(ids_in("postgresql", profiles.c.id, "ids")).with_for_update(skip_locked=True)
-)
+_LOCK_FREE = by_ids("postgresql", profiles, "id", "ids", [profiles.c.id], lock=True)
 
 
 def lock_free(conn: Connection, profile_ids: Sequence[str]) -> set[str]:
@@ -659,7 +657,7 @@ def senders(
         # The workspace is checked per row: with ``workspace_id = ?`` in the WHERE, SQLite
         # (no statistics) walks the workspace's whole primary key instead of the profiles'.
         rows = _SENDER_IDS[d].all(conn, {"ids": owners[i : i + _ID_CHUNK]})
-        for row_ws, pid, kind, value in rows:
+        for row_ws, pid, kind, value, _ in rows:
             if row_ws == ws:
                 firsts.setdefault(pid, {}).setdefault(kind, value)
     out: dict[str, tuple[str | None, str | None]] = {}
@@ -679,20 +677,27 @@ _ID_CHUNK = 2000
 # building them (``in_``, the cache key) cost more than running them.
 _SENDER_TARGETS = per_dialect(
     lambda d: DriverQuery(
-        select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
-            ids_in(d, profiles.c.id, "ids")
-        )
+        by_ids(d, profiles, "id", "ids", [profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into])
     )
 )
 _SENDER_SURVIVORS = per_dialect(
-    lambda d: DriverQuery(
-        select(profiles.c.id, profiles.c.workspace_id).where(ids_in(d, profiles.c.id, "ids"))
-    )
+    lambda d: DriverQuery(by_ids(d, profiles, "id", "ids", [profiles.c.id, profiles.c.workspace_id]))
 )
 _SENDER_IDS = per_dialect(
     lambda d: DriverQuery(
-        select(identities.c.workspace_id, identities.c.profile_id, identities.c.kind, identities.c.value)
-        .where(ids_in(d, identities.c.profile_id, "ids"))
-        .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
+        by_ids(
+            d,
+            identities,
+            "profile_id",
+            "ids",
+            [
+                identities.c.workspace_id,
+                identities.c.profile_id,
+                identities.c.kind,
+                identities.c.value,
+                identities.c.created_at,
+            ],
+            order_by=("created_at", "kind", "value"),
+        )
     )
 )

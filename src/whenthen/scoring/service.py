@@ -32,7 +32,7 @@ from whenthen.scoring.model import (
 from whenthen.scoring.tables import lifecycles, profile_scores, profile_stages, scoring_models, stage_history
 from whenthen.storage import Database
 from whenthen.storage.driver import DriverQuery
-from whenthen.storage.id_lists import ids_in, per_dialect
+from whenthen.storage.id_lists import by_ids, per_dialect
 
 # ---- models -------------------------------------------------------------------------------
 
@@ -141,8 +141,13 @@ def _rows(
 #: ``_ROWS`` for many people at once (a batch's read-ahead).
 _ROWS_OF_MANY = per_dialect(
     lambda d: DriverQuery(
-        select(profile_scores.c.profile_id, *_ROWS.stmt.selected_columns).where(
-            profile_scores.c.workspace_id == bindparam("ws"), ids_in(d, profile_scores.c.profile_id, "pids")
+        by_ids(
+            d,
+            profile_scores,
+            "profile_id",
+            "pids",
+            [profile_scores.c.profile_id, *_ROWS.stmt.selected_columns],
+            profile_scores.c.workspace_id == bindparam("ws"),
         )
     )
 )

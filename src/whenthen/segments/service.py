@@ -72,7 +72,7 @@ from whenthen.segments.tables import segment_history, segment_members, segment_t
 from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views, of_segment
 from whenthen.storage import Database
 from whenthen.storage.driver import DriverQuery
-from whenthen.storage.id_lists import ids_in, per_dialect
+from whenthen.storage.id_lists import by_ids, per_dialect
 
 __all__ = [
     "ENTERED",
@@ -722,14 +722,11 @@ def _segments_by_id(conn: Connection, ids: Iterable[str]) -> dict[str, Segment]:
 # with the workspace and merge checked per row: with ``workspace_id = ?`` in the WHERE,
 # SQLite (no statistics) walks the workspace's whole (workspace, last seen) index: a
 # scan of every profile per chunk.
-_PROFILE_STATE = per_dialect(
-    lambda d: select(profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into).where(
-        ids_in(d, profiles.c.id, "pids")
-    )
-)
+_PROFILE_STATE_COLUMNS = (profiles.c.id, profiles.c.workspace_id, profiles.c.merged_into)
+_PROFILE_STATE = per_dialect(lambda d: by_ids(d, profiles, "id", "pids", _PROFILE_STATE_COLUMNS))
 _PROFILE_STATE_LOCKED = {
     "sqlite": _PROFILE_STATE["sqlite"],  # one writer at a time
-    "postgresql": _PROFILE_STATE["postgresql"].with_for_update(skip_locked=True),
+    "postgresql": by_ids("postgresql", profiles, "id", "pids", _PROFILE_STATE_COLUMNS, lock=True),
 }
 _MEMBERS_AMONG = per_dialect(
     lambda d: select(segment_members.c.profile_id).where(*of_segment(d, segment_members))

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
+    cast,
     func,
     literal,
     literal_column,
@@ -54,7 +55,7 @@ from whenthen.segments.definition import (
 )
 from whenthen.segments.evaluator import DecaySpec, EventTuple, ProfileView
 from whenthen.storage.driver import DriverQuery
-from whenthen.storage.id_lists import DIALECTS, ArrayLiteral, array_param, ids_in, per_dialect
+from whenthen.storage.id_lists import DIALECTS, ArrayLiteral, array_param, by_ids, ids_in, per_dialect
 from whenthen.tracking.tables import events
 
 #: Profile ids per statement (one list parameter, ``storage.id_lists.ids_in``): a million
@@ -220,9 +221,7 @@ def load_view(
 _PIDS = "pids"
 _TRAITS = per_dialect(
     lambda d: DriverQuery(
-        select(profiles.c.id, profiles.c.workspace_id, profiles.c.traits).where(
-            ids_in(d, profiles.c.id, _PIDS)
-        )
+        by_ids(d, profiles, "id", _PIDS, [profiles.c.id, profiles.c.workspace_id, profiles.c.traits])
     )
 )
 _EVENT_COLUMNS = (events.c.profile_id, events.c.event, events.c.timestamp, events.c.workspace_id)
@@ -285,8 +284,13 @@ def _others_read(
     them NULL)."""
 
     def part(kind: int, table: Any, key: Any, *more: Any) -> Select[Any]:
-        return select(literal(kind).label("kind"), table.c.profile_id, key, *more).where(
-            table.c.workspace_id == bindparam("ws"), ids_in(d, table.c.profile_id, _PIDS)
+        return by_ids(
+            d,
+            table,
+            "profile_id",
+            _PIDS,
+            [literal(kind).label("kind"), table.c.profile_id, key, *more],
+            table.c.workspace_id == bindparam("ws"),
         )
 
     parts = []
@@ -299,7 +303,11 @@ def _others_read(
         (stage, _STAGE, profile_stages, profile_stages.c.stage),
     ):
         if wanted:
-            parts.append(part(kind, table, key, null(), null()))
+            # Typed and named: on PostgreSQL each part is read through a subquery, where
+            # an untyped NULL would be text and two unnamed ones one column.
+            points = cast(null(), profile_scores.c.points.type).label("points")
+            as_of = cast(null(), profile_scores.c.as_of.type).label("as_of")
+            parts.append(part(kind, table, key, points, as_of))
     return parts[0] if len(parts) == 1 else union_all(*parts)
 
 
