@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection
 
+from tests.support.plans import relation_scans
 from whenthen.profiles import repository as profile_repo
 from whenthen.scoring import service as scoring_service
 from whenthen.segments import service as segment_service
@@ -79,13 +80,6 @@ READS: dict[str, tuple[Any, dict[str, Any], str, set[str]]] = {
 }
 
 
-def _scans(plan: dict[str, Any], tables: set[str]) -> Iterator[dict[str, Any]]:
-    if plan.get("Relation Name") in tables:
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from _scans(child, tables)
-
-
 def _explain(conn: Connection, stmt: Any, params: dict[str, Any]) -> dict[str, Any]:
     compiled = stmt.compile(dialect=conn.dialect)
     full = {**{k: v for k, v in compiled.params.items() if v is not None}, **params}
@@ -103,7 +97,7 @@ def test_each_id_is_one_index_probe(pg: Database, read: str, analysed: bool) -> 
             conn.exec_driver_sql("ANALYZE")
     with pg.write() as conn:  # a write: some of them lock
         plan = _explain(conn, stmt, {**params, name: ArrayLiteral().process_bind_param(IDS, conn.dialect)})
-    scans = list(_scans(plan, tables))
+    scans = list(relation_scans(plan, tables))
     assert {s["Relation Name"] for s in scans} == tables, plan
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), scan

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, insert
 
+from tests.support.plans import relation_scans
 from whenthen.messaging import service
 from whenthen.messaging.tables import messages
 from whenthen.storage import Database
@@ -44,13 +45,6 @@ def pg(pg_url: str) -> Iterator[Database]:
     db.dispose()
 
 
-def _message_scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if plan.get("Relation Name") == "messages":
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from _message_scans(child)
-
-
 def _explain(conn: Connection, ids: list[str]) -> dict[str, Any]:
     sql = service._heads_read("postgresql").compile(dialect=conn.dialect).string
     params = {"ids": ArrayLiteral().process_bind_param(ids, conn.dialect)}
@@ -69,7 +63,7 @@ def test_each_id_is_found_through_the_primary_key(pg: Database, analysed: bool) 
             conn.exec_driver_sql("ANALYZE messages")
     with pg.read() as conn:
         plan = _explain(conn, IDS)
-    scans = list(_message_scans(plan))
+    scans = list(relation_scans(plan, {"messages"}))
     assert scans, plan
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), scan

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, insert
 
+from tests.support.plans import relation_scans
 from whenthen.profiles import repository as profile_repo
 from whenthen.profiles.tables import identities, profiles
 from whenthen.storage import Database
@@ -53,13 +54,6 @@ def pg(pg_url: str) -> Iterator[Database]:
     db.dispose()
 
 
-def _identity_scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if plan.get("Relation Name") == "identities":
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from _identity_scans(child)
-
-
 def _explain(conn: Connection, uids: list[str], aids: list[str]) -> dict[str, Any]:
     stmt = profile_repo._owners_read_postgresql()
     sql = stmt.compile(dialect=conn.dialect).string
@@ -83,7 +77,7 @@ def test_each_id_is_found_through_the_primary_key(pg: Database, analysed: bool) 
     with pg.write() as conn:
         plan = _explain(conn, uids, aids)
         owners = profile_repo.by_identities(conn, "ws-1", [*uids, *ODD], aids)
-    scans = list(_identity_scans(plan))
+    scans = list(relation_scans(plan, {"identities"}))
     assert scans, plan
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), scan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, event
@@ -61,3 +62,11 @@ def assert_walks_index(db: Any, seen: Statements, *, table: str, index: str, lim
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
+
+
+def relation_scans(plan: dict[str, Any], tables: set[str]) -> Iterator[dict[str, Any]]:
+    """The nodes of a PostgreSQL ``EXPLAIN (FORMAT JSON)`` plan that read one of ``tables``."""
+    if plan.get("Relation Name") in tables:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from relation_scans(child, tables)

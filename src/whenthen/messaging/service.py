@@ -15,11 +15,8 @@ from sqlalchemy import (
     Select,
     bindparam,
     delete,
-    func,
     insert,
-    literal_column,
     select,
-    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,7 +30,7 @@ from whenthen.storage.driver import (
     statements,
     write_rows,
 )
-from whenthen.storage.id_lists import array_param, ids_in, per_dialect
+from whenthen.storage.id_lists import by_ids, per_dialect
 from whenthen.storage.plans import in_index_order
 
 # Statements run for every message and job are built once, with bind parameters: building
@@ -323,25 +320,11 @@ def heads_by_id(conn: Connection, message_ids: Sequence[str]) -> dict[str, Messa
 
 
 def _heads_read(d: str) -> Select[Any]:
-    """On SQLite the ids as one JSON list (``ids_in``). On PostgreSQL each id looked up on
-    its own through the primary key (a ``LATERAL`` subquery per element of the id array,
-    kept apart by ``OFFSET 0``): with ``id = ANY(:ids)`` a planner that took the table for
-    small (no statistics yet, or from before a big send queued its messages) scanned
-    every message and compared each with the batch's every id, 280 ms a batch of 200 at
-    10,000 messages (``tests/integration/test_pg_message_heads_plan.py``)."""
-    if d != "postgresql":
-        return select(*_HEAD_COLUMNS).where(ids_in(d, messages.c.id, "ids"))
-    ids = func.unnest(array_param("ids")).table_valued("mid").render_derived(name="u")
-    m = messages.alias("m")
-    probe = (
-        select(m.c.id, m.c.workspace_id, m.c.profile_id, m.c.status)
-        .where(m.c.id == ids.c.mid)
-        .offset(literal_column("0"))
-        .lateral("h")
-    )
-    return select(probe.c.id, probe.c.workspace_id, probe.c.profile_id, probe.c.status).select_from(
-        ids.join(probe, true())
-    )
+    """By id (``by_ids``: on PostgreSQL one probe of the primary key per id, ADR 0019).
+    With ``id = ANY(:ids)`` a planner that took the table for small (no statistics yet,
+    or from before a big send queued its messages) scanned every message against every
+    id, 280 ms a batch of 200 at 10,000 messages (``test_pg_message_heads_plan.py``)."""
+    return by_ids(d, messages, "id", "ids", _HEAD_COLUMNS)
 
 
 _HEAD_COLUMNS = (messages.c.id, messages.c.workspace_id, messages.c.profile_id, messages.c.status)
