@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from whenthen.segments.definition import parse_segment
 from whenthen.segments.service import EVERYTHING_CHANGED, Change, Segment, SegmentIndex
+from whenthen.segments.views import Reads
 
 AT = datetime(2026, 12, 1, tzinfo=UTC)
 NAMES = ["Page Viewed", "Added to Cart", "Order Completed", "Signed Up", "Segment Entered"]
@@ -82,3 +83,18 @@ def test_everything_changed_is_every_segment_in_order() -> None:
 def test_a_change_that_reads_nothing_affects_nothing() -> None:
     assert SegmentIndex(SEGMENTS).affected(Change(event="Unknown")) == []
     assert [s.key for s in SegmentIndex(SEGMENTS).affected(Change(event="Order Completed"))] == ["s7", "s18"]
+
+
+@given(changes=st.lists(changes, min_size=1, max_size=6), picked=st.lists(st.integers(0, len(SEGMENTS) - 1)))
+def test_affected_with_reads_answers_as_asked_afresh_each_time(
+    changes: list[Change], picked: list[int]
+) -> None:
+    """The memo of one index (a batch's) answers every change, repeated or not, as the
+    segments and ``Reads.union`` of them would."""
+    segs = [SEGMENTS[i] for i in sorted(set(picked))]
+    index = SegmentIndex(segs)
+    for change in asked * 2:
+        affected, reads = index.affected_with_reads(change)
+        expected = [s for s in segs if change.affects(s)]
+        assert list(affected) == expected
+        assert reads == Reads.union(s.reads for s in expected)

@@ -234,6 +234,7 @@ class SegmentIndex:
         self._by_model: dict[str, list[int]] = defaultdict(list)
         self._traits: list[int] = []
         self._stage: list[int] = []
+        self._memo: dict[Change, tuple[Sequence[Segment], Reads]] = {}
         for i, seg in enumerate(self.segments):
             for name in seg.event_names:
                 self._by_event[name].append(i)
@@ -243,6 +244,16 @@ class SegmentIndex:
                 self._traits.append(i)
             if seg.reads.stage:
                 self._stage.append(i)
+
+    def affected_with_reads(self, change: Change) -> tuple[Sequence[Segment], Reads]:
+        """:meth:`affected` and what they read together (``Reads.union``), worked out
+        once per kind of change: a batch's events share a few (their names, whether
+        traits, stage or scores moved)."""
+        found = self._memo.get(change)
+        if found is None:
+            affected = tuple(self.affected(change))
+            found = self._memo[change] = (affected, Reads.union(s.reads for s in affected))
+        return found
 
     def affected(self, change: Change) -> list[Segment]:
         if change.everything:
@@ -659,17 +670,19 @@ def on_change(
     :class:`~whenthen.segments.membership.HeldWrites`, which reads and keeps the
     person's memberships and timers until the batch writes them all at its end (the
     pipeline's); without it they are read and written here."""
+    affected: Sequence[Segment]
     if change is not None and index is not None:
-        affected = index.affected(change)
-    elif change is not None:
-        affected = [s for s in segments if change.affects(s)]
+        affected, reads = index.affected_with_reads(change)
     else:
-        affected = [s for s in segments if relevant(s, event_name)]
+        if change is not None:
+            affected = [s for s in segments if change.affects(s)]
+        else:
+            affected = [s for s in segments if relevant(s, event_name)]
+        reads = Reads.union(s.reads for s in affected)
     if not affected:
         return 0
     if half_lives is None:
         half_lives = half_lives_of(conn, ws)
-    reads = Reads.union(s.reads for s in affected)
     known = None if traits is None else {profile_id: traits}
     view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
     if held is None:
