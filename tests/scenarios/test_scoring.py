@@ -225,6 +225,23 @@ def test_several_thresholds_passed_by_decay_are_announced_in_order(env: JourneyE
     ]
 
 
+def _score_event(env: JourneyEnv, pid: str, event: str) -> scoring.Scored:
+    """The scoring step alone for one event of the person (no traits, no lifecycle), in
+    its own transaction, as the pipeline calls it."""
+    with env.c.db.write() as conn:
+        return scoring.on_event(
+            conn,
+            env.ws.id,
+            pid,
+            event=event,
+            properties={},
+            traits_after={},
+            now=env.clock.now(),
+            workspace_models=scoring.models(conn, env.ws.id),
+            lifecycle=None,
+        )
+
+
 def test_an_event_arriving_before_the_decay_timer_fired_announces_the_crossing_first(
     env: JourneyEnv, http: TestClient
 ) -> None:
@@ -234,19 +251,7 @@ def test_an_event_arriving_before_the_decay_timer_fired_announces_the_crossing_f
         env.track("noa", "Demo Requested", n=n)  # 60
     pid = env.profile("noa").id
     env.clock.advance(timedelta(days=7))  # 30 now; the timer is due but no worker ran
-    with env.c.db.write() as conn:
-        models = scoring.models(conn, env.ws.id)
-        scored = scoring.on_event(
-            conn,
-            env.ws.id,
-            pid,
-            event="Demo Requested",
-            properties={},
-            traits_after={},
-            now=env.clock.now(),
-            workspace_models=models,
-            lifecycle=None,
-        )
+    scored = _score_event(env, pid, "Demo Requested")
     # Down across 50 by decay, then up again across 50 by the event (30 + 20 = 50).
     assert [(k, c.direction, c.threshold) for k, c in scored.crossings] == [
         ("interest", "down", 50),
@@ -268,25 +273,10 @@ def test_an_event_that_changes_nothing_still_announces_a_crossing_decay_made_fir
     for n in range(3):
         env.track("noa", "Demo Requested", n=n)  # 60
     pid = env.profile("noa").id
-
-    def unrelated_event() -> scoring.Scored:
-        with env.c.db.write() as conn:
-            return scoring.on_event(
-                conn,
-                env.ws.id,
-                pid,
-                event="Page Viewed",
-                properties={},
-                traits_after={},
-                now=env.clock.now(),
-                workspace_models=scoring.models(conn, env.ws.id),
-                lifecycle=None,
-            )
-
     env.clock.advance(timedelta(days=1))  # ~54: nothing due
-    assert unrelated_event() == scoring.Scored((), None, frozenset())
+    assert _score_event(env, pid, "Page Viewed") == scoring.Scored((), None, frozenset())
     env.clock.advance(timedelta(days=6))  # 30 now; the timer is due but no worker ran
-    scored = unrelated_event()
+    scored = _score_event(env, pid, "Page Viewed")
     assert [(k, c.direction, c.threshold) for k, c in scored.crossings] == [("interest", "down", 50)]
     assert scored.stored == frozenset()  # the points stand; only the timer moved
     # Re-armed: the worker does not announce the down crossing again (the caller, the
