@@ -112,12 +112,18 @@ def test_held_writes_leave_the_rows_writing_each_change_leaves(
 ) -> None:
     members, timers = start
     announce = membership.one_by_one(membership.no_emit)
-    one_by_one, held_ws = "ws-each", "ws-held"
+    one_by_one, held_ws, ahead_ws = "ws-each", "ws-held", "ws-ahead"
     with db.write() as conn:
-        for ws in (one_by_one, held_ws):
+        for ws in (one_by_one, held_ws, ahead_ws):
             _start(conn, ws, members, timers)
         held = membership.HeldWrites()
+        # A third batch reads its people ahead (as the pipeline does), then never reads.
+        ahead = membership.HeldWrites()
+        ahead.prefetch(conn, ahead_ws, [f"{ahead_ws}:{p}" for p in PEOPLE])
         for person, flips, new_timers in batch:
+            pid = f"{ahead_ws}:{person}"
+            current, _ = ahead.state(conn, ahead_ws, pid, NOW, _not_read)
+            ahead.record(_change(ahead_ws, pid, current, flips, new_timers))
             # Each change at once, on what the database holds...
             pid = f"{one_by_one}:{person}"
             current, existing = _read(conn, one_by_one, pid)
@@ -129,8 +135,26 @@ def test_held_writes_leave_the_rows_writing_each_change_leaves(
             current, _ = held.state(conn, held_ws, pid, NOW, functools.partial(_read, conn, held_ws, pid))
             held.record(_change(held_ws, pid, current, flips, new_timers))
         held.flush(conn)
+        ahead.flush(conn)
         assert _state(conn, held_ws) == _state(conn, one_by_one)
+        assert _state(conn, ahead_ws) == _state(conn, one_by_one)
         assert held.people == {}
+
+
+def _not_read() -> tuple[set[str], dict[str, datetime]]:
+    raise AssertionError("a person read ahead is not read again")
+
+
+def test_a_read_ahead_leaves_a_person_already_held_as_the_batch_changed_them(db: Database) -> None:
+    with db.write() as conn:
+        _start(conn, "ws", {("p1", "s1")}, {("p2", "s2"): 1})
+        held = membership.HeldWrites()
+        members, _ = held.state(conn, "ws", "ws:p1", NOW, functools.partial(_read, conn, "ws", "ws:p1"))
+        held.record(_change("ws", "ws:p1", members, {"s1", "s3"}, {}))  # leaves s1, enters s3
+        held.prefetch(conn, "ws", ["ws:p1", "ws:p2", "ws:nobody"])
+        assert held.state(conn, "ws", "ws:p1", NOW, _not_read)[0] == {"s3"}
+        assert held.state(conn, "ws", "ws:p2", NOW, _not_read) == (set(), {"s2": DUES[1]})
+        assert held.state(conn, "ws", "ws:nobody", NOW, _not_read) == (set(), {})
 
 
 def test_a_change_at_another_now_writes_the_held_ones_first(db: Database) -> None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, insert, update
+from sqlalchemy import Connection, bindparam, cast, delete, insert, literal, null, union_all, update
 
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
 from whenthen.segments.views import chunks, of_segment
-from whenthen.storage.driver import StoredValues, write_rows
-from whenthen.storage.id_lists import per_dialect
+from whenthen.storage.driver import DriverQuery, StoredValues, write_rows
+from whenthen.storage.id_lists import by_ids, per_dialect
 
 ENTERED = "Segment Entered"
 EXITED = "Segment Exited"
@@ -346,6 +346,45 @@ def announce_moves(conn: Connection, changes: ProfileChanges, now: datetime, ann
         )
 
 
+#: The memberships and timers of many people (``HeldWrites.prefetch``): rows of (kind,
+#: profile id, segment id, due at or NULL), the timers first so the last column has
+#: their type; each person found through the tables' (workspace, profile) indexes
+#: (``by_ids``: one probe per id on PostgreSQL, ADR 0019).
+_TIMER, _MEMBER = 0, 1
+_STATES_OF_MANY = per_dialect(
+    lambda d: DriverQuery(
+        union_all(
+            by_ids(
+                d,
+                segment_timers,
+                "profile_id",
+                "pids",
+                [
+                    literal(_TIMER).label("kind"),
+                    segment_timers.c.profile_id,
+                    segment_timers.c.segment_id,
+                    segment_timers.c.due_at,
+                ],
+                segment_timers.c.workspace_id == bindparam("ws"),
+            ),
+            by_ids(
+                d,
+                segment_members,
+                "profile_id",
+                "pids",
+                [
+                    literal(_MEMBER).label("kind"),
+                    segment_members.c.profile_id,
+                    segment_members.c.segment_id,
+                    cast(null(), segment_timers.c.due_at.type).label("due_at"),
+                ],
+                segment_members.c.workspace_id == bindparam("ws"),
+            ),
+        )
+    )
+)
+
+
 @dataclass
 class _Held:
     """One profile's memberships and timers in a batch: as they were when the batch first
@@ -375,6 +414,26 @@ class HeldWrites:
     def __init__(self) -> None:
         self.people: dict[tuple[str, str], _Held] = {}
         self.now: datetime | None = None
+
+    def prefetch(self, conn: Connection, ws: str, profile_ids: Sequence[str]) -> None:
+        """Read the memberships and timers of a batch's people at its start, with one
+        statement per :data:`~whenthen.segments.views.CHUNK` of them (ADR 0014: the
+        batch holds its people, so nothing else changes these rows before it does),
+        instead of one read at each person's first event. A person already held is
+        left as the batch has changed them."""
+        wanted = [pid for pid in dict.fromkeys(profile_ids) if (ws, pid) not in self.people]
+        for chunk in chunks(wanted):
+            found: dict[str, tuple[set[str], dict[str, datetime]]] = {pid: (set(), {}) for pid in chunk}
+            for kind, pid, seg, due in _STATES_OF_MANY[conn.dialect.name].all(
+                conn, {"ws": ws, "pids": list(chunk)}
+            ):
+                members, timers = found[pid]
+                if kind == _TIMER:
+                    timers[seg] = due
+                else:
+                    members.add(seg)
+            for pid, (members, timers) in found.items():
+                self.people[(ws, pid)] = _Held(frozenset(members), dict(timers), set(members), dict(timers))
 
     def state(
         self,
