@@ -16,8 +16,8 @@ from sqlalchemy import Connection
 from tests.support.plans import relation_scans
 from whenthen.profiles import repository as profile_repo
 from whenthen.scoring import service as scoring_service
+from whenthen.segments import membership, views
 from whenthen.segments import service as segment_service
-from whenthen.segments import views
 from whenthen.storage import Database
 from whenthen.storage.id_lists import ArrayLiteral
 
@@ -45,6 +45,10 @@ def pg(pg_url: str) -> Iterator[Database]:
             f" SELECT 'ws', {pid}, 't' || (i %% 4), now() {rows}",
             "INSERT INTO profile_stages (workspace_id, profile_id, stage, since)"
             f" SELECT 'ws', {pid}, 'lead', now() {rows}",
+            "INSERT INTO segment_members (segment_id, profile_id, workspace_id, since)"
+            f" SELECT s, {pid}, 'ws', now() {rows}, (VALUES ('seg_a'), ('seg_b')) v(s)",
+            "INSERT INTO segment_timers (segment_id, profile_id, workspace_id, due_at)"
+            f" SELECT 'seg_a', {pid}, 'ws', now() {rows}",
         ):
             conn.exec_driver_sql(sql, {"n": PEOPLE})
     yield db
@@ -74,6 +78,12 @@ READS: dict[str, tuple[Any, dict[str, Any], str, set[str]]] = {
         {"profiles"},
     ),
     "pipeline: people no batch holds": (profile_repo._LOCK_FREE, {}, "ids", {"profiles"}),
+    "pipeline: memberships and timers read ahead": (
+        membership._STATES_OF_MANY["postgresql"].stmt,
+        {"ws": "ws"},
+        "pids",
+        {"segment_members", "segment_timers"},
+    ),
     "senders: targets": (profile_repo._SENDER_TARGETS["postgresql"].stmt, {}, "ids", {"profiles"}),
     "senders: survivors": (profile_repo._SENDER_SURVIVORS["postgresql"].stmt, {}, "ids", {"profiles"}),
     "senders: identities": (profile_repo._SENDER_IDS["postgresql"].stmt, {}, "ids", {"identities"}),
