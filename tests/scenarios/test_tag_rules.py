@@ -77,6 +77,25 @@ def test_the_channel_that_worked_is_tagged(env: JourneyEnv, http: TestClient) ->
     assert [m["profile_id"] for m in members] == [env.profile("ann").id]
 
 
+def test_a_rule_condition_counts_the_events_of_the_same_batch(env: JourneyEnv, http: TestClient) -> None:
+    """The pipeline writes which person an event belongs to only when something is about
+    to read the person's events: a tag rule's condition must see the earlier events of
+    its own batch."""
+    assert http.put("/api/v1/tag-rules/prefers-wechat", json=PREFERS_WECHAT).status_code == 200
+    env.identify("dan", email="dan@example.com")
+    env.calls(
+        *(
+            {"type": "track", "userId": "dan", "event": name, "properties": {"channel": channel}}
+            for name, channel in (
+                ("Message Sent", "push"),
+                ("Message Sent", "sms"),
+                ("Message Clicked", "wechat"),
+            )
+        )
+    )
+    assert tags(env, "dan") == ["prefers-wechat"]
+
+
 def test_filters_and_remove_rules(env: JourneyEnv, http: TestClient) -> None:
     big = {
         "tag": "big-spender",

@@ -52,12 +52,15 @@ class _Setup:
     #: Something reads the person's past events (a segment, a tag rule's condition, a
     #: journey's condition): each event is attributed to its person as it is applied.
     history: bool
+    #: A journey's condition reads the person's past events.
+    journeys_history: bool
 
 
 def _setup(conn: Connection, ws: str) -> _Setup:
     active = journeys.active_journeys(conn, ws)
     workspace_segments = segments.all_segments(conn, ws)
     rules = tagging.rules(conn, ws)
+    journeys_history = journeys.history_needed(conn, active)
     return _Setup(
         erasures=profiles.has_erasures(conn, ws),
         active=active,
@@ -67,7 +70,8 @@ def _setup(conn: Connection, ws: str) -> _Setup:
         segments=workspace_segments,
         half_lives=segments.half_lives_of(conn, ws) if workspace_segments else {},
         tag_rules=rules,
-        history=bool(workspace_segments or rules) or journeys.history_needed(conn, active),
+        history=bool(workspace_segments or rules) or journeys_history,
+        journeys_history=journeys_history,
     )
 
 
@@ -225,6 +229,22 @@ def process_events(
     # The people its events name read and locked together, their activity written once.
     people = profiles.HeldProfiles()
     people.prefetch(conn, events)
+    # Events attributed to their person but not yet written: written together when
+    # something is about to read the person's events (``attribute_held``), else by
+    # ``finish_events`` at the batch's end, which writes every event's person anyway.
+    # Those of a person merged away since go to the survivor (``redirects``), as the
+    # merge moved the ones already written. A merge needs no flush of its own: its
+    # segment re-evaluation reads only names some segment reads, and an event of such a
+    # name was written when it was applied (its segments were about to read it).
+    held_attributions: dict[int, str] = {}
+
+    def attribute_held() -> None:
+        if held_attributions:
+            tracking.attribute_events(
+                conn, {seq: _follow(redirects, pid) or pid for seq, pid in held_attributions.items()}
+            )
+            held_attributions.clear()
+
     # Their score rows too, where the workspace scores.
     scores = scoring.HeldScores()
     for ws, ids in people.prefetched().items():
@@ -273,9 +293,12 @@ def process_events(
             )
         if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
-            # events: this one (and the batch's earlier ones) must already be theirs.
-            tracking.attribute_event(conn, event.seq, applied.profile_id)
+            # events: this one (and the batch's earlier ones) must be theirs before any of
+            # them reads the person's events. Held until then: most events (the system
+            # events a batch announces, above all) are read by none of them.
+            held_attributions[event.seq] = applied.profile_id
         if setup.tag_rules and event.type.value == "track" and event.event is not None:
+            attribute_held()
             tagging.on_event(
                 conn,
                 ws,
@@ -287,11 +310,14 @@ def process_events(
                 half_lives=setup.half_lives or None,
             )
         if setup.segments:
+            change = _change(event, applied, scored)
+            if _reads_events(setup.index, change):
+                attribute_held()
             _segments(
                 conn,
                 event,
                 applied.profile_id,
-                _change(event, applied, scored),
+                change,
                 now,
                 announced,
                 memberships,
@@ -299,6 +325,8 @@ def process_events(
                 setup.half_lives,
                 applied.traits_after,
             )
+        if setup.journeys_history:
+            attribute_held()
         journeys.on_event(
             conn,
             event,
@@ -353,6 +381,12 @@ def _segments(
         change=change,
         traits=traits,
     )
+
+
+def _reads_events(index: segments.SegmentIndex, change: segments.Change) -> bool:
+    """Whether the segments this change affects read any of the person's events."""
+    _, reads = index.affected_with_reads(change)
+    return reads.names is None or bool(reads.names)
 
 
 def _change(event: StoredEvent, applied: profiles.Applied, scored: scoring.Scored | None) -> segments.Change:

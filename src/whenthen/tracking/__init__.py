@@ -85,6 +85,11 @@ def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
     _repo.mark(conn, {seq: profile_id}, _repo.PENDING)
 
 
+def attribute_events(conn: Connection, seq_to_profile: dict[int, str]) -> None:
+    """:func:`attribute_event` for many events at once (one executemany)."""
+    _repo.mark(conn, dict(seq_to_profile), _repo.PENDING)
+
+
 def pending_partitions(conn: Connection, candidates: Sequence[int]) -> list[int]:
     """Those of ``candidates`` that hold pending events (an index probe each)."""
     return _repo.pending_partitions(conn, candidates)
