@@ -80,13 +80,8 @@ def emit_many(
     return stored
 
 
-def attribute_event(conn: Connection, seq: int, profile_id: str) -> None:
-    """Say which profile an event belongs to before its batch ends."""
-    _repo.mark(conn, {seq: profile_id}, _repo.PENDING)
-
-
 def attribute_events(conn: Connection, seq_to_profile: dict[int, str]) -> None:
-    """:func:`attribute_event` for many events at once (one executemany)."""
+    """Say which profile each event belongs to before its batch ends (one executemany)."""
     _repo.mark(conn, dict(seq_to_profile), _repo.PENDING)
 
 
@@ -120,7 +115,7 @@ __all__ = [
     "Rejection",
     "StoredEvent",
     "SystemCall",
-    "attribute_event",
+    "attribute_events",
     "count_pending",
     "delete_events_of_person",
     "emit_many",
