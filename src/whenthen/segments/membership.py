@@ -11,12 +11,12 @@ table, or one statement per :data:`~whenthen.segments.views.CHUNK` of ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, cast, delete, insert, literal, null, union_all, update
+from sqlalchemy import Connection, bindparam, cast, delete, insert, literal, null, select, union_all, update
 
 from whenthen.profiles import Emit
 from whenthen.segments.tables import segment_history, segment_members, segment_timers
@@ -346,43 +346,54 @@ def announce_moves(conn: Connection, changes: ProfileChanges, now: datetime, ann
         )
 
 
-#: The memberships and timers of many people (``HeldWrites.prefetch``): rows of (kind,
-#: profile id, segment id, due at or NULL), the timers first so the last column has
-#: their type; each person found through the tables' (workspace, profile) indexes
-#: (``by_ids``: one probe per id on PostgreSQL, ADR 0019).
+#: A person's memberships and timers as rows of (kind, profile id, segment id, due at or
+#: NULL), the timers first so the last column has their type: one person's
+#: (``memberships_and_timers``, for every event the pipeline processes on SQLite) or
+#: many people's (``HeldWrites.prefetch``; ``by_ids``: one probe per id on PostgreSQL,
+#: ADR 0019), each found through the tables' (workspace, profile) indexes.
 _TIMER, _MEMBER = 0, 1
-_STATES_OF_MANY = per_dialect(
-    lambda d: DriverQuery(
-        union_all(
-            by_ids(
-                d,
-                segment_timers,
-                "profile_id",
-                "pids",
-                [
-                    literal(_TIMER).label("kind"),
-                    segment_timers.c.profile_id,
-                    segment_timers.c.segment_id,
-                    segment_timers.c.due_at,
-                ],
-                segment_timers.c.workspace_id == bindparam("ws"),
-            ),
-            by_ids(
-                d,
-                segment_members,
-                "profile_id",
-                "pids",
-                [
-                    literal(_MEMBER).label("kind"),
-                    segment_members.c.profile_id,
-                    segment_members.c.segment_id,
-                    cast(null(), segment_timers.c.due_at.type).label("due_at"),
-                ],
-                segment_members.c.workspace_id == bindparam("ws"),
-            ),
-        )
-    )
-)
+
+
+def _states_read(d: str | None) -> Any:
+    """The union of the timer and member rows of one person (``d`` None: ``:pid``) or of
+    the people of the list ``:pids`` (``by_ids`` in dialect ``d``), in workspace ``:ws``."""
+    parts = []
+    for kind, table, due in (
+        (_TIMER, segment_timers, segment_timers.c.due_at),
+        (_MEMBER, segment_members, cast(null(), segment_timers.c.due_at.type).label("due_at")),
+    ):
+        columns = [literal(kind).label("kind"), table.c.profile_id, table.c.segment_id, due]
+        in_workspace = table.c.workspace_id == bindparam("ws")
+        if d is None:
+            parts.append(select(*columns).where(in_workspace, table.c.profile_id == bindparam("pid")))
+        else:
+            parts.append(by_ids(d, table, "profile_id", "pids", columns, in_workspace))
+    return union_all(*parts)
+
+
+_STATES_OF_ONE = DriverQuery(_states_read(None))
+_STATES_OF_MANY = per_dialect(lambda d: DriverQuery(_states_read(d)))
+
+
+def _states(
+    rows: Iterable[tuple[Any, ...]], pids: Iterable[str]
+) -> dict[str, tuple[set[str], dict[str, datetime]]]:
+    """The rows of ``_STATES_OF_*`` folded per person (those without rows: nothing)."""
+    found: dict[str, tuple[set[str], dict[str, datetime]]] = {pid: (set(), {}) for pid in pids}
+    for kind, pid, seg, due in rows:
+        members, timers = found[pid]
+        if kind == _TIMER:
+            timers[seg] = due
+        else:
+            members.add(seg)
+    return found
+
+
+def memberships_and_timers(
+    conn: Connection, ws: str, profile_id: str
+) -> tuple[set[str], dict[str, datetime]]:
+    """The person's segments and segment timers, as stored."""
+    return _states(_STATES_OF_ONE.all(conn, {"ws": ws, "pid": profile_id}), [profile_id])[profile_id]
 
 
 @dataclass
@@ -423,16 +434,8 @@ class HeldWrites:
         left as the batch has changed them."""
         wanted = [pid for pid in dict.fromkeys(profile_ids) if (ws, pid) not in self.people]
         for chunk in chunks(wanted):
-            found: dict[str, tuple[set[str], dict[str, datetime]]] = {pid: (set(), {}) for pid in chunk}
-            for kind, pid, seg, due in _STATES_OF_MANY[conn.dialect.name].all(
-                conn, {"ws": ws, "pids": list(chunk)}
-            ):
-                members, timers = found[pid]
-                if kind == _TIMER:
-                    timers[seg] = due
-                else:
-                    members.add(seg)
-            for pid, (members, timers) in found.items():
+            rows = _STATES_OF_MANY[conn.dialect.name].all(conn, {"ws": ws, "pids": list(chunk)})
+            for pid, (members, timers) in _states(rows, chunk).items():
                 self.people[(ws, pid)] = _Held(frozenset(members), dict(timers), set(members), dict(timers))
 
     def state(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, literal, null, select, union_all, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from whenthen import scoring
 from whenthen.kernel.clock import Clock
@@ -62,6 +62,7 @@ from whenthen.segments.membership import (
     Moves,
     ProfileChanges,
     announce_moves,
+    memberships_and_timers,
     no_emit,
     one_by_one,
     write_moves,
@@ -620,23 +621,6 @@ def _safe(value: str | None) -> str:
 # ---- one profile ----------------------------------------------------------------------
 
 
-# Built once: it runs for every event the pipeline processes. The person's memberships
-# and timers in one read (a timer row: kind 0 and its due time; a membership: kind 1 and
-# NULL, nothing to convert).
-_TIMER, _MEMBER = 0, 1
-_MEMBERSHIPS_AND_TIMERS = DriverQuery(
-    union_all(
-        select(literal(_TIMER).label("kind"), segment_timers.c.segment_id, segment_timers.c.due_at).where(
-            segment_timers.c.workspace_id == bindparam("ws"), segment_timers.c.profile_id == bindparam("pid")
-        ),
-        select(literal(_MEMBER), segment_members.c.segment_id, null()).where(
-            segment_members.c.workspace_id == bindparam("ws"),
-            segment_members.c.profile_id == bindparam("pid"),
-        ),
-    )
-)
-
-
 def on_change(
     conn: Connection,
     ws: str,
@@ -686,10 +670,10 @@ def on_change(
     known = None if traits is None else {profile_id: traits}
     view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
     if held is None:
-        current, timers = _memberships_and_timers(conn, ws, profile_id)
+        current, timers = memberships_and_timers(conn, ws, profile_id)
     else:
         current, timers = held.state(
-            conn, ws, profile_id, now, lambda: _memberships_and_timers(conn, ws, profile_id)
+            conn, ws, profile_id, now, lambda: memberships_and_timers(conn, ws, profile_id)
         )
     why = cause or f"change:{now.isoformat()}"
     changes = ProfileChanges(ws, profile_id, at=at)
@@ -708,19 +692,6 @@ def on_change(
             held.record(changes)
             announce_moves(conn, changes, now, announce or one_by_one(emit))
     return len(changes.moves)
-
-
-def _memberships_and_timers(
-    conn: Connection, ws: str, profile_id: str
-) -> tuple[set[str], dict[str, datetime]]:
-    current: set[str] = set()
-    timers: dict[str, datetime] = {}
-    for kind, seg_id, due in _MEMBERSHIPS_AND_TIMERS.all(conn, {"ws": ws, "pid": profile_id}):
-        if kind == _TIMER:
-            timers[seg_id] = due
-        else:
-            current.add(seg_id)
-    return current, timers
 
 
 def _segments_by_id(conn: Connection, ids: Iterable[str]) -> dict[str, Segment]:
