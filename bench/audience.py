@@ -104,7 +104,7 @@ QUIET = 0.15  # cores other processes may use before a phase is flagged
 PARTITIONS = 64
 #: Events per pipeline transaction, as the worker takes them (``PipelineSettings``).
 BATCH = PipelineSettings().batch_size
-BACKLOG_BATCH = max(BATCH, PipelineSettings().backlog_batch_size)
+BACKLOG_BATCH = PipelineSettings().backlog_limit
 SECRET = b"bench-audience-secret"
 OWNER = "bench-audience"  # the pipeline leases' owner
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

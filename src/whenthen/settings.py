@@ -48,6 +48,12 @@ class PipelineSettings(BaseModel):
     #: together (PostgreSQL only: SQLite has one writer and always fires with one).
     timer_threads: int = Field(default=2, ge=1, le=16)
 
+    @property
+    def backlog_limit(self) -> int:
+        """How many events a group takes after a full one: ``backlog_batch_size``, never
+        fewer than ``batch_size``."""
+        return max(self.batch_size, self.backlog_batch_size)
+
 
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"

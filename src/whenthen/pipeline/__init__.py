@@ -8,7 +8,6 @@ from whenthen.pipeline.service import (
     park,
     pending_partitions,
     process_events,
-    process_partition,
     process_partitions,
     release,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "park",
     "pending_partitions",
     "process_events",
-    "process_partition",
     "process_partitions",
     "release",
 ]

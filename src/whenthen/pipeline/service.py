@@ -150,14 +150,6 @@ _OWNED = select(pipeline_leases.c.partition).where(
 )
 
 
-def process_partition(
-    conn: Connection, partition: int, *, limit: int, secret: bytes, now: datetime, partitions: int
-) -> BatchOutcome:
-    """Apply up to ``limit`` pending events of one partition, in log order."""
-    events = tracking.pending_events(conn, [partition], limit)
-    return process_events(conn, events, secret=secret, now=now, partitions=partitions)
-
-
 def process_partitions(
     conn: Connection,
     owner: str,

@@ -79,7 +79,7 @@ class PipelineWorker:
     steps_interval_seconds: float = 0.05
     _steps_at: float | None = None
     #: How many events the next group takes: ``batch_size`` (0: not set yet), or
-    #: ``backlog_limit`` while groups come back full.
+    #: ``settings.backlog_limit`` while groups come back full.
     _group_limit: int = 0
     _owned: set[int] | None = None
     _renewed_at: datetime | None = None
@@ -123,7 +123,7 @@ class PipelineWorker:
                 # The group committed its outbox jobs: the dispatcher need not wait for the
                 # rest of the pass (up to ``pass_budget_seconds`` under load).
                 self._outbox_ready()
-            self._group_limit = self.backlog_limit if n >= limit else self.settings.batch_size
+            self._group_limit = self.settings.backlog_limit if n >= limit else self.settings.batch_size
             if n < limit or time.monotonic() - started >= self.pass_budget_seconds:
                 break
         applied = handled
@@ -159,17 +159,11 @@ class PipelineWorker:
         self._renewed_at = now
         return self._owned
 
-    @property
-    def backlog_limit(self) -> int:
-        """How many events a group takes after a full one (see
-        ``PipelineSettings.backlog_batch_size``)."""
-        return max(self.settings.batch_size, self.settings.backlog_batch_size)
-
     def _process_group(self, partitions: list[int], limit: int) -> int:
         """Up to ``limit`` events of several partitions in one transaction: under light
         load each partition has a few events, and a commit per partition (an fsync each
         on PostgreSQL and SQLite FULL, 3-4 ms here) was most of the cost. ``limit`` is
-        ``batch_size``, or ``backlog_limit`` after a group came back full. Returns how
+        ``batch_size``, or ``settings.backlog_limit`` after a group came back full. Returns how
         many events were handled. If the transaction fails, each partition is done again
         on its own (and event by event if need be)."""
         try:
