@@ -46,7 +46,7 @@ def pg(pg_url: str) -> Iterator[Database]:
 
 
 def _explain(conn: Connection, ids: list[str]) -> dict[str, Any]:
-    sql = service._heads_read("postgresql").compile(dialect=conn.dialect).string
+    sql = service._HEADS["postgresql"].stmt.compile(dialect=conn.dialect).string
     params = {"ids": ArrayLiteral().process_bind_param(ids, conn.dialect)}
     [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).all()
     plan: dict[str, Any] = doc[0]["Plan"]

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     Connection,
     Integer,
-    Select,
     bindparam,
     delete,
     insert,
@@ -319,16 +318,21 @@ def heads_by_id(conn: Connection, message_ids: Sequence[str]) -> dict[str, Messa
     return {r[0]: MessageHead(*r) for r in rows}
 
 
-def _heads_read(d: str) -> Select[Any]:
-    """By id (``by_ids``: on PostgreSQL one probe of the primary key per id, ADR 0019).
-    With ``id = ANY(:ids)`` a planner that took the table for small (no statistics yet,
-    or from before a big send queued its messages) scanned every message against every
-    id, 280 ms a batch of 200 at 10,000 messages (``test_pg_message_heads_plan.py``)."""
-    return by_ids(d, messages, "id", "ids", _HEAD_COLUMNS)
-
-
-_HEAD_COLUMNS = (messages.c.id, messages.c.workspace_id, messages.c.profile_id, messages.c.status)
-_HEADS = per_dialect(lambda d: DriverQuery(_heads_read(d)))
+#: By id (``by_ids``: on PostgreSQL one probe of the primary key per id, ADR 0019). With
+#: ``id = ANY(:ids)`` a planner that took the table for small (no statistics yet, or from
+#: before a big send queued its messages) scanned every message against every id, 280 ms
+#: a batch of 200 at 10,000 messages (``test_pg_message_heads_plan.py``).
+_HEADS = per_dialect(
+    lambda d: DriverQuery(
+        by_ids(
+            d,
+            messages,
+            "id",
+            "ids",
+            [messages.c.id, messages.c.workspace_id, messages.c.profile_id, messages.c.status],
+        )
+    )
+)
 
 
 def record(conn: Connection, message_id: str, **values: Any) -> None:
