@@ -235,6 +235,12 @@ class Cpu:
     worker: float = 0.0  # `whenthen worker` beside the API (--layout split), or all of them
     #: per role, with --layout roles
     roles: dict[str, float] = field(default_factory=dict)
+    #: the phase's wall-clock seconds (the averages above are over it)
+    wall: float = 0.0
+
+    def core_seconds(self) -> float:
+        """CPU seconds the phase's own processes used (server, workers, bench, PostgreSQL)."""
+        return (self.server + self.worker + self.bench + self.postgres) * self.wall
 
     @property
     def other(self) -> float:
@@ -294,7 +300,7 @@ def measure_cpu(server: ServerProcess | None = None, worker: WorkerGroup | None 
     try:
         yield cpu
     finally:
-        wall = max(1e-9, time.perf_counter() - t0)
+        wall = cpu.wall = max(1e-9, time.perf_counter() - t0)
         if server is not None and server.proc.poll() is None:
             cpu.server = (server.cpu_seconds() - s0) / wall
         if worker is not None and worker.alive():
@@ -1725,7 +1731,20 @@ def _describe_lag(lag: Lag) -> str:
         f"  wake-up lag, {lag.due:,} due at once, {lag.name}:{missing}\n"
         f"    p50 {_ms(lag.p50)}, p99 {_ms(lag.p99)}, max {_ms(lag.max)}; "
         f"first batch after {_ms(lag.first)}; "
-        f"{lag.timers_per_second:,.0f} timers/s\n    {lag.cpu.text()}"
+        f"{lag.timers_per_second:,.0f} timers/s\n    {lag.cpu.text()}\n    {_capacity(lag)}"
+    )
+
+
+def _capacity(lag: Lag) -> str:
+    """The phase's CPU per wake-up (what the processes used, the lead before the timers
+    fall due included: idle polls, next to nothing) and the wall time that CPU needs at
+    the least on this machine's cores, perfectly shared: when that floor is near the
+    lag, the machine is full and only less work per wake-up shortens it."""
+    cores = os.cpu_count() or 1
+    used = lag.cpu.core_seconds()
+    return (
+        f"cpu per wake-up: {used / max(1, lag.fired) * 1e6:,.0f} µs (processes and PostgreSQL together);"
+        f" on {cores} cores that is at least {_ms(used / cores)} for the {lag.fired:,}"
     )
 
 
