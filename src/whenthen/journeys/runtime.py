@@ -227,6 +227,8 @@ def _persist(
                 )
             # Segments reading traits, tags or the stage follow (the worker's recheck step).
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
+            if writes is not None and (effect.add_tags or effect.remove_tags or effect.stage):
+                writes.audience.add(profile_id)
         elif isinstance(effect, ChangeList):
             if effect.add:
                 lists.add_member(
@@ -235,6 +237,8 @@ def _persist(
             else:
                 lists.remove_member(conn, ws, effect.list_key, profile_id)
             profiles.mark_for_recheck(conn, ws, [profile_id], "journey", now)
+            if writes is not None:
+                writes.audience.add(profile_id)
         elif isinstance(effect, EnrollElsewhere) and depth < 5:
             _jump(conn, ws, journey, state, effect, profile_id, now, depth, partitions, writes)
 
@@ -766,6 +770,9 @@ class Writes:
         #: People whose profile row a journey step wrote (traits): the pipeline reads
         #: them again for their next event (``profiles.HeldProfiles.changed``).
         self.touched: set[str] = set()
+        #: People whose tags, lists or stage a journey step changed: the pipeline drops
+        #: its held segment views of them (``segments.HeldViews.drop``).
+        self.audience: set[str] = set()
         self.states: list[dict[str, Any]] = []
         self.journal: list[dict[str, Any]] = []
         self.queued: list[messaging.Queued] = []

@@ -25,6 +25,7 @@ from whenthen.segments import service as segments
 from whenthen.segments.definition import to_us
 from whenthen.segments.evaluator import DecaySpec
 from whenthen.segments.membership import HeldWrites
+from whenthen.segments.views import HeldViews
 from whenthen.storage import locks
 from whenthen.tracking import StoredEvent
 
@@ -237,21 +238,28 @@ def process_events(
             )
             held_attributions.clear()
 
-    # Their score rows too, where the workspace scores.
+    # Their score rows too, where the workspace scores; and, where it has segments, what
+    # the segments see of them (ADR 0020), kept current through the batch.
     scores = scoring.HeldScores()
+    views: dict[str, HeldViews] = {}
     for ws, ids in people.prefetched().items():
         known = setups[ws] = _setup(conn, ws)
         if known.models:
             scores.prefetch(conn, ws, ids)
-        if known.segments and conn.dialect.name == "postgresql":
-            # A read per person is a round trip there (~0.3 ms at 10,000 people); on
-            # SQLite reading everyone ahead cost more than the reads it saved (6-12 %).
-            memberships.prefetch(conn, ws, ids)
+        if known.segments:
+            views[ws] = HeldViews(known.index.reads, known.half_lives)
+            views[ws].prefetch(conn, ws, ids)
+            if conn.dialect.name == "postgresql":
+                # A read per person is a round trip there (~0.3 ms at 10,000 people); on
+                # SQLite reading everyone ahead cost more than the reads it saved (6-12 %).
+                memberships.prefetch(conn, ws, ids)
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
         if setup is None:
             setup = setups[ws] = _setup(conn, ws)
+            if setup.segments:
+                views[ws] = HeldViews(setup.index.reads, setup.half_lives)
         applied = profiles.apply_event(
             conn, event, secret=secret, now=now, check_erasures=setup.erasures, held=people
         )
@@ -262,6 +270,10 @@ def process_events(
         assert applied.profile_id is not None
         if applied.merged_from is not None:
             redirects[applied.merged_from] = applied.profile_id
+            # The survivor's view is read again (with the merged-away person's events);
+            # the read writes the held attributions first (to the survivor, ``redirects``).
+            for held_views in views.values():
+                held_views.clear()
             writes.write(conn, now)  # rows held for the merged-away profile move with it
             memberships.flush(conn)
             announced.flush(conn, now, partitions)
@@ -283,6 +295,13 @@ def process_events(
                 announced,
                 scores,
             )
+            if setup.segments:
+                views[ws].scored(
+                    ws,
+                    applied.profile_id,
+                    scores.values(ws, applied.profile_id, scored.stored),
+                    scored.stage_change,
+                )
         if setup.history:
             # Journeys' conditions, segments and tag rules' conditions count the person's
             # events: this one (and the batch's earlier ones) must be theirs before any of
@@ -291,7 +310,7 @@ def process_events(
             held_attributions[event.seq] = applied.profile_id
         if setup.tag_rules and event.type.value == "track" and event.event is not None:
             attribute_held()
-            tagging.on_event(
+            tagged = tagging.on_event(
                 conn,
                 ws,
                 applied.profile_id,
@@ -301,9 +320,20 @@ def process_events(
                 workspace_rules=setup.tag_rules,
                 half_lives=setup.half_lives or None,
             )
+            if tagged and setup.segments:
+                views[ws].drop(ws, applied.profile_id)
         if setup.segments:
             change = _change(event, applied, scored)
-            if _reads_events(setup.index, change):
+            held_views = views[ws]
+            if held_views.holds(ws, applied.profile_id):
+                if event.type.value == "track":
+                    properties = event.payload.get("properties")
+                    held_views.add_event(
+                        ws, applied.profile_id, event.event or "", properties, event.timestamp
+                    )
+            elif _reads_any_events(setup.index):
+                # The view is read now, and kept: every event of the person it reads
+                # must be theirs in the database first.
                 attribute_held()
             _segments(
                 conn,
@@ -316,6 +346,7 @@ def process_events(
                 setup.index,
                 setup.half_lives,
                 applied.traits_after,
+                held_views,
             )
         if setup.journeys_history:
             attribute_held()
@@ -334,6 +365,12 @@ def process_events(
             for pid in writes.touched:
                 people.changed(pid)
             writes.touched.clear()
+        if writes.audience:
+            # A journey step wrote tags, lists or a stage: read those people again.
+            if setup.segments:
+                for pid in writes.audience:
+                    views[ws].drop(ws, pid)
+            writes.audience.clear()
     writes.write(conn, now)
     memberships.flush(conn)
     announced.flush(conn, now, partitions)
@@ -355,6 +392,7 @@ def _segments(
     index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
+    views: HeldViews,
 ) -> None:
     """Re-evaluate the person in the segments this event can affect (all of them after a
     merge or a call other than track); entries and exits become events in their log."""
@@ -372,13 +410,14 @@ def _segments(
         half_lives=half_lives,
         change=change,
         traits=traits,
+        views=views,
     )
 
 
-def _reads_events(index: segments.SegmentIndex, change: segments.Change) -> bool:
-    """Whether the segments this change affects read any of the person's events."""
-    _, reads = index.affected_with_reads(change)
-    return reads.names is None or bool(reads.names)
+def _reads_any_events(index: segments.SegmentIndex) -> bool:
+    """Whether any of the workspace's segments reads the person's events."""
+    names = index.reads.names
+    return names is None or bool(names)
 
 
 def _change(event: StoredEvent, applied: profiles.Applied, scored: scoring.Scored | None) -> segments.Change:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -183,6 +183,11 @@ class HeldScores:
         rows = self._rows.get((ws, profile_id))
         if rows is not None:
             rows[key] = row
+
+    def values(self, ws: str, profile_id: str, keys: Iterable[str]) -> dict[str, tuple[float, datetime]]:
+        """(points, as of) of the person's held rows in these models (those held)."""
+        rows = self._rows.get((ws, profile_id)) or {}
+        return {k: (float(rows[k].points), rows[k].as_of) for k in keys if k in rows}
 
     def forget(self) -> None:
         """A merge moved score rows: read them again."""

@@ -70,7 +70,7 @@ from whenthen.segments.membership import (
     write_timers,
 )
 from whenthen.segments.tables import segment_history, segment_members, segment_timers, segments
-from whenthen.segments.views import CHUNK, Reads, chunks, load_view, load_views, of_segment
+from whenthen.segments.views import CHUNK, HeldViews, Reads, chunks, load_view, load_views, of_segment
 from whenthen.storage import Database
 from whenthen.storage.driver import DriverQuery
 from whenthen.storage.id_lists import by_ids, per_dialect
@@ -236,6 +236,8 @@ class SegmentIndex:
         self._traits: list[int] = []
         self._stage: list[int] = []
         self._memo: dict[Change, tuple[Sequence[Segment], Reads]] = {}
+        #: What the segments read together (a batch's held views read all of it).
+        self.reads = Reads.union(s.reads for s in self.segments)
         for i, seg in enumerate(self.segments):
             for name in seg.event_names:
                 self._by_event[name].append(i)
@@ -638,6 +640,7 @@ def on_change(
     index: SegmentIndex | None = None,
     at: datetime | None = None,
     held: HeldWrites | None = None,
+    views: HeldViews | None = None,
 ) -> int:
     """Re-evaluate the profile in the segments the change can affect (``change`` when
     given, through ``index`` when given (built over ``segments``), else :func:`relevant`
@@ -653,7 +656,9 @@ def on_change(
     ids (see :class:`~whenthen.segments.membership.Announcement`). ``held``: a batch's
     :class:`~whenthen.segments.membership.HeldWrites`, which reads and keeps the
     person's memberships and timers until the batch writes them all at its end (the
-    pipeline's); without it they are read and written here."""
+    pipeline's); without it they are read and written here. ``views``: a batch's
+    :class:`~whenthen.segments.views.HeldViews`, which holds the person's view (with
+    ``traits`` as their traits now) rather than reading it here."""
     affected: Sequence[Segment]
     if change is not None and index is not None:
         affected, reads = index.affected_with_reads(change)
@@ -667,8 +672,11 @@ def on_change(
         return 0
     if half_lives is None:
         half_lives = half_lives_of(conn, ws)
-    known = None if traits is None else {profile_id: traits}
-    view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
+    if views is not None:
+        view = views.view(conn, ws, profile_id, traits)
+    else:
+        known = None if traits is None else {profile_id: traits}
+        view = load_views(conn, ws, [profile_id], half_lives, reads, traits=known)[profile_id]
     if held is None:
         current, timers = memberships_and_timers(conn, ws, profile_id)
     else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -375,3 +375,93 @@ def _load_chunk(
         )
         for pid in ids
     }
+
+
+class HeldViews:
+    """A pipeline batch's segment views (ADR 0020): read for the batch's people together
+    at its start (:meth:`prefetch`), or at a person's first need, with everything the
+    workspace's segments read (``reads``), then kept current as the batch applies the
+    person's events, so a person's later events read nothing.
+
+    What keeps a held view current, and what drops it (the next need reads it again):
+
+    * the person's track events, appended by :meth:`add_event` (the pipeline, before it
+      re-evaluates the person: the event itself must be in the view);
+    * their traits, given with each need (the pipeline holds the applied profile);
+    * the scores the batch stored and the stage it moved (:meth:`scored`);
+    * anything else written about the person inside the batch (a tag rule, a journey's
+      tags, lists or stage; a merge clears every view): :meth:`drop`.
+
+    A reader must not hold a person's view unless the database holds every event of the
+    person the view would read: the pipeline writes its held attributions before a view
+    is (re)read. Changes from outside the batch (the API adding the person to a list)
+    are not seen by a held view, as by the batch's held memberships; they mark the person
+    for a recheck (ADR 0004), which re-evaluates them from the database."""
+
+    def __init__(self, reads: Reads, half_lives: Mapping[str, DecaySpec]) -> None:
+        self.reads = reads
+        self.half_lives = half_lives
+        self._views: dict[tuple[str, str], ProfileView] = {}
+        names = reads.names
+        self._all_names = names is None
+        self._names: frozenset[str] = names or frozenset()
+
+    def prefetch(self, conn: Connection, ws: str, profile_ids: Sequence[str]) -> None:
+        if not profile_ids:
+            return
+        for pid, view in load_views(conn, ws, profile_ids, self.half_lives, self.reads).items():
+            self._views[(ws, pid)] = view
+
+    def holds(self, ws: str, profile_id: str) -> bool:
+        return (ws, profile_id) in self._views
+
+    def view(
+        self, conn: Connection, ws: str, profile_id: str, traits: Mapping[str, Any] | None
+    ) -> ProfileView:
+        """The person's view, with ``traits`` (when given) as their traits now."""
+        key = (ws, profile_id)
+        found = self._views.get(key)
+        if found is None:
+            known = None if traits is None else {profile_id: traits}
+            found = load_views(conn, ws, [profile_id], self.half_lives, self.reads, traits=known)[profile_id]
+        elif traits is not None and self.reads.traits and found.traits is not traits:
+            found = replace(found, traits=traits)
+        self._views[key] = found
+        return found
+
+    def add_event(self, ws: str, profile_id: str, name: str, properties: Any, timestamp: datetime) -> bool:
+        """A track event of the person, applied in this batch: into their held view if
+        the segments read its name. False when no view of the person is held."""
+        key = (ws, profile_id)
+        found = self._views.get(key)
+        if found is None:
+            return False
+        if self._all_names or name in self._names:
+            props = properties if isinstance(properties, dict) else {}
+            self._views[key] = replace(found, events=(*found.events, (name, props, timestamp)))
+        return True
+
+    def scored(
+        self,
+        ws: str,
+        profile_id: str,
+        scores: Mapping[str, tuple[float, datetime]],
+        stage: tuple[str | None, str] | None,
+    ) -> None:
+        """The scores the batch stored for the person (model key -> points, as of) and
+        the stage it moved them to (``(before, after)``), into their held view."""
+        key = (ws, profile_id)
+        found = self._views.get(key)
+        if found is None or (not scores and stage is None):
+            return
+        self._views[key] = replace(
+            found,
+            scores={**found.scores, **scores} if scores else found.scores,
+            stage=stage[1] if stage is not None else found.stage,
+        )
+
+    def drop(self, ws: str, profile_id: str) -> None:
+        self._views.pop((ws, profile_id), None)
+
+    def clear(self) -> None:
+        self._views.clear()
