@@ -425,8 +425,9 @@ def _change(event: StoredEvent, applied: profiles.Applied, scored: scoring.Score
     rule. A track event changes the person's events (its own name), their traits only if
     they differ, the scores the scoring step stored anew (``scored.stored``: a score it
     left alone reads as before, its decay being the segments' timers' business) and the
-    stage only if it moved."""
-    if event.type.value != "track" or event.event is None or applied.merged_from is not None:
+    stage only if it moved. Anything else, a merge and a person's first event (nothing was
+    evaluated for them yet) may change any segment."""
+    if event.type.value != "track" or event.event is None or applied.merged_from is not None or applied.first:
         return segments.EVERYTHING_CHANGED
     return segments.Change(
         event=event.event,

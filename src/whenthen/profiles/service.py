@@ -57,6 +57,10 @@ class Applied:
     merged_from: ProfileId | None = None
     traits_before: Mapping[str, Any] = field(default_factory=dict)
     traits_after: Mapping[str, Any] = field(default_factory=dict)
+    #: The person's first event (a profile made by this event, most often): nothing was
+    #: ever evaluated for them, so every segment is (one with a negation holds for a
+    #: person with no traits and no events).
+    first: bool = False
 
 
 def has_erasures(conn: Connection, workspace_id: str) -> bool:
@@ -294,6 +298,7 @@ def apply_event(
         merged_from=merged_from,
         traits_before=profile.traits,
         traits_after=traits,
+        first=profile.event_count == 0,
     )
 
 
