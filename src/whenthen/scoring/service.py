@@ -346,7 +346,8 @@ def on_event(
             current = stage_of(conn, ws, profile_id)
             target = next_stage(lifecycle, current, event=event, properties=properties, scores=scores)
         if target is not None:
-            set_stage(conn, ws, profile_id, target, source=f"rule:{event}", now=now)
+            # From the stage just read (``set_stage`` would read it again).
+            _write_stage(conn, ws, profile_id, current, target, source=f"rule:{event}", now=now)
             change = (current, target)
     return Scored(tuple(crossings), change, frozenset(stored))
 
