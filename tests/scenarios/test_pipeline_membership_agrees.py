@@ -2,10 +2,12 @@
 calls, SQLite and PostgreSQL.
 
 Calls of a few people (identifies with traits, track events with properties and times
-around now) go through the real pipeline in a few batches (the batch's held views,
-memberships and attributions, ADR 0012/0014/0020), the clock standing still. After that,
-every segment's members must be exactly the people the evaluator puts in it, each read
-whole from the database: whatever the batches held, kept or dropped, nothing is lost."""
+around now, visitors merged into users) go through the real pipeline in a few batches
+(the batch's held views, memberships, scores and attributions, ADR 0012/0014/0020), the
+clock standing still, in a workspace whose scoring models, lifecycle, tag rule and
+journey write scores, stages, tags and lists as the events arrive. After that, every
+segment's members must be exactly the people the evaluator puts in it, each read whole
+from the database: whatever the batches held, kept or dropped, nothing is lost."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.integration.test_segment_compiler import EVENT_NAMES, OFFSETS, condit
 from tests.support.ingest import send
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
+from whenthen import journeys, scoring, tagging
 from whenthen.profiles.tables import profiles
 from whenthen.segments import service as segments
 from whenthen.segments.evaluator import evaluate
@@ -54,13 +57,63 @@ track_calls = st.tuples(
         }
     ),
 ).map(lambda t: {**t[0], **t[1]})
+#: The models, stages, tags and lists the generated leaves name (test_segment_compiler):
+#: m1 from A (with a half-life), m2 from B (capped), m4 from the email events (a fixed
+#: decay); a lifecycle moved by A and by Email Link Clicked; "vip" tagged by a rule on B
+#: with a big total; a journey on Email Opened that tags "new", joins list l1 and moves
+#: the person to "churned".
+MODELS: list[dict[str, Any]] = [
+    {
+        "key": "m1",
+        "name": "m1",
+        "rules": [{"id": "a", "event": "A", "points": 5}],
+        "decay": {"half_life": "1d"},
+    },
+    {
+        "key": "m2",
+        "name": "m2",
+        "rules": [{"id": "b", "event": "B", "points": 2.5, "cap": {"points": 5, "period": "1d"}}],
+    },
+    {
+        "key": "m4",
+        "name": "m4",
+        "rules": [
+            {"id": "o", "event": "Email Opened", "points": 10},
+            {"id": "c", "event": "Email Link Clicked", "points": -4},
+        ],
+        "decay": {"amount": 3, "every": "2d"},
+    },
+]
+LIFECYCLE: dict[str, Any] = {
+    "stages": ["lead", "customer", "churned"],
+    "rules": [{"stage": "lead", "event": "A"}, {"stage": "customer", "event": "Email Link Clicked"}],
+}
+TAG_RULE: dict[str, Any] = {
+    "key": "big",
+    "tag": "vip",
+    "event": "B",
+    "where": [{"path": "total", "op": "gte", "value": 2}],
+}
+JOURNEY: dict[str, Any] = {
+    "key": "opened",
+    "name": "Opened",
+    "trigger": {"kind": "event", "event": "Email Opened"},
+    "entry": {"frequency": "every_time"},
+    "start": "tag",
+    "nodes": {
+        "tag": {"kind": "update_profile", "add_tags": ["new"], "next": "join"},
+        "join": {"kind": "add_to_list", "list": "l1", "next": "churn"},
+        "churn": {"kind": "update_profile", "stage": "churned"},
+    },
+}
+
 calls = st.lists(st.one_of(identify_calls, track_calls), min_size=1, max_size=14)
 cuts = st.lists(st.integers(min_value=1, max_value=13), max_size=3)
 _ids = count()
 
 
 @settings(
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -72,6 +125,12 @@ def test_incremental_membership_is_the_evaluators(
     now = c.clock.now()
     ws = make_workspace(c, f"agree-{next(_ids)}").id
     with c.db.write() as conn:
+        for model in MODELS:
+            scoring.save_model(conn, ws, model, now=now)
+        scoring.save_lifecycle(conn, ws, LIFECYCLE, now=now)
+        tagging.save_rule(conn, ws, TAG_RULE, now=now)
+        journeys.push(conn, ws, JOURNEY, now=now)
+        journeys.publish(conn, ws, JOURNEY["key"], now=now)
         for i, condition in enumerate(definitions):
             segments.save_segment(conn, ws, f"s{i}", f"s{i}", {"condition": condition}, now)
     stamped = []
