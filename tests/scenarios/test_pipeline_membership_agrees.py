@@ -3,8 +3,9 @@ calls, SQLite and PostgreSQL.
 
 Calls of a few people (identifies with traits, track events with properties and times
 around now, visitors merged into users) go through the real pipeline in a few batches
-(the batch's held views, memberships, scores and attributions, ADR 0012/0014/0020), the
-clock standing still, in a workspace whose scoring models, lifecycle, tag rule and
+(the batch's held views, memberships, scores and attributions, ADR 0012/0014/0020), with
+time let pass after each batch (the worker's timers fire: windows end, scores decay), in
+a workspace whose scoring models, lifecycle, tag rule and
 journey write scores, stages, tags and lists as the events arrive. After that, every
 segment's members must be exactly the people the evaluator puts in it, each read whole
 from the database: whatever the batches held, kept or dropped, nothing is lost."""
@@ -109,6 +110,16 @@ JOURNEY: dict[str, Any] = {
 
 calls = st.lists(st.one_of(identify_calls, track_calls), min_size=1, max_size=14)
 cuts = st.lists(st.integers(min_value=1, max_value=13), max_size=3)
+#: Time let pass after each batch (the worker's timers then fire: windows end, scores
+#: decay), around the generated windows' edges.
+PAUSES = [
+    timedelta(0),
+    timedelta(minutes=59),
+    timedelta(hours=1, seconds=1),
+    timedelta(days=1),
+    timedelta(days=8),
+]
+pauses = st.lists(st.sampled_from(PAUSES), min_size=4, max_size=4)
 _ids = count()
 
 
@@ -117,9 +128,13 @@ _ids = count()
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(definitions=st.lists(conditions, min_size=1, max_size=4), made=calls, cut=cuts)
+@given(definitions=st.lists(conditions, min_size=1, max_size=4), made=calls, cut=cuts, waits=pauses)
 def test_incremental_membership_is_the_evaluators(
-    env: JourneyEnv, definitions: list[dict[str, Any]], made: list[dict[str, Any]], cut: list[int]
+    env: JourneyEnv,
+    definitions: list[dict[str, Any]],
+    made: list[dict[str, Any]],
+    cut: list[int],
+    waits: list[timedelta],
 ) -> None:
     c = env.c
     now = c.clock.now()
@@ -133,14 +148,19 @@ def test_incremental_membership_is_the_evaluators(
         journeys.publish(conn, ws, JOURNEY["key"], now=now)
         for i, condition in enumerate(definitions):
             segments.save_segment(conn, ws, f"s{i}", f"s{i}", {"condition": condition}, now)
+    bounds = sorted({b for b in cut if b < len(made)})
     stamped = []
-    for call in made:
-        call = dict(call)
-        offset = call.pop("offset", timedelta(0))
-        stamped.append({**call, "timestamp": (now + offset).isoformat(), "messageId": f"m{next(_ids)}"})
-    bounds = sorted({b for b in cut if b < len(stamped)})
-    for lo, hi in zip([0, *bounds], [*bounds, len(stamped)], strict=True):
-        send(c, ws, *stamped[lo:hi])
+    for (lo, hi), wait in zip(zip([0, *bounds], [*bounds, len(made)], strict=True), waits, strict=False):
+        batch = []
+        for call in made[lo:hi]:
+            call = dict(call)
+            offset = call.pop("offset", timedelta(0))
+            at = (c.clock.now() + offset).isoformat()
+            batch.append({**call, "timestamp": at, "messageId": f"m{next(_ids)}"})
+        send(c, ws, *batch)
+        stamped.append(batch)
+        env.advance(seconds=wait.total_seconds())
+    now = c.clock.now()
     with c.db.read() as conn:
         half_lives = segments.half_lives_of(conn, ws)
         people = list(
