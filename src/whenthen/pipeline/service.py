@@ -238,27 +238,28 @@ def process_events(
             )
             held_attributions.clear()
 
-    # Their score rows too, where the workspace scores; and, where it has segments, what
-    # the segments see of them (ADR 0020), kept current through the batch.
+    # Their score rows too, where the workspace scores; and, where it has segments, their
+    # memberships and what the segments see of them (ADR 0020), kept current through the
+    # batch. On PostgreSQL only: there a read per person is a round trip (~0.3 ms at
+    # 10,000 people); on SQLite the reads are cheap, and holding cost more than the reads
+    # it saved (memberships 6-12 %, views 6-10 % at 40 events a person).
     scores = scoring.HeldScores()
     views: dict[str, HeldViews] = {}
+    postgres = conn.dialect.name == "postgresql"
     for ws, ids in people.prefetched().items():
         known = setups[ws] = _setup(conn, ws)
         if known.models:
             scores.prefetch(conn, ws, ids)
-        if known.segments:
+        if known.segments and postgres:
             views[ws] = HeldViews(known.index.reads, known.half_lives)
             views[ws].prefetch(conn, ws, ids)
-            if conn.dialect.name == "postgresql":
-                # A read per person is a round trip there (~0.3 ms at 10,000 people); on
-                # SQLite reading everyone ahead cost more than the reads it saved (6-12 %).
-                memberships.prefetch(conn, ws, ids)
+            memberships.prefetch(conn, ws, ids)
     for event in events:
         ws = event.workspace_id
         setup = setups.get(ws)
         if setup is None:
             setup = setups[ws] = _setup(conn, ws)
-            if setup.segments:
+            if setup.segments and postgres:
                 views[ws] = HeldViews(setup.index.reads, setup.half_lives)
         applied = profiles.apply_event(
             conn, event, secret=secret, now=now, check_erasures=setup.erasures, held=people
@@ -272,8 +273,8 @@ def process_events(
             redirects[applied.merged_from] = applied.profile_id
             # The survivor's view is read again (with the merged-away person's events);
             # the read writes the held attributions first (to the survivor, ``redirects``).
-            for held_views in views.values():
-                held_views.clear()
+            for kept in views.values():
+                kept.clear()
             writes.write(conn, now)  # rows held for the merged-away profile move with it
             memberships.flush(conn)
             announced.flush(conn, now, partitions)
@@ -295,7 +296,7 @@ def process_events(
                 announced,
                 scores,
             )
-            if setup.segments:
+            if ws in views:
                 views[ws].scored(
                     ws,
                     applied.profile_id,
@@ -320,12 +321,15 @@ def process_events(
                 workspace_rules=setup.tag_rules,
                 half_lives=setup.half_lives or None,
             )
-            if tagged and setup.segments:
+            if tagged and ws in views:
                 views[ws].drop(ws, applied.profile_id)
         if setup.segments:
             change = _change(event, applied, scored)
-            held_views = views[ws]
-            if held_views.holds(ws, applied.profile_id):
+            held_views = views.get(ws)
+            if held_views is None:
+                if _reads_events(setup.index, change):
+                    attribute_held()  # the view is read now: the event must be theirs
+            elif held_views.holds(ws, applied.profile_id):
                 if event.type.value == "track":
                     properties = event.payload.get("properties")
                     held_views.add_event(
@@ -367,7 +371,7 @@ def process_events(
             writes.touched.clear()
         if writes.audience:
             # A journey step wrote tags, lists or a stage: read those people again.
-            if setup.segments:
+            if ws in views:
                 for pid in writes.audience:
                     views[ws].drop(ws, pid)
             writes.audience.clear()
@@ -392,7 +396,7 @@ def _segments(
     index: segments.SegmentIndex,
     half_lives: dict[str, DecaySpec],
     traits: Mapping[str, Any],
-    views: HeldViews,
+    views: HeldViews | None,
 ) -> None:
     """Re-evaluate the person in the segments this event can affect (all of them after a
     merge or a call other than track); entries and exits become events in their log."""
@@ -412,6 +416,12 @@ def _segments(
         traits=traits,
         views=views,
     )
+
+
+def _reads_events(index: segments.SegmentIndex, change: segments.Change) -> bool:
+    """Whether the segments this change affects read any of the person's events."""
+    _, reads = index.affected_with_reads(change)
+    return reads.names is None or bool(reads.names)
 
 
 def _reads_any_events(index: segments.SegmentIndex) -> bool:
