@@ -2,7 +2,8 @@
 calls, SQLite and PostgreSQL.
 
 Calls of a few people (identifies with traits, track events with properties and times
-around now, visitors merged into users) go through the real pipeline in a few batches
+around now, visitors merged into users, people erased between calls as the admin API
+erases them) go through the real pipeline in a few batches
 (the batch's held views, memberships, scores and attributions, ADR 0012/0014/0020), with
 time let pass after each batch (the worker's timers fire: windows end, scores decay), in
 a workspace whose scoring models, lifecycle, tag rule and
@@ -25,9 +26,12 @@ from tests.support.ingest import send
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
 from whenthen import journeys, scoring, tagging
+from whenthen.kernel.errors import NotFound
+from whenthen.profiles import erase, lookup
 from whenthen.profiles.tables import profiles
 from whenthen.segments import service as segments
 from whenthen.segments.evaluator import evaluate
+from whenthen.segments.tables import segment_members
 from whenthen.segments.views import load_view
 
 #: Who a call names: a known user, an anonymous visitor, or both (which merges them).
@@ -108,7 +112,9 @@ JOURNEY: dict[str, Any] = {
     },
 }
 
-calls = st.lists(st.one_of(identify_calls, track_calls), min_size=1, max_size=14)
+#: A person erased between calls, as the admin API erases them.
+erasures = st.sampled_from(["u1", "u2", "u3"]).map(lambda u: {"type": "erase", "userId": u})
+calls = st.lists(st.one_of(identify_calls, track_calls, track_calls, erasures), min_size=1, max_size=14)
 cuts = st.lists(st.integers(min_value=1, max_value=13), max_size=3)
 #: Time let pass after each batch (the worker's timers then fire: windows end, scores
 #: decay), around the generated windows' edges.
@@ -151,8 +157,15 @@ def test_incremental_membership_is_the_evaluators(
     bounds = sorted({b for b in cut if b < len(made)})
     stamped = []
     for (lo, hi), wait in zip(zip([0, *bounds], [*bounds, len(made)], strict=True), waits, strict=False):
-        batch = []
+        batch: list[dict[str, Any]] = []
         for call in made[lo:hi]:
+            if call["type"] == "erase":
+                send(c, ws, *batch)
+                stamped.append(batch)
+                batch = []
+                _erase(env, ws, call["userId"])
+                stamped.append([call])
+                continue
             call = dict(call)
             offset = call.pop("offset", timedelta(0))
             at = (c.clock.now() + offset).isoformat()
@@ -169,11 +182,30 @@ def test_incremental_membership_is_the_evaluators(
             ).scalars()
         )
         for segment in segments.all_segments(conn, ws):
-            rows, _ = segments.members(conn, ws, segment.key, limit=1000)
-            got = {r["profile_id"] for r in rows}
+            # The rows themselves, not the members API (which joins the live profiles):
+            # an erased or merged-away person must have left no row behind.
+            got = set(
+                conn.execute(
+                    select(segment_members.c.profile_id).where(segment_members.c.segment_id == segment.id)
+                ).scalars()
+            )
             want = {
                 pid
                 for pid in people
                 if evaluate(segment.definition, load_view(conn, ws, pid, now, half_lives), now)
             }
             assert got == want, (segment.info(), stamped)
+
+
+def _erase(env: JourneyEnv, ws: str, user: str) -> None:
+    """As ``DELETE /api/v1/profiles/{id}`` does, when the person exists."""
+    c = env.c
+    with c.db.write() as conn:
+        try:
+            pid = lookup(conn, ws, user_id=user).id
+        except NotFound:
+            return
+        done = erase(conn, ws, pid, secret=c.secret, now=c.clock.now())
+        journeys.forget(conn, ws, list(done.profile_ids))
+        scoring.forget(conn, ws, list(done.profile_ids))
+        segments.forget(conn, ws, list(done.profile_ids))
