@@ -3,13 +3,13 @@ calls, SQLite and PostgreSQL.
 
 Calls of a few people (identifies with traits, track events with properties and times
 around now, visitors merged into users, people erased between calls as the admin API
-erases them) go through the real pipeline in a few batches
-(the batch's held views, memberships, scores and attributions, ADR 0012/0014/0020), with
-time let pass after each batch (the worker's timers fire: windows end, scores decay), in
-a workspace whose scoring models, lifecycle, tag rule and
-journey write scores, stages, tags and lists as the events arrive. After that, every
-segment's members must be exactly the people the evaluator puts in it, each read whole
-from the database: whatever the batches held, kept or dropped, nothing is lost."""
+erases them) go through the real pipeline in a few batches (the batch's held views,
+memberships, scores and attributions, ADR 0012/0014/0020), with time let pass after
+each batch (the worker's timers fire: windows end, scores decay), in a workspace whose
+scoring models, lifecycle, tag rule and journey write scores, stages, tags and lists as
+the events arrive. After that, every segment's members must be exactly the people the
+evaluator puts in it, each read whole from the database: whatever the batches held,
+kept or dropped, nothing is lost."""
 
 from __future__ import annotations
 
