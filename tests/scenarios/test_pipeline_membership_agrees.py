@@ -63,7 +63,7 @@ track_calls = st.tuples(
     ),
 ).map(lambda t: {**t[0], **t[1]})
 #: The models, stages, tags and lists the generated leaves name (test_segment_compiler):
-#: m1 from A (with a half-life), m2 from B (capped), m4 from the email events (a fixed
+#: m1 from A (with a half-life and thresholds), m2 from B (capped), m4 from the email events (a fixed
 #: decay); a lifecycle moved by A and by Email Link Clicked; "vip" tagged by a rule on B
 #: with a big total; a journey on Email Opened that tags "new", joins list l1 and moves
 #: the person to "churned".
@@ -73,6 +73,7 @@ MODELS: list[dict[str, Any]] = [
         "name": "m1",
         "rules": [{"id": "a", "event": "A", "points": 5}],
         "decay": {"half_life": "1d"},
+        "thresholds": [4, 9],  # crossed down by decay alone: decay timers fire and re-arm
     },
     {
         "key": "m2",
