@@ -8,10 +8,12 @@ batch's own evaluation can move the person. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from tests.scenarios.test_scoring import MODEL as SCORING_MODEL
 from tests.support.journey_env import JourneyEnv
 from whenthen import profiles, scoring, tagging
 from whenthen.segments import service as segments
@@ -189,3 +191,93 @@ def test_a_person_new_in_the_batch_is_read_with_their_first_event(env: JourneyEn
         {"type": "track", "userId": "hal", "event": "Viewed", "messageId": "h2"},
     )
     assert members(env, "twice") == [env.profile("hal").id]
+
+
+# ---- score rows written in the batch and read later in it (what ADR 0020 step 3 must keep) --
+
+INTEREST = {"key": "interest", "name": "Interest", "rules": [{"id": "demo", "event": "Demo", "points": 5}]}
+
+
+def _interest(env: JourneyEnv) -> None:
+    with env.c.db.write() as conn:
+        scoring.save_model(conn, env.ws.id, INTEREST, now=env.clock.now())
+
+
+def scores(env: JourneyEnv, user: str) -> dict[str, float]:
+    with env.c.db.read() as conn:
+        return scoring.scores_of(conn, env.ws.id, env.profile(user).id, env.clock.now())
+
+
+def test_a_person_read_in_the_batch_is_read_with_the_scores_it_stored(env: JourneyEnv) -> None:
+    _interest(env)
+    save_segment(env, "interested", {"kind": "score", "model": "interest", "op": "gte", "value": 5})
+    # Ivy is new: her view is read at her first event, after the score it stored.
+    env.calls({"type": "track", "userId": "ivy", "event": "Demo"})
+    assert members(env, "interested") == [env.profile("ivy").id]
+    assert scores(env, "ivy") == {"interest": 5.0}
+
+
+def test_a_tag_rule_reads_a_score_stored_earlier_in_the_batch(env: JourneyEnv) -> None:
+    _interest(env)
+    with env.c.db.write() as conn:
+        tagging.save_rule(
+            conn,
+            env.ws.id,
+            {
+                "key": "hot",
+                "tag": "hot",
+                "event": "Pricing",
+                "condition": {"kind": "score", "model": "interest", "op": "gte", "value": 5},
+            },
+            now=env.clock.now(),
+        )
+    env.identify("jo", plan="free")
+    env.calls(
+        {"type": "track", "userId": "jo", "event": "Demo"},
+        {"type": "track", "userId": "jo", "event": "Pricing"},
+    )
+    with env.c.db.read() as conn:
+        assert profiles.tags_of(conn, env.ws.id, env.profile("jo").id) == ["hot"]
+
+
+def test_a_merge_in_the_batch_adds_up_a_score_stored_earlier_in_it(env: JourneyEnv) -> None:
+    _interest(env)
+    env.identify("kai", plan="free")
+    env.track("kai", "Demo")
+    env.calls({"type": "track", "anonymousId": "anon-kai", "event": "Opened"})  # the visitor exists
+    env.calls(
+        {"type": "track", "userId": "kai", "event": "Opened"},
+        {"type": "track", "anonymousId": "anon-kai", "event": "Demo"},  # her score, held
+        {"type": "identify", "userId": "kai", "anonymousId": "anon-kai"},
+    )
+    assert scores(env, "kai") == {"interest": 10.0}
+    assert env.c.worker.stats.retried_batches == 0  # not by the one-event-at-a-time retry
+
+
+def test_a_score_row_stored_twice_in_the_batch_is_written_once_whole(env: JourneyEnv) -> None:
+    _interest(env)
+    env.identify("lu", plan="free")  # known: her (missing) score row is read ahead
+    env.calls(
+        {"type": "track", "userId": "lu", "event": "Demo", "messageId": "d1"},
+        {"type": "track", "userId": "lu", "event": "Demo", "messageId": "d2"},
+    )
+    assert scores(env, "lu") == {"interest": 10.0}
+
+
+def test_a_decay_timer_re_armed_by_an_event_in_the_batch_does_not_fire_again(env: JourneyEnv) -> None:
+    """The model's trait rule makes every event touch the score; an event arriving when
+    decay has carried it below 50 and the timer has not fired yet announces the crossing
+    and re-arms the timer on the row the batch holds."""
+    with env.c.db.write() as conn:
+        scoring.save_model(conn, env.ws.id, SCORING_MODEL, now=env.clock.now())
+    env.identify("mo", plan="free")
+    env.calls(
+        *(
+            {"type": "track", "userId": "mo", "event": "Demo Requested", "messageId": f"r{n}"}
+            for n in range(3)
+        )
+    )  # 60
+    env.clock.advance(timedelta(days=7))  # 30 now; the decay timer is due, no worker ran
+    env.calls({"type": "track", "userId": "mo", "event": "Page Viewed"})  # then the steps run
+    directions = [e["direction"] for e in env.system_events("Score Threshold Crossed")]
+    assert directions == ["up", "down"]
