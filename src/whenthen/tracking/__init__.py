@@ -35,7 +35,7 @@ def workspace_history(conn: Connection, workspace_id: str, *, limit: int) -> lis
 def pending_events(conn: Connection, partitions: Sequence[int], limit: int) -> list[StoredEvent]:
     """The oldest ``limit`` pending events of these partitions, in log order (locked on
     PostgreSQL): of each partition, the oldest of its pending events."""
-    return [_repo.stored_from_row(r) for r in _repo.pending(conn, partitions, limit)]
+    return [_repo.to_stored(r) for r in _repo.pending(conn, partitions, limit)]
 
 
 def finish_events(

@@ -98,7 +98,7 @@ _APPEND_POSTGRESQL = (
 
 def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[tuple[Any, ...]]:
     """The oldest pending events of each partition, about ``limit`` in all, in log order,
-    as tuples of the log's columns in table order (:func:`stored_from_row` reads them).
+    as tuples of the log's columns in table order (:func:`to_stored` reads them).
 
     Each partition's share is read on its own through ``ix_events_pending`` (one
     statement, a ``UNION ALL`` of one ``LIMIT`` read a partition): a single ``partition
@@ -127,9 +127,25 @@ def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[tup
     return sorted(rows + more, key=_seq_of)
 
 
-#: Positions in a row of ``events`` read whole (table order).
+#: Positions in a row of ``events`` read whole (table order; :func:`to_stored` unpacks it).
 _COLUMNS = tuple(events.c.keys())
 _SEQ, _PARTITION = _COLUMNS.index("seq"), _COLUMNS.index("partition")
+if _COLUMNS != (
+    "seq",
+    "workspace_id",
+    "message_id",
+    "type",
+    "event",
+    "user_id",
+    "anonymous_id",
+    "timestamp",
+    "received_at",
+    "payload",
+    "partition",
+    "state",
+    "profile_id",
+):
+    raise RuntimeError(f"events' columns changed order ({_COLUMNS}): to_stored reads them by position")
 
 
 def _seq_of(row: tuple[Any, ...]) -> int:
@@ -279,42 +295,27 @@ def delete_for_person(
     return result.rowcount
 
 
-def to_stored(row: Any) -> StoredEvent:
-    return StoredEvent(
-        seq=int(row.seq),
-        workspace_id=row.workspace_id,
-        message_id=row.message_id,
-        type=CallType(row.type),
-        event=row.event,
-        user_id=row.user_id,
-        anonymous_id=row.anonymous_id,
-        timestamp=row.timestamp,
-        received_at=row.received_at,
-        payload=dict(row.payload),
-        profile_id=row.profile_id,
-    )
-
-
 _TYPES = {t.value: t for t in CallType}
-_I = {name: _COLUMNS.index(name) for name in _COLUMNS}
 
 
-def stored_from_row(row: tuple[Any, ...]) -> StoredEvent:
-    """:func:`to_stored` of a row read at the driver's level (a tuple in table order, its
-    values processed by their columns' types: :func:`pending`'s)."""
-    i = _I
+def to_stored(row: Sequence[Any]) -> StoredEvent:
+    """An event from a row of ``events`` read whole, in table order: a SQLAlchemy row of
+    ``select(events)``, or a tuple of :func:`pending`'s driver-level read (its values
+    processed by their columns' types alike). By position: the pipeline makes one for
+    every event it applies, and a ``Row``'s attribute access cost more than the read."""
+    seq, ws, message_id, type_, event, user_id, anonymous_id, timestamp, received_at, payload, _, _, pid = row
     return StoredEvent(
-        int(row[_SEQ]),
-        row[i["workspace_id"]],
-        row[i["message_id"]],
-        _TYPES[row[i["type"]]],
-        row[i["event"]],
-        row[i["user_id"]],
-        row[i["anonymous_id"]],
-        row[i["timestamp"]],
-        row[i["received_at"]],
-        dict(row[i["payload"]]),
-        row[i["profile_id"]],
+        int(seq),
+        ws,
+        message_id,
+        _TYPES[type_],
+        event,
+        user_id,
+        anonymous_id,
+        timestamp,
+        received_at,
+        dict(payload),
+        pid,
     )
 
 
