@@ -26,8 +26,9 @@ from tests.support.ingest import send
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
 from whenthen import journeys, scoring, tagging
+from whenthen.api.profiles import erase_person
 from whenthen.kernel.errors import NotFound
-from whenthen.profiles import erase, lookup
+from whenthen.profiles import lookup
 from whenthen.profiles.tables import profiles
 from whenthen.segments import service as segments
 from whenthen.segments.evaluator import evaluate
@@ -206,7 +207,4 @@ def _erase(env: JourneyEnv, ws: str, user: str) -> None:
             pid = lookup(conn, ws, user_id=user).id
         except NotFound:
             return
-        done = erase(conn, ws, pid, secret=c.secret, now=c.clock.now())
-        journeys.forget(conn, ws, list(done.profile_ids))
-        scoring.forget(conn, ws, list(done.profile_ids))
-        segments.forget(conn, ws, list(done.profile_ids))
+        erase_person(conn, ws, pid, secret=c.secret, now=c.clock.now())

@@ -9,13 +9,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
 from whenthen import journeys, profiles, scoring
 from whenthen.api.auth import admin, container
 from whenthen.api.responses import JSONBody
 from whenthen.kernel.errors import DomainError
-from whenthen.profiles import Merge, Profile
+from whenthen.profiles import Erasure, Merge, Profile
 from whenthen.segments import service as segments
 from whenthen.tracking import StoredEvent
 from whenthen.workspaces import Principal
@@ -205,6 +206,16 @@ async def export_profile(request: Request, principal: Admin, profile_id: str) ->
     )
 
 
+def erase_person(conn: Connection, ws: str, profile_id: str, *, secret: bytes, now: datetime) -> Erasure:
+    """Erase the person and, in the same transaction, their journeys and messages, scores
+    and stage, memberships, timers and segment history."""
+    done = profiles.erase(conn, ws, profile_id, secret=secret, now=now)
+    journeys.forget(conn, ws, list(done.profile_ids))
+    scoring.forget(conn, ws, list(done.profile_ids))
+    segments.forget(conn, ws, list(done.profile_ids))
+    return done
+
+
 @router.delete("/{profile_id}")
 async def erase_profile(request: Request, principal: Admin, profile_id: str) -> JSONBody:
     """Erase the person: profile, events and traits. Keeps only keyed hashes of the
@@ -213,14 +224,7 @@ async def erase_profile(request: Request, principal: Admin, profile_id: str) -> 
 
     def run() -> dict[str, Any]:
         with c.db.write() as conn:
-            done = profiles.erase(
-                conn, principal.workspace_id, profile_id, secret=c.secret, now=c.clock.now()
-            )
-            # Journeys and messages of the person go in the same transaction.
-            journeys.forget(conn, principal.workspace_id, list(done.profile_ids))
-            scoring.forget(conn, principal.workspace_id, list(done.profile_ids))
-            segments.forget(conn, principal.workspace_id, list(done.profile_ids))
-
+            done = erase_person(conn, principal.workspace_id, profile_id, secret=c.secret, now=c.clock.now())
         return {
             "erased": True,
             "profile_id": done.profile_id,
