@@ -8,10 +8,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, select, text
 
 from tests.support.plans import Statements, assert_walks_index
 from whenthen.messaging import service
+from whenthen.messaging.tables import outbox
 from whenthen.storage import Database
 
 NOW = datetime(2026, 12, 7, 9, tzinfo=UTC)
@@ -55,4 +56,13 @@ def test_a_claim_reads_the_first_ready_jobs_in_index_order(db: Database, analyse
         claimed = service.claim(conn, NOW, limit=LIMIT, lease=timedelta(minutes=5))
     assert [job.id for job in claimed] == expected
     # The claim's statements again, in one transaction, the read explained.
-    assert_walks_index(db, seen, table="outbox", index="ix_outbox_ready", limit=LIMIT)
+    nodes = assert_walks_index(db, seen, table="outbox", index="ix_outbox_ready", limit=LIMIT)
+    if db.engine.dialect.name == "postgresql":
+        # Read, locked and hidden in one statement: each job found again by its key.
+        [probe] = [n for n in nodes if n.get("Index Name") == "pk_outbox"]
+        assert (probe["Node Type"], probe["Actual Loops"]) == ("Index Scan", LIMIT), probe
+    with db.read() as conn:
+        hidden = conn.execute(select(outbox.c.id, outbox.c.available_at).where(outbox.c.attempts > 0)).all()
+    assert {r.id for r in hidden} == set(expected)
+    assert {r.available_at for r in hidden} == {NOW + timedelta(minutes=5)}
+    assert [job.attempts for job in claimed] == [0] * LIMIT  # the attempts before this one

@@ -35,29 +35,37 @@ def sqlite_plan(conn: Connection, statement: str, parameters: Any) -> list[str]:
     return [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
 
 
-def assert_walks_index(db: Any, seen: Statements, *, table: str, index: str, limit: int) -> None:
-    """The one ``SELECT`` captured in ``seen`` (a queue read) reads ``table`` through
-    ``index`` in its order, with no sort step, and (PostgreSQL, run again under
-    ``EXPLAIN ANALYZE`` after the settings sent before it) reads at most twice ``limit``
-    rows however many qualify."""
-    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith("SELECT")]
+def assert_walks_index(
+    db: Any, seen: Statements, *, table: str, index: str, limit: int
+) -> list[dict[str, Any]]:
+    """The one ``SELECT`` (or ``WITH``: a claim that reads and updates in one statement)
+    captured in ``seen`` (a queue read) reads ``table`` through ``index`` in its order,
+    with no sort step, and (PostgreSQL, run again under ``EXPLAIN ANALYZE`` after the
+    settings sent before it, in a transaction rolled back) reads at most twice ``limit``
+    rows however many qualify. Returns the PostgreSQL plan's nodes (none on SQLite)."""
+    [(read, parameters)] = [(q, p) for q, p in seen.seen if q.lstrip().startswith(("SELECT", "WITH"))]
     before = [q for q, _ in seen.seen[: [q for q, _ in seen.seen].index(read)]]
     settings = [q for q in before if q.lstrip().startswith("SET")]
-    with db.write() as conn:
+    with db.engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             steps = sqlite_plan(conn, read, parameters)
             assert any(index in s for s in steps), steps
             assert not any("TEMP B-TREE" in s for s in steps), steps
-            return
-        for setting in settings:
-            conn.exec_driver_sql(setting)
-        [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
+            return []
+        try:
+            for setting in settings:
+                conn.exec_driver_sql(setting)
+            [(doc,)] = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + read, parameters).all()
+        finally:
+            conn.rollback()
     nodes = _nodes(doc[0]["Plan"])
     assert not [n for n in nodes if "Sort" in n["Node Type"]], nodes
-    [scan] = [n for n in nodes if n.get("Relation Name") == table]
+    [scan] = [n for n in nodes if n.get("Relation Name") == table and n.get("Index Name") == index]
     assert scan["Node Type"] == "Index Scan", scan
-    assert scan["Index Name"] == index, scan
     assert scan["Actual Rows"] <= 2 * limit, scan
+    others = [n for n in nodes if n.get("Relation Name") == table and n is not scan]
+    assert all(n["Node Type"] in ("Index Scan", "ModifyTable") for n in others), others
+    return nodes
 
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:

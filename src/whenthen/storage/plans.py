@@ -49,3 +49,23 @@ def in_index_order(conn: Connection) -> Iterator[None]:
     conn.exec_driver_sql("SET LOCAL enable_sort = off")
     yield
     conn.exec_driver_sql("SET LOCAL enable_sort TO DEFAULT")
+
+
+@contextmanager
+def by_key_probes(conn: Connection) -> Iterator[None]:
+    """The joins of the statements run inside are planned as nested loops on PostgreSQL
+    (hash and merge joins off, for their transaction; the server's settings again on
+    leaving); nothing on SQLite.
+
+    For a write of a batch's rows by key from one parameter (``UPDATE t FROM
+    jsonb_to_recordset(...) WHERE t.id = v.id``): the function's rows are estimated at
+    100, and a planner that takes the table for small (up to some 100,000 rows) hashes
+    the batch and scans the whole table (ADR 0021). With the joins that need it off, each
+    row of the batch probes the key's index. Errors inside are left as in
+    :func:`in_index_order`."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.exec_driver_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+    yield
+    conn.exec_driver_sql("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
