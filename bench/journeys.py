@@ -54,12 +54,14 @@ Part 2, timers ("one million waiting enrollments"). In this process, per databas
    batches in ``pipeline.timer_threads`` threads once a batch is full) runs as the worker
    loop runs it (poll interval from the settings while idle) and (b) a second set is
    caught by the real ``PipelineWorker`` thread, which also runs the pipeline and any
-   further steps on every pass, with the outbox dispatcher (email captured, no SMTP) in
-   its background thread; its timer step (``steps[0]``, as ``bootstrap.build`` adds it)
-   timestamps each batch, its threads' too; then (c) a third set, as spread over the
-   table, by the role layout: that worker runs the pipeline role only and a ``whenthen
-   worker --role dispatch`` process sends the emails. Lag of an enrollment = wall time
-   after the commit of the batch that advanced it minus the due instant.
+   further steps on every pass, with the outbox dispatcher (email captured, no SMTP: each
+   woken person has a profile with an email address, so each email is rendered, built
+   and recorded with its bodies as a send is) in its background thread; its timer step
+   (``steps[0]``, as ``bootstrap.build`` adds it) timestamps each batch, its threads'
+   too; then (c) a third set, as spread over the table, by the role layout: that worker
+   runs the pipeline role only and a ``whenthen worker --role dispatch`` process sends
+   the emails. Lag of an enrollment = wall time after the commit of the batch that
+   advanced it minus the due instant.
    (``--quick`` runs (a) only, with 5,000 due.) With ``--timer-processes N`` on
    PostgreSQL, (d) a fourth set is fired by the timer step looped in N processes at once,
    as N ``whenthen worker`` processes share due timers (``FOR UPDATE SKIP LOCKED``).
@@ -97,7 +99,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, event, func, select, text, update
+from sqlalchemy import Connection, event, func, insert, select, text, update
 
 from bench.loadgen import Client, ProtocolError, percentile
 from bench.loadgen import Connection as HttpConnection
@@ -125,6 +127,7 @@ from whenthen.journeys.tasks import TimerStep, fire_timers, seconds_to_next_time
 from whenthen.kernel.clock import SystemClock
 from whenthen.kernel.ids import new_secret
 from whenthen.messaging.tables import messages, outbox
+from whenthen.profiles.tables import profiles
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
 from whenthen.tracking.tables import events
@@ -174,7 +177,17 @@ WAIT_JOURNEY: dict[str, Any] = {
         "wait": {"kind": "delay", "duration": "30d", "next": "mail"},
         "mail": {
             "kind": "send_email",
-            "email": {"subject": "A month later", "text": "Hello {{ traits.email }}, a month has passed."},
+            # Text and HTML with two links (rewritten to tracked ones), as a reminder is.
+            "email": {
+                "subject": "A month later",
+                "text": "Hello {{ traits.email }}, a month has passed.",
+                "html": (
+                    "<p>Hello {{ traits.email }},</p><p>a month has passed since you joined on the"
+                    " {{ traits.plan }} plan.</p><p>"
+                    "<a href='https://shop.example/offers?plan={{ traits.plan }}'>See this month's offers</a>"
+                    " or <a href='https://shop.example/account'>your account</a>.</p>"
+                ),
+            },
         },
     },
 }
@@ -1128,6 +1141,10 @@ class BulkFill:
         #: Ids picked halfway between those of ``picked``, as spread over the table (the
         #: lag of the worker in the role layout), without changing ``picked`` itself.
         self.picked_between: list[str] = []
+        #: The people of the picked enrollments (``picked`` and ``picked_between``): they
+        #: get profiles with an email address (:meth:`add_people`), so that the emails of
+        #: the lag runs are rendered, built and captured as a send's are, not skipped.
+        self.people: list[str] = []
         dialect = db.engine.dialect
         self._enroll_processors = [
             enrollments.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in ENROLLMENT_COLUMNS
@@ -1193,10 +1210,35 @@ class BulkFill:
             rows.append(self._bind(row, ENROLLMENT_COLUMNS, self._enroll_processors))
             if pick_every and i % pick_every == 0:
                 self.picked.append(eid)
+                self.people.append(profile_id)
             elif pick_every > 1 and i % pick_every == pick_every // 2:
                 self.picked_between.append(eid)
+                self.people.append(profile_id)
         self.engine_seconds += engine_time
         return rows, journal
+
+    def add_people(self) -> int:
+        """Profiles, each with an email address, for the people of the picked enrollments
+        (the others wait, they are never woken); returns how many were written."""
+        now = SystemClock().now()
+        rows = [
+            {
+                "id": pid,
+                "workspace_id": self.ws,
+                "traits": {"email": f"{pid}@bench.example", "plan": "pro"},
+                "trait_times": {"email": now.isoformat(), "plan": now.isoformat()},
+                "email": f"{pid}@bench.example",
+                "event_count": 0,
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            for pid in self.people
+        ]
+        for lo in range(0, len(rows), BULK_CHUNK):
+            with self.db.write() as conn:
+                conn.execute(insert(profiles), rows[lo : lo + BULK_CHUNK])
+        return len(rows)
 
     def _bind(
         self, row: dict[str, Any], columns: Sequence[str], processors: Sequence[Any]
@@ -1633,6 +1675,8 @@ def bench_timers(args: argparse.Namespace, target: Target, logs: Path) -> TimerR
             if point == total:
                 bulk_to = total - real_total
                 fill.fill_to(bulk_to, pick=lag_sets)
+                people = fill.add_people()
+                _say(f"  profiles with an email address for the {people:,} people the lag runs wake")
                 _analyze(db)
                 rate = (fill.count / fill.seconds) if fill.seconds else 0.0
                 result.bulk_rows_per_second = rate
