@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import Connection
 
 from tests.support.plans import relation_scans
+from whenthen.profiles import consent
 from whenthen.profiles import repository as profile_repo
 from whenthen.scoring import service as scoring_service
 from whenthen.segments import membership, views
@@ -49,6 +50,8 @@ def pg(pg_url: str) -> Iterator[Database]:
             f" SELECT s, {pid}, 'ws', now() {rows}, (VALUES ('seg_a'), ('seg_b')) v(s)",
             "INSERT INTO segment_timers (segment_id, profile_id, workspace_id, due_at)"
             f" SELECT 'seg_a', {pid}, 'ws', now() {rows}",
+            "INSERT INTO consents (workspace_id, profile_id, channel, status, source, changed_at)"
+            f" SELECT 'ws', {pid}, c, 'subscribed', 'api', now() {rows}, (VALUES ('email'), ('sms')) v(c)",
         ):
             conn.exec_driver_sql(sql, {"n": PEOPLE})
     yield db
@@ -87,6 +90,24 @@ READS: dict[str, tuple[Any, dict[str, Any], str, set[str]]] = {
     "senders: targets": (profile_repo._SENDER_TARGETS["postgresql"].stmt, {}, "ids", {"profiles"}),
     "senders: survivors": (profile_repo._SENDER_SURVIVORS["postgresql"].stmt, {}, "ids", {"profiles"}),
     "senders: identities": (profile_repo._SENDER_IDS["postgresql"].stmt, {}, "ids", {"identities"}),
+    "dispatcher: people": (
+        profile_repo._PROFILES_OF_MANY["postgresql"].stmt,
+        {"ws": "ws"},
+        "ids",
+        {"profiles"},
+    ),
+    "dispatcher: identities": (
+        profile_repo._IDENTITIES_OF_MANY["postgresql"].stmt,
+        {"ws": "ws"},
+        "ids",
+        {"identities"},
+    ),
+    "dispatcher: consents": (
+        consent._STATUSES["postgresql"].stmt,
+        {"ws": "ws", "channel": "email"},
+        "ids",
+        {"consents"},
+    ),
 }
 
 

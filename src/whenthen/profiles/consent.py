@@ -6,12 +6,14 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from whenthen.profiles import repository as repo
 from whenthen.profiles.model import apply_traits, trait_stamp
 from whenthen.profiles.normalization import normalise_traits, reachability
 from whenthen.profiles.tables import consents, profile_tags
+from whenthen.storage.driver import DriverQuery
+from whenthen.storage.id_lists import by_ids, per_dialect
 
 
 def set_consent(
@@ -63,12 +65,25 @@ def consent_statuses(conn: Connection, ws: str, profile_ids: Iterable[str], chan
     ids = list(profile_ids)
     if not ids:
         return {}
-    rows = conn.execute(
-        select(consents.c.profile_id, consents.c.status).where(
-            consents.c.workspace_id == ws, consents.c.profile_id.in_(ids), consents.c.channel == channel
+    rows = _STATUSES[conn.dialect.name].all(conn, {"ids": ids, "ws": ws, "channel": channel})
+    return {profile_id: str(status) for profile_id, status in rows}
+
+
+#: By the ids as one list parameter (``storage.id_lists.by_ids``), prebuilt: the
+#: dispatcher reads a batch's consents with it.
+_STATUSES = per_dialect(
+    lambda d: DriverQuery(
+        by_ids(
+            d,
+            consents,
+            "profile_id",
+            "ids",
+            [consents.c.profile_id, consents.c.status],
+            consents.c.workspace_id == bindparam("ws"),
+            consents.c.channel == bindparam("channel"),
         )
     )
-    return {r.profile_id: str(r.status) for r in rows}
+)
 
 
 def consents_of(conn: Connection, ws: str, profile_id: str) -> dict[str, dict[str, Any]]:
