@@ -12,12 +12,13 @@ from email.utils import parsedate_to_datetime
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from whenthen.messaging.email import Addressing, build_email, rewrite_html, rewrite_text, unsubscribe_url
 from whenthen.messaging.links import BadToken, sign, verify
 from whenthen.templates import TemplateError, check, render
+from whenthen.templates.rendering import _compile
 
 SECRET = b"unit-secret"
 A = Addressing(
@@ -385,6 +386,18 @@ def test_undefined_variables_render_empty() -> None:
         render("[{{ nothing }}|{{ traits.a.b.c }}|{{ list[3] }}|{{ x | upcase }}]", {"traits": {}}) == "[|||]"
     )
     assert render("{% for x in nothing %}y{% endfor %}{% if nothing %}y{% endif %}", {}) == ""
+
+
+#: Text without a brace; lone surrogates left out (no JSON document carries one, and
+#: Liquid itself fails to write them).
+NO_BRACE = st.text(alphabet=st.characters(blacklist_characters="{", blacklist_categories=["Cs"]))
+
+
+@settings(max_examples=500)
+@given(NO_BRACE, st.booleans())
+def test_a_template_without_a_brace_renders_as_liquid_renders_it(source: str, html: bool) -> None:
+    # render() returns such a template as it is, without Liquid: the same text.
+    assert render(source, {"traits": {"a": 1}}, html=html) == _compile(source, html).render(traits={"a": 1})
 
 
 def test_html_output_is_escaped_text_output_is_not() -> None:

@@ -86,7 +86,12 @@ def check(source: str, *, html: bool = False) -> str | None:
 
 
 def render(source: str, context: dict[str, Any], *, html: bool = False) -> str:
-    """Render; with ``html`` output of variables is HTML-escaped."""
+    """Render; with ``html`` output of variables is HTML-escaped. A template without
+    ``{`` has no tag or output (and Liquid's text is written as it is, escaped or not):
+    it is its own result, as most subjects are (unless it holds a carriage return, which
+    Liquid's reading turns into a line feed)."""
+    if "{" not in source and "\r" not in source:
+        return source
     template = _compile(source, html)
     try:
         return template.render(**context)
