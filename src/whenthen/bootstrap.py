@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from whenthen.imports.tasks import ListImportJob
+from whenthen.journeys.management import JourneyTemplates
 from whenthen.journeys.tasks import BackfillDatesJob, SignalJob, TimerStep, seconds_to_next_timer
 from whenthen.kernel.clock import Clock, SystemClock
 from whenthen.messaging.adapters.smtp import SmtpSender
@@ -98,7 +99,13 @@ def build(
         clock,
         {
             "email": EmailJob(
-                db, clock, settings.email, public_url=settings.public_url, secret=secret, sender=email_sender
+                db,
+                clock,
+                settings.email,
+                public_url=settings.public_url,
+                secret=secret,
+                sender=email_sender,
+                templates=JourneyTemplates(),
             ),
             "webhook": WebhookJob(
                 db, clock, settings.webhooks, secret=webhook_signing_secret(settings), caller=webhook_caller

@@ -532,3 +532,65 @@ def test_each_enrollment_gets_its_own_email(env: MailEnv) -> None:
     assert len(mails) == 2
     assert len({str(m.message["Message-ID"]) for m in mails}) == 2
     assert sorted(m["status"] for m in env.messages()) == ["sent", "sent"]
+
+
+def _queue(env: MailEnv, payload: dict[str, Any], key: str) -> str:
+    """Queue an email job for Ann by hand, with ``payload``; returns its message id."""
+    with env.c.db.write() as conn:
+        assert messaging.enqueue(
+            conn,
+            messaging.Queued(
+                ws=env.ws.id,
+                channel="email",
+                message_id=f"msg_{key}",
+                idempotency_key=key,
+                profile_id=env.profile("ann").id,
+                journey_id=None,
+                enrollment_id=None,
+                node="mail",
+                payload={**payload, "marketing": True, "context": {"event": {"properties": {"cart": "c-9"}}}},
+            ),
+            env.clock.now(),
+        )
+    env.c.worker.drain()
+    return f"msg_{key}"
+
+
+def test_a_journey_email_job_names_its_template_rather_than_carrying_it(env: MailEnv) -> None:
+    info = env.publish(journey(DEFAULT_EMAIL))
+    env.ann_saves_a_cart()
+    [job] = env.jobs()
+    assert "email" not in job.payload
+    assert job.payload["template"] == {"journey": info.id, "version": 1, "node": "mail"}
+    [mail] = env.mail_to("ann@example.com")
+    assert mail.subject == "Ann, your cart is saved"
+    assert env.row(env.message()["id"]).links[0] == "https://shop.example.com/cart?id=c-1&utm=mail"
+
+
+def test_a_job_queued_with_its_template_inline_is_still_sent(env: MailEnv) -> None:
+    # As jobs were queued before ADR 0022 (still in the outbox during an upgrade).
+    env.identify("ann", email="ann@example.com", first_name="Ann")
+    mid = _queue(env, {"email": DEFAULT_EMAIL}, "inline-1")
+    [mail] = env.mail_to("ann@example.com")
+    assert mail.subject == "Ann, your cart is saved"
+    row = env.row(mid)
+    assert row.status == "sent"
+    assert row.links[0] == "https://shop.example.com/cart?id=c-9&utm=mail"
+
+
+def test_a_job_naming_no_email_template_fails_with_the_reason(env: MailEnv) -> None:
+    info = env.publish(journey(DEFAULT_EMAIL))
+    env.identify("ann", email="ann@example.com", first_name="Ann")
+    missing = _queue(env, {"template": {"journey": info.id, "version": 1, "node": "nope"}}, "ref-1")
+    draft = _queue(env, {"template": {"journey": info.id, "version": 7, "node": "mail"}}, "ref-2")
+    assert env.sink.messages() == []
+    for mid, version, node in ((missing, 1, "nope"), (draft, 7, "mail")):
+        row = env.row(mid)
+        assert row.status == "failed"
+        assert row.reason == f"template: no email node {node!r} in version {version} of journey {info.id}"
+    # Failed for good: the jobs are closed with the reason, not retried.
+    assert {j.last_error for j in env.jobs()} == {
+        f"template: no email node 'nope' in version 1 of journey {info.id}",
+        f"template: no email node 'mail' in version 7 of journey {info.id}",
+    }
+    assert all(j.done_at is not None for j in env.jobs())

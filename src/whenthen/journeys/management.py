@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from whenthen import messaging
 from whenthen.journeys import repository as repo
-from whenthen.journeys.definition import DateTrigger, JourneyDefinition, parse_definition
+from whenthen.journeys.definition import DateTrigger, JourneyDefinition, SendEmailNode, parse_definition
 from whenthen.journeys.engine import advance
 from whenthen.journeys.model import Cancel
 from whenthen.kernel.errors import DomainError, NotFound
@@ -44,6 +44,32 @@ def _new_journey_id() -> str:
 
 
 _CACHE: dict[tuple[str, int], JourneyDefinition] = {}
+#: Published send nodes' templates, dumped as an email job reads them, by (journey id,
+#: version, node): a version never changes once published.
+_TEMPLATES: dict[tuple[str, int, str], dict[str, Any] | None] = {}
+
+
+class JourneyTemplates:
+    """The dispatcher's ``TemplateSource``: an email job queued by a journey names its
+    template (journey, version, node) instead of carrying a copy of it (ADR 0022)."""
+
+    def email_template(
+        self, conn: Connection, journey_id: str, version: int, node: str
+    ) -> dict[str, Any] | None:
+        key = (journey_id, version, node)
+        if key in _TEMPLATES:
+            return _TEMPLATES[key]
+        row = repo.version(conn, journey_id, version)
+        if row is None or row.published_at is None:
+            return None  # only published versions send; a draft may still change
+        found = definition_of(conn, journey_id, version).nodes.get(node)
+        dumped = (
+            found.email.model_dump(mode="json", by_alias=True) if isinstance(found, SendEmailNode) else None
+        )
+        if len(_TEMPLATES) > 4000:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = dumped
+        return dumped
 
 
 def definition_of(conn: Connection, journey_id: str, version: int) -> JourneyDefinition:

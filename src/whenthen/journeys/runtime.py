@@ -182,7 +182,7 @@ def _persist(
         writes.journal.extend(journal)
     for effect in transition.effects:
         if isinstance(effect, SendEmail | CallWebhook):
-            queued = _queued(ws, journey, state, profile_id, effect)
+            queued = _queued(ws, journey, version, state, profile_id, effect)
             if writes is None:
                 messaging.enqueue(conn, queued, now)
             else:
@@ -254,28 +254,19 @@ def _render_context(journey: Any, state: State) -> dict[str, Any]:
     }
 
 
-#: A published email template, dumped for the outbox once per node rather than per send.
-_TEMPLATES: dict[int, tuple[Any, dict[str, Any]]] = {}
-
-
-def _template(effect: SendEmail) -> dict[str, Any]:
-    cached = _TEMPLATES.get(id(effect.email))
-    if cached is not None and cached[0] is effect.email:
-        return cached[1]
-    dumped = effect.email.model_dump(mode="json", by_alias=True)
-    if len(_TEMPLATES) > 4000:
-        _TEMPLATES.clear()
-    _TEMPLATES[id(effect.email)] = (effect.email, dumped)
-    return dumped
-
-
 def _queued(
-    ws: str, journey: Any, state: State, profile_id: str, effect: SendEmail | CallWebhook
+    ws: str, journey: Any, version: int, state: State, profile_id: str, effect: SendEmail | CallWebhook
 ) -> messaging.Queued:
-    """The message (and outbox job) a send or webhook effect queues."""
+    """The message (and outbox job) a send or webhook effect queues. An email's job names
+    its template (the enrollment's published version and the node) rather than carrying
+    a copy of it: the dispatcher reads it from the version (``management.JourneyTemplates``,
+    ADR 0022)."""
     if isinstance(effect, SendEmail):
         channel = "email"
-        payload: dict[str, Any] = {"email": _template(effect), "marketing": effect.marketing}
+        payload: dict[str, Any] = {
+            "template": {"journey": journey.id, "version": version, "node": effect.node},
+            "marketing": effect.marketing,
+        }
     else:
         channel = "webhook"
         payload = {
@@ -806,7 +797,9 @@ class Writes:
         )
         for effect in t.effects:
             assert isinstance(effect, SendEmail | CallWebhook)
-            self.queued.append(_queued(row.workspace_id, journey, t.state, row.profile_id, effect))
+            self.queued.append(
+                _queued(row.workspace_id, journey, row.version, t.state, row.profile_id, effect)
+            )
 
     def write(self, conn: Connection, now: datetime) -> None:
         # The journal is chained first: new enrollments are inserted, and the states

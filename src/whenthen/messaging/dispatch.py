@@ -26,7 +26,7 @@ from whenthen.kernel.clock import Clock
 from whenthen.kernel.errors import NotFound
 from whenthen.messaging import service
 from whenthen.messaging.email import Addressing, BuiltEmail, Outgoing, build_email, unsubscribe_url
-from whenthen.messaging.ports import Delivery, EmailBatchSender, EmailSender, WebhookCaller
+from whenthen.messaging.ports import Delivery, EmailBatchSender, EmailSender, TemplateSource, WebhookCaller
 from whenthen.profiles.model import Profile
 from whenthen.settings import EmailSettings, WebhookSettings
 from whenthen.storage import Database
@@ -254,6 +254,7 @@ class EmailJob:
         public_url: str,
         secret: bytes,
         sender: EmailSender | None,
+        templates: TemplateSource | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -261,6 +262,7 @@ class EmailJob:
         self.public_url = public_url
         self.secret = secret
         self.sender = sender
+        self.templates = templates
 
     def __call__(self, job: Any) -> Outcome:
         """One job on its own, its record written here."""
@@ -286,6 +288,7 @@ class EmailJob:
                 for ws, ids in wanted.items()
                 for pid, found in profiles.recipients(conn, ws, sorted(ids), "email").items()
             }
+            templates = self._templates(conn, jobs)
         pending: list[_Pending] = []
         seen: set[str] = set()
         now = self.clock.now()
@@ -298,7 +301,7 @@ class EmailJob:
                 continue
             seen.add(mid)
             profile, consent = people[(msg.workspace_id, msg.profile_id)]
-            built = self._build(job, msg, profile, consent, now)
+            built = self._build(job, msg, profile, consent, now, templates)
             if isinstance(built, Outcome):
                 outcomes[i] = built
             else:
@@ -327,8 +330,25 @@ class EmailJob:
                 outcomes[p.index] = self._delivered(p, delivery, sent_at, now)
         return [o if o is not None else Outcome() for o in outcomes]
 
+    def _templates(self, conn: Any, jobs: Sequence[Any]) -> dict[_TemplateKey, Mapping[str, Any] | None]:
+        """The templates the batch's jobs name (a journey's send queues its job with
+        ``{"template": {"journey", "version", "node"}}``; a job with the template itself
+        in ``email``, as queued before ADR 0022, needs none), each read once."""
+        found: dict[_TemplateKey, Mapping[str, Any] | None] = {}
+        for job in jobs:
+            key = _template_key(job.payload)
+            if key is not None and key not in found:
+                found[key] = None if self.templates is None else self.templates.email_template(conn, *key)
+        return found
+
     def _build(
-        self, job: Any, msg: service.MessageHead, profile: Profile | None, consent: str | None, now: datetime
+        self,
+        job: Any,
+        msg: service.MessageHead,
+        profile: Profile | None,
+        consent: str | None,
+        now: datetime,
+        templates: Mapping[_TemplateKey, Mapping[str, Any] | None],
     ) -> Outcome | _Pending:
         payload = job.payload
         mid = msg.id
@@ -346,7 +366,15 @@ class EmailJob:
             profile_id=profile.id,
             message_id=mid,
         )
-        template = payload["email"]
+        key = _template_key(payload)
+        template = payload.get("email") if key is None else templates[key]
+        if template is None:
+            reason = (
+                f"template: no email node {key[2]!r} in version {key[1]} of journey {key[0]}"
+                if key
+                else ("template: the job names no template")
+            )
+            return _recorded(mid, "failed", reason=reason, failed=True, attempts=attempt)
         context = render_context(profile, payload, mid)
         context["unsubscribe_url"] = unsubscribe_url(a)
         try:
@@ -395,6 +423,17 @@ class EmailJob:
             error=delivery.detail,
             record=(p.mid, {"status": "retrying", "reason": delivery.detail, "attempts": p.attempt}),
         )
+
+
+#: (journey id, version, node): a published send node's template.
+_TemplateKey = tuple[str, int, str]
+
+
+def _template_key(payload: Mapping[str, Any]) -> _TemplateKey | None:
+    ref = payload.get("template")
+    if not isinstance(ref, Mapping):
+        return None
+    return (str(ref["journey"]), int(ref["version"]), str(ref["node"]))
 
 
 def _recorded(

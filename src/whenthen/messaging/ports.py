@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, Protocol, runtime_checkable
@@ -60,4 +60,14 @@ class WebhookResult:
 class WebhookCaller(Protocol):
     def call(self, url: str, body: bytes, headers: dict[str, str]) -> WebhookResult:
         """POST ``body`` to ``url``."""
+        raise NotImplementedError
+
+
+class TemplateSource(Protocol):
+    """Where an email job that names its template (``{"template": {"journey", "version",
+    "node"}}``) finds it: a published journey version's send node (ADR 0022)."""
+
+    def email_template(self, conn: Any, journey_id: str, version: int, node: str) -> Mapping[str, Any] | None:
+        """The node's email template as the job would carry it (``subject``, ``html``,
+        ``text``, ``from``, ``reply_to``); ``None`` when there is no such node."""
         raise NotImplementedError
