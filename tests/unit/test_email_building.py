@@ -15,7 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whenthen.messaging.email import Addressing, build_email, rewrite_html, rewrite_text, unsubscribe_url
+from whenthen.messaging.email import (
+    _HREF,
+    Addressing,
+    _sub_hrefs,
+    build_email,
+    rewrite_html,
+    rewrite_text,
+    unsubscribe_url,
+)
 from whenthen.messaging.links import BadToken, sign, verify
 from whenthen.templates import TemplateError, check, render
 from whenthen.templates.rendering import _compile
@@ -386,6 +394,24 @@ def test_undefined_variables_render_empty() -> None:
         render("[{{ nothing }}|{{ traits.a.b.c }}|{{ list[3] }}|{{ x | upcase }}]", {"traits": {}}) == "[|||]"
     )
     assert render("{% for x in nothing %}y{% endfor %}{% if nothing %}y{% endif %}", {}) == ""
+
+
+#: Pieces of HTML around links, in any case, with characters whose lower case is longer
+#: (U+0130) or that match ASCII letters case-insensitively elsewhere (U+017F, U+212A).
+HTML_PIECES = st.sampled_from(
+    ["href", "HREF", "HrEf", "hre", "f", "=", " = ", '"', "'", "http://", "https://", "HTTPS://",
+     "a.example/x?y=1&amp;z", "<a ", ">", " ", "\n", "\u0130", "\u017f", "\u212a", "\u00e9", "\u4e2d", "x",
+     'href="https://a.example/x"', "HREF = 'http://b.example/y?z=1'", 'hReF="https://c.example"']
+)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(st.lists(HTML_PIECES, max_size=40).map("".join))
+def test_hrefs_are_found_where_the_regex_finds_them(html: str) -> None:
+    def mark(m: re.Match[str]) -> str:
+        return f"[{m.group(1)}|{m.group(2)}|{m.group(3)}]"
+
+    assert _sub_hrefs(mark, html) == _HREF.sub(mark, html)
 
 
 #: Text without a brace; lone surrogates left out (no JSON document carries one, and
