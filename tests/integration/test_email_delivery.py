@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pytest
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from tests.support.journey_env import JourneyEnv
 from tests.support.workspace import make_workspace
@@ -452,7 +452,8 @@ def test_erasure_before_a_retry_sends_nothing(env: MailEnv) -> None:
     assert env.http.delete(f"/api/v1/profiles/{pid}", headers=env.ws.admin_headers).status_code == 200
     env.advance(hours=1)
     assert env.sink.messages() == []
-    assert [j.done_at is not None for j in env.jobs()] == [True]
+    # Done (nothing to send; the erasure removed the message row): the job left the outbox.
+    assert env.jobs() == []
 
 
 def test_running_the_dispatcher_again_never_sends_twice(env: MailEnv) -> None:
@@ -500,26 +501,31 @@ def test_requeueing_reports_the_duplicate_and_queues_no_job(env: MailEnv) -> Non
     env.publish(journey(DEFAULT_EMAIL))
     env.ann_saves_a_cart()
     msg = env.message()
+    assert env.jobs() == []  # sent: its job left the outbox
     assert requeue(env, msg["id"]) is False
-    assert len(env.jobs()) == 1
+    assert env.jobs() == []
 
 
 def test_a_job_rerun_after_the_send_was_recorded_sends_nothing(env: MailEnv) -> None:
     """The crash window: the provider accepted the mail and the message row says so, but
-    the job was not marked done (the worker died). Running it again must not resend."""
-    env.publish(journey(DEFAULT_EMAIL))
+    the job was not closed (the worker died): it runs again after its lease. Running it
+    again must not resend."""
+    info = env.publish(journey(DEFAULT_EMAIL))
     env.ann_saves_a_cart()
-    [job] = env.jobs()
-    assert job.done_at is not None
+    assert env.jobs() == []  # sent and closed: the job left the outbox
+    msg = env.message()
+    # The job as it was before its close (which the crash lost), due again.
+    payload = {
+        "message_id": msg["id"],
+        "template": {"journey": info.id, "version": 1, "node": "mail"},
+        "marketing": True,
+        "context": {},
+    }
     with env.c.db.write() as conn:
-        conn.execute(
-            update(outbox).where(outbox.c.id == job.id).values(done_at=None, available_at=env.clock.now())
-        )
+        messaging.enqueue_job(conn, env.ws.id, "email", payload, env.clock.now())
     env.c.worker.drain()
     assert len(env.sink.messages()) == 1
-    [job] = env.jobs()
-    assert job.done_at is not None
-    assert job.attempts == 2  # it did run again
+    assert env.jobs() == []  # it ran again, and closed
     msg = env.message()
     assert (msg["status"], msg["attempts"]) == ("sent", 1)
 
@@ -556,15 +562,16 @@ def _queue(env: MailEnv, payload: dict[str, Any], key: str) -> str:
     return f"msg_{key}"
 
 
-def test_a_journey_email_job_names_its_template_rather_than_carrying_it(env: MailEnv) -> None:
-    info = env.publish(journey(DEFAULT_EMAIL))
-    env.ann_saves_a_cart()
-    [job] = env.jobs()
-    assert "email" not in job.payload
-    assert job.payload["template"] == {"journey": info.id, "version": 1, "node": "mail"}
-    [mail] = env.mail_to("ann@example.com")
-    assert mail.subject == "Ann, your cart is saved"
-    assert env.row(env.message()["id"]).links[0] == "https://shop.example.com/cart?id=c-1&utm=mail"
+def test_a_journey_email_job_names_its_template_rather_than_carrying_it(
+    db_url: str, clock: ManualClock
+) -> None:
+    with mail_env(db_url, clock, smtp="unreachable") as env:  # the job stays, to be read
+        info = env.publish(journey(DEFAULT_EMAIL))
+        env.ann_saves_a_cart()
+        [job] = env.jobs()
+        assert "email" not in job.payload
+        assert job.payload["template"] == {"journey": info.id, "version": 1, "node": "mail"}
+        assert env.message()["status"] == "retrying"  # built from it: only the connection failed
 
 
 def test_a_job_queued_with_its_template_inline_is_still_sent(env: MailEnv) -> None:

@@ -1,5 +1,5 @@
 """The dispatcher's batch writes on PostgreSQL (``messaging.service.record_many`` and
-``close_jobs``: one ``UPDATE ... FROM jsonb_to_recordset`` each) find every row of the
+``close_jobs``: one ``UPDATE ... FROM`` or ``DELETE ... USING jsonb_to_recordset`` each) find every row of the
 batch through the table's primary key, whatever the planner knows: fresh tables without
 statistics, and the same tables analysed (``storage.plans.by_key_probes``, ADR 0021).
 Left to itself, the planner estimates the function's rows at 100 and, for a table it
@@ -67,7 +67,13 @@ def _retry() -> tuple[str, str, list[dict[str, Any]]]:
     return "outbox", service._RETRY_POSTGRESQL, rows
 
 
+def _remove() -> tuple[str, str, list[dict[str, Any]]]:
+    rows = [{"id": i} for i in range(9, ROWS, ROWS // BATCH)]
+    return "outbox", service._REMOVE_POSTGRESQL, rows
+
+
 WRITES = {
+    "close_jobs: removed": _remove,
     "record_many": lambda: _record(("reason", "status")),
     "close_jobs: finished": _finish,
     "close_jobs: retried": _retry,

@@ -127,6 +127,10 @@ def test_close_jobs_stores_what_the_single_job_calls_store(container: Container)
         )
     assert _jobs(container, one) == _jobs(container, many)
     [done, failed, retried, _] = _jobs(container, many)
+    # Removed (a message's job once done): the row goes, the others stay as they were.
+    with container.db.write() as conn:
+        service.close_jobs(conn, finished=[], retried=[], removed=[many[0], many[3], many[3]])
+    assert _jobs(container, many) == [failed, retried]
     assert done == (now, now, None)
     assert failed[2] == "x" * 2000
     assert retried[1] == later

@@ -171,6 +171,12 @@ class Dispatcher:
                 log.exception("recording job %s failed", job.id)
 
 
+#: Jobs whose row leaves the outbox once done: each sends one message, and the message
+#: row (status, reason, what was sent) is its record (ADR 0023). Other jobs (signal
+#: fan-outs, imports, date back-fills) keep theirs, their payload holding their progress.
+MESSAGE_KINDS = frozenset({"email", "webhook"})
+
+
 def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datetime) -> None:
     service.record_many(conn, [o.record for _, o in closed if o.record is not None])
     service.close_jobs(
@@ -178,11 +184,12 @@ def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datet
         finished=[
             (job.id, now, None if o.done else (o.error or "failed"))
             for job, o in closed
-            if o.done or o.retry_at is None
+            if (o.done and job.kind not in MESSAGE_KINDS) or (not o.done and o.retry_at is None)
         ],
         retried=[
             (job.id, o.retry_at, o.error or "") for job, o in closed if not o.done and o.retry_at is not None
         ],
+        removed=[job.id for job, o in closed if o.done and job.kind in MESSAGE_KINDS],
     )
 
 

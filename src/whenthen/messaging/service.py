@@ -305,12 +305,21 @@ def close_jobs(
     conn: Connection,
     finished: Sequence[tuple[int, datetime, str | None]],
     retried: Sequence[tuple[int, datetime, str]],
+    removed: Sequence[int] = (),
 ) -> None:
     """Record the outcome of many jobs: ``finished`` (id, done at, error or None: done or
-    failed for good) and ``retried`` (id, when to run again, error), an executemany each
-    at the driver's level (see :func:`record_many`)."""
+    failed for good), ``retried`` (id, when to run again, error) and ``removed`` (ids of
+    jobs done whose row goes: a message's job once its message is recorded, the message
+    row being the log; ADR 0023), an executemany each at the driver's level on SQLite,
+    one statement each on PostgreSQL (see :func:`record_many`)."""
     at = StoredValues(conn).at
     pg = conn.dialect.name == "postgresql"
+    if removed:
+        if pg:
+            with by_key_probes(conn):
+                write_rows(conn, _REMOVE_POSTGRESQL, ("id",), [(i,) for i in dict.fromkeys(removed)])
+        else:
+            execute_each(conn, _REMOVE_SQL, [(i,) for i in removed])
     if finished:
         rows = [(at(when), None if e is None else e[:2000], i) for i, when, e in finished]
         if pg:
@@ -337,7 +346,11 @@ def _last_per_key(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 _FINISH_SQL = statements("UPDATE outbox SET done_at = %s, last_error = %s WHERE id = %s")
 _RETRY_SQL = statements("UPDATE outbox SET available_at = %s, last_error = %s WHERE id = %s")
+_REMOVE_SQL = statements("DELETE FROM outbox WHERE id = %s")
 #: PostgreSQL: the same for a batch, from one JSON document (``write_rows``).
+_REMOVE_POSTGRESQL = (
+    "DELETE FROM outbox AS o USING jsonb_to_recordset(%s::jsonb) AS v(id bigint) WHERE o.id = v.id"
+)
 _FINISH_POSTGRESQL = (
     "UPDATE outbox AS o SET done_at = v.done_at, last_error = v.last_error"
     " FROM jsonb_to_recordset(%s::jsonb) AS v(done_at timestamptz, last_error text, id bigint)"
