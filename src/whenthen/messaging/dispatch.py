@@ -30,6 +30,7 @@ from whenthen.messaging.ports import Delivery, EmailBatchSender, EmailSender, Te
 from whenthen.profiles.model import Profile
 from whenthen.settings import EmailSettings, WebhookSettings
 from whenthen.storage import Database
+from whenthen.storage.plans import by_key_probes
 from whenthen.templates import TemplateError, render
 
 log = logging.getLogger("whenthen.dispatch")
@@ -178,6 +179,11 @@ MESSAGE_KINDS = frozenset({"email", "webhook"})
 
 
 def _write_outcomes(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datetime) -> None:
+    with by_key_probes(conn):  # one pair of planner settings for the batch's writes
+        _write_closed(conn, closed, now)
+
+
+def _write_closed(conn: Any, closed: Sequence[tuple[Any, Outcome]], now: datetime) -> None:
     service.record_many(conn, [o.record for _, o in closed if o.record is not None])
     service.close_jobs(
         conn,

@@ -62,10 +62,20 @@ def by_key_probes(conn: Connection) -> Iterator[None]:
     100, and a planner that takes the table for small (up to some 100,000 rows) hashes
     the batch and scans the whole table (ADR 0021). With the joins that need it off, each
     row of the batch probes the key's index. Errors inside are left as in
-    :func:`in_index_order`."""
-    if conn.dialect.name != "postgresql":
-        yield
+    :func:`in_index_order`. Inside another ``by_key_probes`` it sends nothing: the
+    outermost sets and resets, so a batch's writes share one pair of round trips."""
+    if conn.dialect.name != "postgresql" or conn.info.get(_PROBING):
+        yield  # SQLite; or inside another: the settings are on already, until it leaves
         return
     conn.exec_driver_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-    yield
+    conn.info[_PROBING] = True
+    try:
+        yield
+    finally:
+        conn.info.pop(_PROBING, None)
     conn.exec_driver_sql("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
+
+
+#: ``Connection.info`` key: ``by_key_probes`` is active on the connection (a batch's
+#: writes share one pair of settings round trips).
+_PROBING = "whenthen.by_key_probes"
