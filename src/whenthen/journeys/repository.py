@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import namedtuple
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from whenthen.journeys.tables import (
     journeys,
 )
 from whenthen.storage.driver import (
+    DriverQuery,
     StoredValues,
     copy_rows,
     execute,
@@ -40,6 +42,7 @@ from whenthen.storage.driver import (
     statements,
     write_rows,
 )
+from whenthen.storage.id_lists import per_dialect
 from whenthen.storage.plans import in_index_order
 
 
@@ -400,11 +403,17 @@ _DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
 
 def due(conn: Connection, now: datetime, limit: int) -> list[Any]:
     """Active enrollments whose timer has fallen due, oldest first (the columns of
-    ``_DUE_COLUMNS``); locked, skipping rows another worker holds (PostgreSQL). Read in
-    ``ix_enrollments_due``'s order, stopping at ``limit`` however many are due."""
-    stmt = _DUE_LOCKED if conn.dialect.name == "postgresql" else _DUE
+    ``_DUE_COLUMNS``, as named tuples); locked, skipping rows another worker holds
+    (PostgreSQL). Read in ``ix_enrollments_due``'s order, stopping at ``limit`` however
+    many are due. On the driver's cursor: SQLAlchemy's rows cost ~3 us each more, a
+    timer batch reading a thousand."""
     with in_index_order(conn):
-        return list(conn.execute(stmt, {"b_now": now, "b_limit": limit}))
+        rows = _DUE_QUERY[conn.dialect.name].all(conn, {"b_now": now, "b_limit": limit})
+    return [_DueRow._make(r) for r in rows]
+
+
+_DUE_QUERY = per_dialect(lambda d: DriverQuery(_DUE_LOCKED if d == "postgresql" else _DUE))
+_DueRow = namedtuple("_DueRow", [c.name for c in _DUE_COLUMNS])  # type: ignore[misc]
 
 
 _NEXT_WAKE = select(func.min(enrollments.c.wake_at)).where(
