@@ -99,7 +99,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, event, func, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, text, update
 
 from bench.loadgen import Client, ProtocolError, percentile
 from bench.loadgen import Connection as HttpConnection
@@ -130,6 +130,7 @@ from whenthen.messaging.tables import messages, outbox
 from whenthen.profiles.tables import profiles
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
+from whenthen.storage.driver import DriverQuery
 from whenthen.tracking.tables import events
 from whenthen.worker.heap import freeze_start_up_heap
 from whenthen.worker.runner import Role
@@ -1352,21 +1353,34 @@ def idle_poll(container: Container, waiting: int, reps: int) -> IdlePoll:
     )
 
 
+class _Recording:
+    """A driver cursor whose ``execute`` notes the statement and its parameters first."""
+
+    def __init__(self, cursor: Any, seen: list[tuple[str, Any]]) -> None:
+        self.cursor = cursor
+        self.seen = seen
+
+    def execute(self, sql: str, values: Any = None) -> Any:
+        self.seen.append((sql, values))
+        return self.cursor.execute(sql, values)
+
+
 def due_plan(db: Database) -> list[str]:
-    """The plan of the due query as the product sends it (statement and parameters captured)."""
+    """The plan of the due query as the product sends it (statement and parameters
+    captured: the read runs on the driver's cursor, a ``DriverQuery``)."""
     captured: list[tuple[str, Any]] = []
+    original = DriverQuery._run
 
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        if "FROM enrollments" in statement:
-            captured.append((statement, parameters))
+    def run(query: DriverQuery, cursor: Any, dialect: Any, params: dict[str, Any]) -> list[Any]:
+        return original(query, _Recording(cursor, captured), dialect, params)
 
-    event.listen(db.engine, "before_cursor_execute", capture)
+    DriverQuery._run = run  # type: ignore[method-assign,assignment]
     try:
         with db.read() as conn:
             journey_repo.due(conn, SystemClock().now(), limit=500)
     finally:
-        event.remove(db.engine, "before_cursor_execute", capture)
-    statement, parameters = captured[-1]
+        DriverQuery._run = original  # type: ignore[method-assign]
+    statement, parameters = [c for c in captured if "FROM enrollments" in c[0]][-1]
     with db.read() as conn:
         if db.dialect.value == "postgresql":
             rows = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters)
