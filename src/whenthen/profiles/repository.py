@@ -106,13 +106,17 @@ def _owners_read(dialect: str) -> DriverQuery:
         select(identities.c.kind, identities.c.value, *_BY_IDENTITY.selected_columns)
         .join(profiles, identities.c.profile_id == profiles.c.id)
         .where(
-            identities.c.workspace_id == bindparam("ws"),
+            # The workspace in each branch: SQLite then answers each branch from the
+            # identities' key (a multi-index OR); with it outside, it searched the key by
+            # the workspace alone, every identity of the workspace.
             or_(
                 and_(
+                    identities.c.workspace_id == bindparam("ws"),
                     identities.c.kind == IdentityKind.USER_ID.value,
                     ids_in(dialect, identities.c.value, "uids"),
                 ),
                 and_(
+                    identities.c.workspace_id == bindparam("ws"),
                     identities.c.kind == IdentityKind.ANONYMOUS_ID.value,
                     ids_in(dialect, identities.c.value, "aids"),
                 ),
