@@ -1,7 +1,9 @@
-"""The dispatcher's batch writes on PostgreSQL (``messaging.service.record_many`` and
-``close_jobs``: one ``UPDATE ... FROM`` or ``DELETE ... USING jsonb_to_recordset`` each) find every row of the
-batch through the table's primary key, whatever the planner knows: fresh tables without
-statistics, and the same tables analysed (``storage.plans.by_key_probes``, ADR 0021).
+"""Batch writes by key on PostgreSQL (the dispatcher's ``messaging.service.record_many``
+and ``close_jobs``, the pipeline's ``tracking.repository.mark`` and
+``profiles.repository.save_activities``: one ``UPDATE ... FROM`` or ``DELETE ... USING
+jsonb_to_recordset`` each) find every row of the batch through the table's primary
+key, whatever the planner knows: fresh tables without statistics, and the same tables
+analysed (``storage.plans.by_key_probes``, ADR 0021).
 Left to itself, the planner estimates the function's rows at 100 and, for a table it
 takes for small, hashes the batch and reads the whole table."""
 
@@ -18,8 +20,10 @@ from sqlalchemy import Connection, insert
 from tests.support.plans import relation_scans
 from whenthen.messaging import service
 from whenthen.messaging.tables import messages, outbox
+from whenthen.profiles import repository as profile_repo
 from whenthen.storage import Database
 from whenthen.storage.plans import by_key_probes
+from whenthen.tracking import repository as tracking_repo
 
 NOW = datetime(2026, 12, 8, 2, tzinfo=UTC)
 ROWS = 10_000
@@ -47,6 +51,18 @@ def pg(pg_url: str) -> Iterator[Database]:
                 for i in range(ROWS)
             ],
         )  # fmt: skip
+        conn.exec_driver_sql(
+            "INSERT INTO events (workspace_id, message_id, type, event, user_id, timestamp, received_at,"
+            " payload, partition, state) SELECT 'ws', 'm' || i, 'track', 'Ping', 'u' || i, now(), now(),"
+            " '{}', i %% 64, 0 FROM generate_series(1, %(n)s) i",
+            {"n": ROWS},
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO profiles (id, workspace_id, traits, trait_times, event_count, created_at,"
+            " updated_at, version) SELECT 'prf_' || lpad(i::text, 6, '0'), 'ws', '{}', '{}', 0, now(),"
+            " now(), 1 FROM generate_series(0, %(n)s - 1) i",
+            {"n": ROWS},
+        )
     yield db
     db.dispose()
 
@@ -72,7 +88,24 @@ def _remove() -> tuple[str, str, list[dict[str, Any]]]:
     return "outbox", service._REMOVE_POSTGRESQL, rows
 
 
+def _mark() -> tuple[str, str, list[dict[str, Any]]]:
+    rows = [{"state": 1, "profile_id": "prf_1", "seq": i} for i in range(11, ROWS, ROWS // BATCH)]
+    return "events", tracking_repo._MARK_POSTGRESQL, rows
+
+
+def _activity() -> tuple[str, str, list[dict[str, Any]]]:
+    at = NOW.isoformat()
+    rows = [
+        {"timezone": None, "first_seen": at, "last_seen": at, "event_count": 3, "updated_at": at,
+         "id": f"prf_{i:06}"}
+        for i in range(13, ROWS, ROWS // BATCH)
+    ]  # fmt: skip
+    return "profiles", profile_repo._SAVE_ACTIVITIES_POSTGRESQL, rows
+
+
 WRITES = {
+    "pipeline: events marked": _mark,
+    "pipeline: activities": _activity,
     "close_jobs: removed": _remove,
     "record_many": lambda: _record(("reason", "status")),
     "close_jobs: finished": _finish,

@@ -32,9 +32,9 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
-from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements
+from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements, write_rows
 from whenthen.storage.id_lists import array_param, by_ids, ids_in, per_dialect
-from whenthen.storage.plans import tested_only
+from whenthen.storage.plans import by_key_probes, tested_only
 
 
 def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
@@ -368,11 +368,24 @@ def save_activities(conn: Connection, people: Sequence[Profile], now: datetime) 
     if not people:
         return
     at = StoredValues(conn).at
-    execute_each(
-        conn,
-        _SAVE_ACTIVITY_SQL,
-        [(p.timezone, at(p.first_seen), at(p.last_seen), p.event_count, at(now), p.id) for p in people],
-    )
+    rows = [(p.timezone, at(p.first_seen), at(p.last_seen), p.event_count, at(now), p.id) for p in people]
+    if conn.dialect.name == "postgresql" and len(rows) > 1:
+        # One statement, each row probing the key (ADR 0021); one row per profile, the
+        # last given, as a statement per row would leave it.
+        rows = list({r[-1]: r for r in rows}.values())
+        with by_key_probes(conn):
+            write_rows(conn, _SAVE_ACTIVITIES_POSTGRESQL, _ACTIVITY_KEYS, rows)
+        return
+    execute_each(conn, _SAVE_ACTIVITY_SQL, rows)
+
+
+_ACTIVITY_KEYS = ("timezone", "first_seen", "last_seen", "event_count", "updated_at", "id")
+_SAVE_ACTIVITIES_POSTGRESQL = (
+    "UPDATE profiles AS p SET timezone = v.timezone, first_seen = v.first_seen, last_seen = v.last_seen,"
+    " event_count = v.event_count, updated_at = v.updated_at, version = p.version + 1"
+    " FROM jsonb_to_recordset(%s::jsonb) AS v(timezone text, first_seen timestamptz,"
+    " last_seen timestamptz, event_count bigint, updated_at timestamptz, id text) WHERE p.id = v.id"
+)
 
 
 def save_state(conn: Connection, profile: Profile, now: datetime) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 
 from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements, write_rows
+from whenthen.storage.plans import by_key_probes
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
 
@@ -244,11 +245,20 @@ def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) ->
     rows = [(state, p, s) for s, p in seq_to_profile.items()]
     if len(rows) == 1:
         execute(conn, _MARK_ONE, rows[0])
+    elif conn.dialect.name == "postgresql":
+        # One statement, each row probing the key (ADR 0021): the join plan that made
+        # the JSON form slow is ruled out.
+        with by_key_probes(conn):
+            write_rows(conn, _MARK_POSTGRESQL, ("state", "profile_id", "seq"), rows)
     else:
         execute_each(conn, _MARK_ONE, rows)
 
 
 _MARK_ONE = statements("UPDATE events SET state = %s, profile_id = %s WHERE seq = %s")
+_MARK_POSTGRESQL = (
+    "UPDATE events AS e SET state = v.state, profile_id = v.profile_id"
+    " FROM jsonb_to_recordset(%s::jsonb) AS v(state int, profile_id text, seq bigint) WHERE e.seq = v.seq"
+)
 
 
 def delete_seqs(conn: Connection, seqs: Sequence[int]) -> None:
