@@ -190,3 +190,46 @@ def test_a_state_saved_twice_in_one_batch_keeps_the_last(container: Container) -
         TIMES[1],
         TIMES[1],
     )
+
+
+def test_many_new_enrollments_are_stored_as_one_is(container: Container) -> None:
+    # Many rows go as one COPY on PostgreSQL (an executemany on SQLite), one row as one
+    # statement: the stored rows must not differ.
+    def values(conn: Connection, eid: str, i: int) -> tuple[Any, ...]:
+        ended = i % 2 == 1
+        state = State(
+            enrollment_id=eid,
+            status=Status.COMPLETED if ended else Status.ACTIVE,
+            node=None if ended else "wait",
+            wake_at=None if ended else TIMES[i % 3] + timedelta(days=1),
+            entered_at=TIMES[i % 3],
+            steps=i,
+            context=CONTEXT if i % 3 else {},
+            reason="r\u00e9ason\ttab\nline \\ back" if ended else None,
+        )
+        row = repo.enrollment_values(
+            conn,
+            ws="ws-1",
+            journey_id="jrn-1",
+            version=2,
+            profile_id=f"prf-{i}",
+            state=state,
+            entry_key="cart-\u00e9" if i % 3 == 2 else None,
+            now=TIMES[(i + 1) % 3],
+        )
+        return repo.with_tail(row, {eid: 100 + i} if i % 2 else {})
+
+    with container.db.write() as conn:
+        repo.insert_enrollments(conn, [values(conn, f"enr_many{i}", i) for i in range(6)])
+        for i in range(6):
+            repo.insert_enrollments(conn, [values(conn, f"enr_one{i}", i)])
+    with container.db.read() as conn:
+        for i in range(6):
+            many = _stored(conn, "enrollments", "id", f"enr_many{i}")
+            one = _stored(conn, "enrollments", "id", f"enr_one{i}")
+            del many["id"], one["id"]
+            assert many == one
+        typed = conn.execute(select(enrollments).where(enrollments.c.id == "enr_many4")).mappings().one()
+    assert typed["context"] == CONTEXT
+    assert typed["entered_at"] == TIMES[1]
+    assert typed["journal_tail"] is None

@@ -158,6 +158,25 @@ def to_state(row: Any) -> State:
 
 #: A person entering a journey (every triggering event) is one insert at the driver's
 #: level, as the states and journal rows below; ``failures`` keeps its server default.
+#: The columns of :func:`enrollment_values`' rows, in order.
+_ENROLLMENT_COLUMNS = (
+    "id",
+    "workspace_id",
+    "journey_id",
+    "version",
+    "profile_id",
+    "status",
+    "node",
+    "wake_at",
+    "entered_at",
+    "ended_at",
+    "steps",
+    "context",
+    "reason",
+    "entry_key",
+    "updated_at",
+    "journal_tail",
+)
 _INSERT_ENROLLMENT_SQL = statements(
     "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
     " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at, journal_tail)"
@@ -213,9 +232,13 @@ def with_tail(row: tuple[Any, ...], tails: Mapping[str, int]) -> tuple[Any, ...]
 
 def insert_enrollments(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """New enrollments from :func:`enrollment_values`: one statement for one, else one
-    executemany (psycopg sends the rows in one round trip)."""
+    executemany on SQLite and one ``COPY`` on PostgreSQL (as the journal rows: a statement
+    per row cost 12.7 us of the process and ~15 of the server an enrollment, ``COPY``
+    ~5 and ~7-10, lab of 300-row batches)."""
     if len(rows) == 1:
         execute(conn, _INSERT_ENROLLMENT_SQL, rows[0])
+    elif conn.dialect.name == "postgresql":
+        copy_rows(conn, "enrollments", _ENROLLMENT_COLUMNS, rows)
     elif rows:
         execute_each(conn, _INSERT_ENROLLMENT_SQL, rows)
 
