@@ -130,7 +130,7 @@ from whenthen.messaging.tables import messages, outbox
 from whenthen.profiles.tables import profiles
 from whenthen.settings import PipelineSettings, Settings
 from whenthen.storage import Database
-from whenthen.storage.driver import DriverQuery
+from whenthen.storage.driver import recorded
 from whenthen.tracking.tables import events
 from whenthen.worker.heap import freeze_start_up_heap
 from whenthen.worker.runner import Role
@@ -1353,33 +1353,12 @@ def idle_poll(container: Container, waiting: int, reps: int) -> IdlePoll:
     )
 
 
-class _Recording:
-    """A driver cursor whose ``execute`` notes the statement and its parameters first."""
-
-    def __init__(self, cursor: Any, seen: list[tuple[str, Any]]) -> None:
-        self.cursor = cursor
-        self.seen = seen
-
-    def execute(self, sql: str, values: Any = None) -> Any:
-        self.seen.append((sql, values))
-        return self.cursor.execute(sql, values)
-
-
 def due_plan(db: Database) -> list[str]:
     """The plan of the due query as the product sends it (statement and parameters
     captured: the read runs on the driver's cursor, a ``DriverQuery``)."""
     captured: list[tuple[str, Any]] = []
-    original = DriverQuery._run
-
-    def run(query: DriverQuery, cursor: Any, dialect: Any, params: dict[str, Any]) -> list[Any]:
-        return original(query, _Recording(cursor, captured), dialect, params)
-
-    DriverQuery._run = run  # type: ignore[method-assign,assignment]
-    try:
-        with db.read() as conn:
-            journey_repo.due(conn, SystemClock().now(), limit=500)
-    finally:
-        DriverQuery._run = original  # type: ignore[method-assign]
+    with recorded(captured), db.read() as conn:
+        journey_repo.due(conn, SystemClock().now(), limit=500)
     statement, parameters = [c for c in captured if "FROM enrollments" in c[0]][-1]
     with db.read() as conn:
         if db.dialect.value == "postgresql":

@@ -7,52 +7,34 @@ from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, event
 
-from whenthen.storage.driver import DriverQuery
+from whenthen.storage.driver import recorded
 
 
 class Statements:
     """Every statement sent through ``target`` (an engine, or one connection) while
     active, with its parameters, as the driver got them (executemany calls left out);
-    reads run by a ``storage.driver.DriverQuery`` on the target's connections too (they
-    go to the driver's cursor, past SQLAlchemy's events)."""
+    and the reads run by a ``storage.driver.DriverQuery`` meanwhile, on any connection
+    (they go to the driver's cursor, past SQLAlchemy's events: ``driver.recorded``)."""
 
     def __init__(self, target: Engine | Connection) -> None:
         self.target = target
         self.seen: list[tuple[str, Any]] = []
-        self._run: Any = None
+        self._driver = recorded(self.seen)
 
     def __enter__(self) -> Self:
         event.listen(self.target, "before_cursor_execute", self._capture)
-        self._run = DriverQuery._run
-        seen, original = self.seen, self._run
-
-        def run(query: DriverQuery, cursor: Any, dialect: Any, params: dict[str, Any]) -> list[Any]:
-            return original(query, _Recording(cursor, seen), dialect, params)  # type: ignore[no-any-return]
-
-        DriverQuery._run = run  # type: ignore[method-assign,assignment]
+        self._driver.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         event.remove(self.target, "before_cursor_execute", self._capture)
-        DriverQuery._run = self._run  # type: ignore[method-assign]
+        self._driver.__exit__(None, None, None)
 
     def _capture(
         self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
         if not many:
             self.seen.append((statement, parameters))
-
-
-class _Recording:
-    """A driver cursor whose ``execute`` notes the statement and its parameters first."""
-
-    def __init__(self, cursor: Any, seen: list[tuple[str, Any]]) -> None:
-        self.cursor = cursor
-        self.seen = seen
-
-    def execute(self, sql: str, values: Any = None) -> Any:
-        self.seen.append((sql, values))
-        return self.cursor.execute(sql, values)
 
 
 def sqlite_plan(conn: Connection, statement: str, parameters: Any) -> list[str]:

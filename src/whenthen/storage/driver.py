@@ -13,7 +13,8 @@ statement reading the rows from one JSON document (``jsonb_to_recordset``): psyc
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -226,7 +227,11 @@ class DriverQuery:
         for name, binder in binders.items():
             if name in params:
                 values[name] = binder(params[name])
-        cursor.execute(sql, tuple(values[n] for n in positional) if positional is not None else values)
+        bound = tuple(values[n] for n in positional) if positional is not None else values
+        if _LISTENERS:
+            for listener in _LISTENERS:
+                listener(sql, bound)
+        cursor.execute(sql, bound)
         return processors
 
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -245,6 +250,31 @@ class DriverQuery:
         finally:
             cursor.close()
         return _processed(rows, processors)
+
+
+#: Called with each ``DriverQuery``'s SQL and bound parameters before it runs, while
+#: :func:`recorded` is active.
+_LISTENERS: list[Callable[[str, Any], None]] = []
+
+
+@contextmanager
+def recorded(seen: list[tuple[str, Any]]) -> Iterator[None]:
+    """While active, every ``DriverQuery`` run (on any connection, in any thread) notes its
+    SQL and bound parameters in ``seen`` first: for the tests and benches that explain
+    what is sent. These reads go to the driver's cursor, past SQLAlchemy's events."""
+    listener = _append_to(seen)
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
+
+
+def _append_to(seen: list[tuple[str, Any]]) -> Callable[[str, Any], None]:
+    def note(sql: str, values: Any) -> None:
+        seen.append((sql, values))
+
+    return note
 
 
 def _processed(rows: list[Any], processors: list[Any]) -> list[tuple[Any, ...]]:
