@@ -27,6 +27,7 @@ from whenthen.storage.driver import (
     execute_each,
     json_dumps,
     statements,
+    write_by_key,
     write_rows,
 )
 from whenthen.storage.id_lists import by_ids, per_dialect
@@ -316,38 +317,27 @@ def close_jobs(
     pg = conn.dialect.name == "postgresql"
     if removed:
         if pg:
-            with by_key_probes(conn):
-                write_rows(conn, _REMOVE_POSTGRESQL, ("id",), [(i,) for i in dict.fromkeys(removed)])
+            write_by_key(conn, _REMOVE_POSTGRESQL, ("id",), [(i,) for i in removed])
         else:
             execute_each(conn, _REMOVE_SQL, [(i,) for i in removed])
     if finished:
         rows = [(at(when), None if e is None else e[:2000], i) for i, when, e in finished]
         if pg:
-            with by_key_probes(conn):
-                write_rows(conn, _FINISH_POSTGRESQL, ("done_at", "last_error", "id"), _last_per_key(rows))
+            write_by_key(conn, _FINISH_POSTGRESQL, ("done_at", "last_error", "id"), rows)
         else:
             execute_each(conn, _FINISH_SQL, rows)
     if retried:
         rows = [(at(when), e[:2000], i) for i, when, e in retried]
         if pg:
-            with by_key_probes(conn):
-                write_rows(conn, _RETRY_POSTGRESQL, ("available_at", "last_error", "id"), _last_per_key(rows))
+            write_by_key(conn, _RETRY_POSTGRESQL, ("available_at", "last_error", "id"), rows)
         else:
             execute_each(conn, _RETRY_SQL, rows)
-
-
-def _last_per_key(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Each key's last row (the key last in each row): one ``UPDATE ... FROM`` applies one
-    row per key, where a statement per row leaves the last one."""
-    if len({r[-1] for r in rows}) == len(rows):
-        return rows
-    return list({r[-1]: r for r in rows}.values())
 
 
 _FINISH_SQL = statements("UPDATE outbox SET done_at = %s, last_error = %s WHERE id = %s")
 _RETRY_SQL = statements("UPDATE outbox SET available_at = %s, last_error = %s WHERE id = %s")
 _REMOVE_SQL = statements("DELETE FROM outbox WHERE id = %s")
-#: PostgreSQL: the same for a batch, from one JSON document (``write_rows``).
+#: PostgreSQL: the same for a batch, from one JSON document (``write_by_key``).
 _REMOVE_POSTGRESQL = (
     "DELETE FROM outbox AS o USING jsonb_to_recordset(%s::jsonb) AS v(id bigint) WHERE o.id = v.id"
 )
@@ -429,7 +419,7 @@ def record_many(conn: Connection, records: Sequence[tuple[str, Mapping[str, Any]
         return
     pg = conn.dialect.name == "postgresql"
     stored = StoredValues(conn)
-    # On PostgreSQL JSON stays nested in the batch's document (``write_rows``).
+    # On PostgreSQL JSON stays nested in the batch's document (``write_by_key``).
     at, dumps = stored.at, (stored.dumps if pg else json_dumps(conn))
     for keys, group in groups.items():
         if not all(k in _RECORD_KINDS for k in keys) or (
@@ -445,8 +435,7 @@ def record_many(conn: Connection, records: Sequence[tuple[str, Mapping[str, Any]
             for m, v in group
         ]
         if pg:
-            with by_key_probes(conn):
-                write_rows(conn, _record_sql_postgresql(keys), (*keys, "id"), _last_per_key(rows))
+            write_by_key(conn, _record_sql_postgresql(keys), (*keys, "id"), rows)
         else:
             execute_each(conn, _record_sql(keys), rows)
 
@@ -487,7 +476,7 @@ _RECORD_TYPES = {"text": "text", "json": "jsonb", "int": "int", "time": "timesta
 @functools.cache
 def _record_sql_postgresql(keys: tuple[str, ...]) -> str:
     """``record_many``'s statement for a batch on PostgreSQL: one ``UPDATE ... FROM`` the
-    rows of one JSON document (``write_rows``)."""
+    rows of one JSON document (``write_by_key``)."""
     assert all(k in _RECORD_KINDS for k in keys)
     sets = ", ".join(f"{k} = v.{k}" for k in keys)
     columns = ", ".join(f"{k} {_RECORD_TYPES[_RECORD_KINDS[k]]}" for k in keys)

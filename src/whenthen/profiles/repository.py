@@ -32,9 +32,9 @@ from whenthen.profiles.tables import (
     profile_merges,
     profiles,
 )
-from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements, write_rows
+from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements, write_by_key
 from whenthen.storage.id_lists import array_param, by_ids, ids_in, per_dialect
-from whenthen.storage.plans import by_key_probes, tested_only
+from whenthen.storage.plans import tested_only
 
 
 def _profile(row: Any, ids: Sequence[Identity] = ()) -> Profile:
@@ -370,11 +370,7 @@ def save_activities(conn: Connection, people: Sequence[Profile], now: datetime) 
     at = StoredValues(conn).at
     rows = [(p.timezone, at(p.first_seen), at(p.last_seen), p.event_count, at(now), p.id) for p in people]
     if conn.dialect.name == "postgresql" and len(rows) > 1:
-        # One statement, each row probing the key (ADR 0021); one row per profile, the
-        # last given, as a statement per row would leave it.
-        rows = list({r[-1]: r for r in rows}.values())
-        with by_key_probes(conn):
-            write_rows(conn, _SAVE_ACTIVITIES_POSTGRESQL, _ACTIVITY_KEYS, rows)
+        write_by_key(conn, _SAVE_ACTIVITIES_POSTGRESQL, _ACTIVITY_KEYS, rows)  # ADR 0021
         return
     execute_each(conn, _SAVE_ACTIVITY_SQL, rows)
 

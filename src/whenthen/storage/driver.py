@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Float, Numeric
 from sqlalchemy.engine import Dialect
 
 from whenthen.storage.metadata import UTCDateTime
+from whenthen.storage.plans import by_key_probes
 
 
 class StoredValues:
@@ -94,6 +95,19 @@ def write_rows(conn: Connection, sql: str, keys: Sequence[str], values: list[tup
         cursor.close()
 
 
+def write_by_key(conn: Connection, sql: str, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> int:
+    """PostgreSQL: :func:`write_rows` through a statement that joins the batch's document
+    with a table by key (``UPDATE t ... FROM jsonb_to_recordset(...) v WHERE t.key =
+    v.key``, or ``DELETE ... USING``), each row's key last. The join is planned as one
+    probe of the key per row (``storage.plans.by_key_probes``, ADR 0021), and a key given
+    twice keeps its last row: one such statement applies one row per key, where a
+    statement per row leaves the last. Returns the rows the statement reported."""
+    if len({r[-1] for r in rows}) != len(rows):
+        rows = list({r[-1]: r for r in rows}.values())
+    with by_key_probes(conn):
+        return write_rows(conn, sql, keys, rows)
+
+
 def copy_rows(conn: Connection, table: str, columns: Sequence[str], values: list[tuple[Any, ...]]) -> None:
     """PostgreSQL only: insert ``values`` with ``COPY table (columns) FROM STDIN``, in
     their order (a serial key follows it), JSON values as text. For plain inserts of
@@ -142,8 +156,8 @@ def execute_each(conn: Connection, statements: dict[str, str], values: list[tupl
     planned as a hash join over a sequential scan of the table (the function's estimate
     is 100 rows) until the table has some 100,000 rows, 0.3-2 ms a statement; a row
     statement looks its key up in the index. For batches of hundreds of rows,
-    :func:`write_rows` inside ``storage.plans.by_key_probes`` (joins planned as one probe
-    of the key per row) costs less on PostgreSQL (ADR 0021)."""
+    :func:`write_by_key` (the join planned as one probe of the key per row) costs less on
+    PostgreSQL (ADR 0021)."""
     if not values:
         return
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -262,19 +276,15 @@ def recorded(seen: list[tuple[str, Any]]) -> Iterator[None]:
     """While active, every ``DriverQuery`` run (on any connection, in any thread) notes its
     SQL and bound parameters in ``seen`` first: for the tests and benches that explain
     what is sent. These reads go to the driver's cursor, past SQLAlchemy's events."""
-    listener = _append_to(seen)
-    _LISTENERS.append(listener)
-    try:
-        yield
-    finally:
-        _LISTENERS.remove(listener)
 
-
-def _append_to(seen: list[tuple[str, Any]]) -> Callable[[str, Any], None]:
     def note(sql: str, values: Any) -> None:
         seen.append((sql, values))
 
-    return note
+    _LISTENERS.append(note)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(note)
 
 
 def _processed(rows: list[Any], processors: list[Any]) -> list[tuple[Any, ...]]:

@@ -19,8 +19,15 @@ from sqlalchemy import (
     update,
 )
 
-from whenthen.storage.driver import DriverQuery, StoredValues, execute, execute_each, statements, write_rows
-from whenthen.storage.plans import by_key_probes
+from whenthen.storage.driver import (
+    DriverQuery,
+    StoredValues,
+    execute,
+    execute_each,
+    statements,
+    write_by_key,
+    write_rows,
+)
 from whenthen.tracking.model import CallType, StoredEvent
 from whenthen.tracking.tables import events
 
@@ -248,8 +255,7 @@ def mark(conn: Connection, seq_to_profile: dict[int, str | None], state: int) ->
     elif conn.dialect.name == "postgresql":
         # One statement, each row probing the key (ADR 0021): the join plan that made
         # the JSON form slow is ruled out.
-        with by_key_probes(conn):
-            write_rows(conn, _MARK_POSTGRESQL, ("state", "profile_id", "seq"), rows)
+        write_by_key(conn, _MARK_POSTGRESQL, ("state", "profile_id", "seq"), rows)
     else:
         execute_each(conn, _MARK_ONE, rows)
 
