@@ -156,8 +156,6 @@ def to_state(row: Any) -> State:
     )
 
 
-#: A person entering a journey (every triggering event) is one insert at the driver's
-#: level, as the states and journal rows below; ``failures`` keeps its server default.
 #: The columns of :func:`enrollment_values`' rows, in order.
 _ENROLLMENT_COLUMNS = (
     "id",
@@ -177,10 +175,11 @@ _ENROLLMENT_COLUMNS = (
     "updated_at",
     "journal_tail",
 )
+#: A person entering a journey (every triggering event) is one insert at the driver's
+#: level, as the states and journal rows below; ``failures`` keeps its server default.
 _INSERT_ENROLLMENT_SQL = statements(
-    "INSERT INTO enrollments (id, workspace_id, journey_id, version, profile_id, status, node,"
-    " wake_at, entered_at, ended_at, steps, context, reason, entry_key, updated_at, journal_tail)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)"
+    f"INSERT INTO enrollments ({', '.join(_ENROLLMENT_COLUMNS)}) VALUES"  # noqa: S608
+    f" ({', '.join('%s::jsonb' if c == 'context' else '%s' for c in _ENROLLMENT_COLUMNS)})"
 )
 
 

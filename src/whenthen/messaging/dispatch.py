@@ -385,7 +385,7 @@ class EmailJob:
             reason = (
                 f"template: no email node {key[2]!r} in version {key[1]} of journey {key[0]}"
                 if key
-                else ("template: the job names no template")
+                else "template: the job names no template"
             )
             return _recorded(mid, "failed", reason=reason, failed=True, attempts=attempt)
         context = render_context(profile, payload, mid)

@@ -138,21 +138,7 @@ def pending(conn: Connection, partitions: Sequence[int], limit: int) -> list[tup
 #: Positions in a row of ``events`` read whole (table order; :func:`to_stored` unpacks it).
 _COLUMNS = tuple(events.c.keys())
 _SEQ, _PARTITION = _COLUMNS.index("seq"), _COLUMNS.index("partition")
-if _COLUMNS != (
-    "seq",
-    "workspace_id",
-    "message_id",
-    "type",
-    "event",
-    "user_id",
-    "anonymous_id",
-    "timestamp",
-    "received_at",
-    "payload",
-    "partition",
-    "state",
-    "profile_id",
-):
+if ("seq", *APPEND_COLUMNS, "profile_id") != _COLUMNS:
     raise RuntimeError(f"events' columns changed order ({_COLUMNS}): to_stored reads them by position")
 
 
